@@ -1,0 +1,95 @@
+"""The `did` command line: one explicit registry of subcommands.
+
+Each subcommand lives in `did_cli/commands/<name>.py` as a thin function that turns options into
+config objects and calls the library. Errors from the library become one-line messages:
+usage errors exit 2, runtime failures exit 1, Ctrl-C exits 130.
+
+    did prepare --out data/            # tokenise the bundled corpus
+    did train --data data/ --out run/ --block-sizes 4,128
+    did draft --model run/ -n 16 | did refine --model run/ - | did eval-ppl -
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import sys
+
+import typer
+
+from did_cli.config import ConfigError
+from did_cli.errors import DidError
+
+app = typer.Typer(
+    name="did",
+    help="Diffusion in Diffusion: block-diffusion drafts refined by global diffusion.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# name -> (module under did_cli.commands, function name, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "prepare": ("prepare", "prepare", "Tokenise text into memory-mapped training rows."),
+    "train": ("train", "train", "Train a block-diffusion model over one or several block sizes."),
+    "finetune-mixscale": ("train", "finetune_mixscale", "Mix-scale fine-tune from a checkpoint (draft block + global block)."),
+    "draft": ("sample", "draft", "Draft samples with block diffusion and record snapshot confidence."),
+    "refine": ("sample", "refine", "Re-mask low-confidence tokens and regenerate them (global refine)."),
+    "eval-ppl": ("evaluate", "eval_ppl", "Generative perplexity of samples, or test perplexity of a checkpoint."),
+    "quickstart": ("quickstart", "quickstart", "Run the whole pipeline on the bundled corpus and write a report."),
+}
+
+
+def _not_implemented(name: str):
+    def cmd() -> None:
+        typer.echo(f"did {name}: not implemented yet", err=True)
+        raise typer.Exit(2)
+
+    return cmd
+
+
+def _guarded(fn):
+    """Turn library errors into one-line messages with the documented exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            typer.echo(f"did: error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except DidError as e:
+            typer.echo(f"did: error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("did: interrupted", err=True)
+            raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # a closed downstream pipe (`| head`) is not an error of ours
+            sys.stderr.close()
+            raise typer.Exit(0) from None
+
+    return wrapper
+
+
+def _register() -> None:
+    for name, (module, func, help_text) in COMMANDS.items():
+        # a missing module/function means "not built yet"; a broken one must fail loudly
+        if importlib.util.find_spec(f"did_cli.commands.{module}") is None:
+            fn = _not_implemented(name)
+        else:
+            fn = getattr(importlib.import_module(f"did_cli.commands.{module}"), func, None) or _not_implemented(name)
+        app.command(name=name, help=help_text)(_guarded(fn))
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Configuration dataclasses: the single source of truth for every stage.
+
+The CLI builds these from its options; a Python user builds them directly. Field names of
+`ModelConfig` follow the BD3-LM `config.json` so that public checkpoint folders read as-is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# GPT-2 BPE has 50257 tokens; BD3-LM appends [MASK] as id 50257, so V = 50258.
+GPT2_VOCAB = 50257
+MASK_ID = 50257
+BOS_ID = 50256
+EOS_ID = 50256
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the offending option."""
+
+
+@dataclass
+class ModelConfig:
+    """The DiT backbone of BD3-LM (weight-compatible with its public checkpoints)."""
+
+    vocab_size: int = GPT2_VOCAB + 1
+    """Embedding rows, including the [MASK] token."""
+    hidden_dim: int = 768
+    """Model width."""
+    n_blocks: int = 12
+    """Transformer layers."""
+    n_heads: int = 12
+    """Attention heads; head dim = hidden_dim / n_heads (rotary uses all of it)."""
+    cond_dim: int = 128
+    """Width of the (constant, sigma = 0) time embedding feeding adaLN."""
+    mlp_ratio: int = 4
+    """MLP width = mlp_ratio * hidden_dim (BD3-LM: 4)."""
+    model_length: int = 1024
+    """Sequence length L the model was trained for (the global block size)."""
+    dropout: float = 0.1
+    """Dropout on both residual branches (BD3-LM: 0.1); off in eval mode."""
+    mask_id: int = MASK_ID
+    """Id of [MASK]; its logit is suppressed before any softmax."""
+    bos_id: int = BOS_ID
+    """Id of BOS (= EOS for GPT-2); position 0 holds it and is never masked."""
+    eos_id: int = EOS_ID
+    """Id of EOS, the document separator."""
+    tokenizer: str = "gpt2"
+    """Tokenizer name or folder the model's ids refer to (checked against prepared data)."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_dim % self.n_heads:
+            raise ConfigError(f"hidden_dim {self.hidden_dim} is not divisible by n_heads {self.n_heads}")
+        if (self.hidden_dim // self.n_heads) % 2:
+            raise ConfigError("head dim must be even for rotary embeddings")
+        if not 0 <= self.mask_id < self.vocab_size:
+            raise ConfigError(f"mask_id {self.mask_id} outside vocab_size {self.vocab_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build from our config.json or a BD3-LM/MDLM one (unknown keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        return cls(**kw)
+
+    def n_params(self) -> int:
+        """Parameter count of the backbone (matches `sum(p.numel())` of the module)."""
+        d, V, c, m = self.hidden_dim, self.vocab_size, self.cond_dim, self.mlp_ratio * self.hidden_dim
+        per_block = 2 * d + 3 * d * d + d * d + (d * m + m) + (m * d + d) + (6 * d * c + 6 * d)
+        sigma = 256 * c + c + c * c + c
+        out = d + (V * d + V) + (2 * d * c + 2 * d)
+        return V * d + sigma + self.n_blocks * per_block + out
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU tests and the quickstart: most parameters are the two 50258-row embeddings.
+    "tiny": dict(hidden_dim=64, n_blocks=2, n_heads=2, cond_dim=32, model_length=128),
+    # The paper's model: 12 x 768 x 12, ~169.6M parameters with untied embeddings.
+    "small": dict(hidden_dim=768, n_blocks=12, n_heads=12, cond_dim=128, model_length=1024),
+    "medium": dict(hidden_dim=1024, n_blocks=24, n_heads=16, cond_dim=128, model_length=1024),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A `ModelConfig` from a named preset, with field overrides (e.g. model_length=256)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown --preset {name!r}; choose from {', '.join(PRESETS)}")
+    kw = dict(PRESETS[name])
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(**kw)
+
+
+@dataclass
+class DiffusionConfig:
+    """The masked-diffusion NELBO (SUBS parameterisation, linear schedule: mask prob = t)."""
+
+    clip: tuple[float, float] = (0.0, 1.0)
+    """t ~ U[beta, omega]; BD3-LM's clipped schedules narrow this per block size."""
+    antithetic: bool = True
+    """Low-discrepancy t: stratified over all (sequence, block) pairs of the batch."""
+    eps: float = 1e-3
+    """Lower bound on t so that the 1/t weight stays finite."""
+
+    def __post_init__(self) -> None:
+        lo, hi = self.clip
+        if not (0.0 <= lo < hi <= 1.0):
+            raise ConfigError(f"--clip {lo},{hi}: need 0 <= beta < omega <= 1")
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers") from None
+    if not vals:
+        raise ConfigError(f"{flag}: empty list")
+    return vals
+
+
+def parse_float_list(text: str, flag: str) -> list[float]:
+    try:
+        vals = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated numbers") from None
+    if not vals:
+        raise ConfigError(f"{flag}: empty list")
+    return vals
+
+
+def parse_clip(text: str | None, flag: str = "--clip") -> tuple[float, float] | None:
+    """'BETA,OMEGA' -> (beta, omega); 'none' -> None. Checks 0 < omega <= 1 and beta < omega."""
+    if text is None or str(text).lower() in ("none", ""):
+        return None
+    vals = parse_float_list(text, flag)
+    if len(vals) != 2:
+        raise ConfigError(f"{flag} {text!r}: expected BETA,OMEGA")
+    lo, hi = vals
+    if not (0.0 <= lo < hi <= 1.0) or hi <= 0.0:
+        raise ConfigError(f"{flag} {text!r}: need 0 <= beta < omega <= 1 (a range inside (0, 1])")
+    return lo, hi
+
+
+def check_block_sizes(block_sizes: list[int], length: int, flag: str = "--block-sizes") -> None:
+    for b in block_sizes:
+        if b <= 0 or length % b:
+            raise ConfigError(f"{flag}: block size {b} does not divide the sequence length {length}")
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def _json_default(o: Any) -> Any:
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
