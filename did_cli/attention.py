@@ -1,0 +1,160 @@
+"""The kernel core: block-diffusion attention masks and the back-ends that run them.
+
+One predicate per mask kind, written once over (query index, key index); every back-end is built
+from it: a dense boolean mask for `scaled_dot_product_attention` (CPU, and the fallback), and a
+FlexAttention `BlockMask` on CUDA. Both are cached per (kind, block size, length, device), so a
+mix-scale run that switches block sizes every step builds each mask once.
+
+Mask kinds
+- "train": the vectorised `[x_t ; x_0]` pass over 2n tokens (BD3-LM). A query sees a key when
+  (a) both are in the same half and the same block; (b) the query is noisy, the key clean and the
+  key's block strictly earlier; (c) both are clean and the key's block is not later.
+- "causal": block-causal over n tokens (sampling without a KV cache): a token sees its own block
+  and every earlier one.
+- block size >= n means one block: no mask at all (full bidirectional attention, MDLM).
+
+Tensors are laid out [batch, heads, seq, head_dim] throughout.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+try:  # FlexAttention ships with torch >= 2.5; only its forward runs on CPU
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+    HAS_FLEX = True
+except ImportError:  # pragma: no cover - old torch
+    HAS_FLEX = False
+
+try:  # optional: `pip install did-cli[flash]`
+    from flash_attn import flash_attn_func  # type: ignore
+
+    HAS_FLASH = True
+except ImportError:
+    HAS_FLASH = False
+
+
+# --------------------------------------------------------------------------------------------
+# The predicates (plain tensor arithmetic, valid for broadcasted index tensors)
+# --------------------------------------------------------------------------------------------
+
+
+def train_predicate(q: torch.Tensor, k: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
+    """Block-diffusion training mask over `[x_t ; x_0]` (indices 0..2n-1)."""
+    q_clean, k_clean = q >= n, k >= n
+    q_blk = torch.where(q_clean, q - n, q) // block_size
+    k_blk = torch.where(k_clean, k - n, k) // block_size
+    same_block = (q_blk == k_blk) & (q_clean == k_clean)
+    noisy_sees_earlier_clean = (~q_clean) & k_clean & (k_blk < q_blk)
+    clean_causal = q_clean & k_clean & (k_blk <= q_blk)
+    return same_block | noisy_sees_earlier_clean | clean_causal
+
+
+def causal_predicate(q: torch.Tensor, k: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
+    """Block-causal mask over n tokens: a token sees its own and earlier blocks."""
+    return (k // block_size) <= (q // block_size)
+
+
+PREDICATES: dict[str, Callable[..., torch.Tensor]] = {"train": train_predicate, "causal": causal_predicate}
+
+
+class MaskSpec(NamedTuple):
+    """What the attention of one forward pass must respect. `kind=None` means no mask."""
+
+    kind: str | None
+    block_size: int
+    n: int  # tokens per half: the sequence length L
+
+    @property
+    def seq_len(self) -> int:
+        return 2 * self.n if self.kind == "train" else self.n
+
+
+def mask_spec(kind: str, block_size: int, n: int) -> MaskSpec:
+    if kind not in PREDICATES:
+        raise ValueError(f"unknown mask kind {kind!r}")
+    if block_size <= 0 or n % block_size:
+        raise ValueError(f"block size {block_size} does not divide length {n}")
+    if kind == "causal" and block_size >= n:
+        return MaskSpec(None, n, n)  # one block: full attention
+    return MaskSpec(kind, block_size, n)
+
+
+# --------------------------------------------------------------------------------------------
+# Cached mask objects
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def dense_mask(kind: str, block_size: int, n: int, device: torch.device) -> torch.Tensor:
+    """Boolean [S, S] mask (True = may attend) for SDPA, built from the predicate."""
+    s = 2 * n if kind == "train" else n
+    idx = torch.arange(s, device=device)
+    return PREDICATES[kind](idx[:, None], idx[None, :], block_size, n)
+
+
+@functools.lru_cache(maxsize=64)
+def flex_mask(kind: str, block_size: int, n: int, device: torch.device) -> "BlockMask":
+    """FlexAttention BlockMask from the same predicate (built once per key)."""
+    pred = PREDICATES[kind]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return pred(q_idx, kv_idx, block_size, n)
+
+    s = 2 * n if kind == "train" else n
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=s, KV_LEN=s, device=str(device))
+
+
+# --------------------------------------------------------------------------------------------
+# Back-ends
+# --------------------------------------------------------------------------------------------
+
+_BACKEND = os.environ.get("DID_ATTN_BACKEND", "auto")  # auto | sdpa | flex
+
+
+def set_backend(name: str) -> None:
+    """Force a back-end for masked attention: 'auto' (flex on CUDA), 'sdpa' or 'flex'."""
+    global _BACKEND
+    if name not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"unknown attention backend {name!r}")
+    _BACKEND = name
+
+
+def get_backend() -> str:
+    return _BACKEND
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex() -> Callable:
+    # flex_attention is only fast when compiled; dynamic=False keeps one graph per shape
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _use_flex(device: torch.device) -> bool:
+    if not HAS_FLEX:
+        return False
+    if _BACKEND == "flex":
+        return True
+    return _BACKEND == "auto" and device.type == "cuda"
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec | None) -> torch.Tensor:
+    """Scaled dot-product attention of [B, H, S, D] tensors under `spec` (None = unmasked)."""
+    if spec is None or spec.kind is None:
+        if HAS_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            # flash-attn wants [B, S, H, D]
+            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return out.transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v)
+    if _use_flex(q.device):
+        bm = flex_mask(spec.kind, spec.block_size, spec.n, q.device)
+        fn = _compiled_flex() if q.is_cuda else flex_attention
+        return fn(q, k, v, block_mask=bm)
+    mask = dense_mask(spec.kind, spec.block_size, spec.n, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -1,0 +1,372 @@
+"""The DiT backbone of BD3-LM, weight-compatible with its public checkpoints.
+
+Read top to bottom: rotary embeddings, norms, one transformer block, the model, then its three
+forward passes and checkpoint I/O.
+
+- `forward(xt, block_size, x0=x0, select=mask)`: the vectorised `[x_t ; x_0]` training pass,
+  logits of the noisy half only, and only at `select`ed positions (the 50258-wide output layer is
+  the costliest matrix of a small model). Block size >= L drops the clean half (nothing can see
+  it) and runs L tokens unmasked: the MDLM pass, half the cost.
+- `forward(x, block_size)`: the sampling pass without a cache, block-causal over blocks.
+- `step(x_block, cache, commit)`: the KV-cached sampling pass; queries for the current block only.
+
+State-dict names are BD3-LM's (REFERENCE.md section 2) with a `backbone.` prefix added on save.
+Time conditioning is off as in BD3-LM: sigma is always zero, so every adaLN output is a learned
+constant, computed once per forward as a [1, ...] tensor that broadcasts over the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from did_cli.attention import MaskSpec, attend, mask_spec
+from did_cli.config import ModelConfig
+from did_cli.errors import DidError
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding, base 10000, full head dim, rotate-half layout."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        # persistent: BD3-LM checkpoints carry it, and strict loading expects it
+        self.register_buffer("inv_freq", inv_freq)
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [length, head_dim] for positions start..start+length-1 (float32)."""
+        key = (start, length, device)
+        if key not in self._cache:
+            t = torch.arange(start, start + length, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
+            emb = torch.cat([freqs, freqs], dim=-1)
+            if len(self._cache) > 256:
+                self._cache.clear()
+            self._cache[key] = (emb.cos(), emb.sin())
+        return self._cache[key]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, S, D]; cos/sin: [S, D]. Computed in float32, returned in x's dtype."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and no bias, computed in float32 (as BD3-LM)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.layer_norm(x.float(), [self.dim]) * self.weight.float()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal(256) -> Linear -> SiLU -> Linear; named `sigma_map` in the state dict."""
+
+    def __init__(self, cond_dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
+        args = sigma.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class EmbeddingLayer(nn.Module):
+    """A raw [V, D] parameter named `embedding` (BD3-LM's name), not nn.Embedding."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.embedding (not fancy indexing) keeps the backward a cheap index_add
+        return F.embedding(x, self.embedding)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_dim
+        self.n_heads = cfg.n_heads
+        self.norm1 = LayerNorm(d)
+        self.attn_qkv = nn.Linear(d, 3 * d, bias=False)  # rows: all-heads Q, then K, then V
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.norm2 = LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"), nn.Linear(cfg.mlp_ratio * d, d))
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
+        self.dropout = cfg.dropout
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def qkv(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Normed, modulated input -> q, k, v each [B, H, S, Dh] (not yet rotated)."""
+        b, s, _ = x.shape
+        h = modulate(self.norm1(x), shift, scale)
+        qkv = self.attn_qkv(h).view(b, s, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def residual(self, x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return x + gate * F.dropout(branch, p=self.dropout, training=self.training)
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Attention output [B, H, S, Dh] -> both residual branches."""
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        b, _, s, _ = attn.shape
+        x = self.residual(x, gate_msa, self.attn_out(attn.transpose(1, 2).reshape(b, s, -1)))
+        return self.residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_final = LayerNorm(cfg.hidden_dim)
+        self.linear = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_dim)
+        for p in (self.linear.weight, self.linear.bias, self.adaLN_modulation.weight, self.adaLN_modulation.bias):
+            nn.init.zeros_(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys (already rotated) and values of committed clean tokens, per layer.
+
+    Buffers are [B, H, capacity, Dh]; `length` tokens are committed. A step writes its block's
+    K/V after the committed ones; `commit` only advances `length`, so an uncommitted write is
+    simply overwritten by the next step.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, device: torch.device, dtype: torch.dtype):
+        shape = (batch, cfg.n_heads, capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_blocks)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_blocks)]
+        self.length = 0
+        self.capacity = capacity
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (e.g. after finished samples leave the batch)."""
+        self.k = [t[rows] for t in self.k]
+        self.v = [t[rows] for t in self.v]
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.vocab_embed = EmbeddingLayer(cfg.vocab_size, cfg.hidden_dim)
+        self.sigma_map = TimestepEmbedder(cfg.cond_dim)
+        self.rotary_emb = Rotary(cfg.head_dim)
+        self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.n_blocks)])
+        self.output_layer = FinalLayer(cfg)
+
+    # -- conditioning -------------------------------------------------------------------------
+
+    def _cond(self) -> torch.Tensor:
+        """The time embedding at sigma = 0, [1, cond_dim] (followed by SiLU, as BD3-LM)."""
+        return F.silu(self.sigma_map(torch.zeros(1, device=self.vocab_embed.embedding.device)))
+
+    def _modulations(self) -> list[tuple[torch.Tensor, ...]]:
+        """adaLN outputs for sigma = 0: per block six [1, 1, D] tensors (broadcast over batch)."""
+        c = self._cond()
+        return [blk.adaLN_modulation(c)[:, None].chunk(6, dim=2) for blk in self.blocks]
+
+    # -- passes ---------------------------------------------------------------------------------
+
+    def _backbone(self, x: torch.Tensor, spec: MaskSpec | None, halves: int) -> torch.Tensor:
+        """Run all blocks on token ids x [B, S]; `halves` = 2 for `[x_t ; x_0]` (each half 0..n-1)."""
+        h = self.vocab_embed(x)
+        n = x.shape[1] // halves
+        cos, sin = self.rotary_emb.cos_sin(0, n, x.device)
+        if halves == 2:
+            cos, sin = cos.repeat(2, 1), sin.repeat(2, 1)
+        for blk, mod in zip(self.blocks, self._modulations()):
+            q, k, v = blk.qkv(h, mod[0], mod[1])
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            h = blk.finish(h, attend(q, k, v, spec), mod)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Output layer on hidden states [..., D] -> raw logits [..., V] ([MASK] not suppressed)."""
+        shift, scale = self.output_layer.adaLN_modulation(self._cond())[0].chunk(2, dim=-1)
+        return self.output_layer.linear(modulate(self.output_layer.norm_final(h), shift, scale))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        block_size: int | None = None,
+        x0: torch.Tensor | None = None,
+        select: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Raw logits ([MASK] not suppressed).
+
+        - `x0` given: the vectorised training pass with x = x_t [B, L]; logits of the noisy half.
+          Block size >= L runs x_t alone, unmasked (the clean half cannot influence it).
+        - `x0` None: the sampling pass over x [B, S] without a cache, block-causal over blocks of
+          `block_size` (None or >= S: full bidirectional attention).
+        - `select` [B, L] bool: return logits only at those positions, [N, V] in row-major order;
+          the output layer is the costliest matrix of a small model, so the loss asks only for
+          its masked positions.
+        Training goes through here (not the helpers) so DDP/FSDP wrappers see every parameter use.
+        """
+        n = x.shape[1]
+        if x0 is not None and block_size is not None and block_size < n:
+            h = self._backbone(torch.cat([x, x0], dim=1), mask_spec("train", block_size, n), 2)[:, :n]
+        else:
+            spec = None if block_size is None or block_size >= n else mask_spec("causal", block_size, n)
+            h = self._backbone(x, spec, 1)
+        if select is not None:
+            h = h[select]
+        return self.logits(h)
+
+    def new_cache(self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        p = self.vocab_embed.embedding
+        return KVCache(self.config, batch, capacity or self.config.model_length, p.device, dtype or p.dtype)
+
+    def step(self, x: torch.Tensor, cache: KVCache, commit: bool = False, need_logits: bool = True) -> torch.Tensor | None:
+        """KV-cached pass for the block x [B, n] at positions cache.length.. : queries for the
+        block only; it sees every committed token and the whole block. `commit=True` appends the
+        block's keys and values to the cache (the block is final). Returns logits [B, n, V]."""
+        start, n = cache.length, x.shape[1]
+        if start + n > cache.capacity:
+            raise DidError(f"KV cache full: {start} + {n} tokens > capacity {cache.capacity}")
+        cos, sin = self.rotary_emb.cos_sin(start, n, x.device)
+        h = self.vocab_embed(x)
+        end = start + n
+        for i, (blk, mod) in enumerate(zip(self.blocks, self._modulations())):
+            q, k, v = blk.qkv(h, mod[0], mod[1])
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            cache.k[i][:, :, start:end] = k.to(cache.k[i].dtype)
+            cache.v[i][:, :, start:end] = v.to(cache.v[i].dtype)
+            kk, vv = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
+            h = blk.finish(h, attend(q, kk.to(q.dtype), vv.to(q.dtype), None), mod)
+        if commit:
+            cache.length = end
+        return self.logits(h) if need_logits else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint I/O (safetensors only)
+# ---------------------------------------------------------------------------------------------
+
+PREFIX = "backbone."
+CLIP_KEYS = ("sampling_eps_min", "sampling_eps_max")
+
+
+def export_state_dict(model: DiT) -> dict[str, torch.Tensor]:
+    """The model's tensors under BD3-LM's public names (with the `backbone.` prefix)."""
+    return {PREFIX + k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def load_state_dict_strict(model: DiT, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, float]:
+    """Load BD3-LM-named tensors strictly: any missing, unexpected or mis-shaped tensor raises a
+    DidError naming it. Returns extra scalars found (the learned clip range), e.g.
+    {"sampling_eps_min": 0.45, "sampling_eps_max": 0.95}."""
+    extras = {k: float(tensors[k].float().reshape(-1)[0]) for k in CLIP_KEYS if k in tensors}
+    ours = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items() if k not in CLIP_KEYS}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(ours))
+    unexpected = sorted(set(ours) - set(expected))
+    if missing:
+        raise DidError(f"{source}: missing tensor {PREFIX}{missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise DidError(f"{source}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k, v in ours.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise DidError(f"{source}: tensor {PREFIX}{k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
+        if not v.is_floating_point():
+            raise DidError(f"{source}: tensor {PREFIX}{k} has dtype {v.dtype}, expected a floating-point dtype")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in ours.items()}, strict=True)
+    return extras
+
+
+def read_config(folder: str | Path) -> ModelConfig:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise DidError(f"{folder}: no config.json (not a checkpoint folder)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DidError(f"{path}: not valid JSON ({e.msg})") from None
+    return ModelConfig.from_dict(raw.get("model", raw))
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[DiT, dict[str, Any]]:
+    """Load a checkpoint folder (ours, or a public BD3-LM/MDLM one): `config.json` +
+    `model.safetensors`. Remote-code Python files in the folder are ignored. Returns the model in
+    eval mode and an info dict (clip range when stored, the raw config)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = read_config(folder)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise DidError(f"{folder}: missing model.safetensors")
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise DidError(f"{weights}: unreadable safetensors file ({e})") from None
+    model = DiT(cfg)
+    extras = load_state_dict_strict(model, tensors, source=str(weights))
+    model.to(device).eval()
+    raw = json.loads((folder / "config.json").read_text())
+    info: dict[str, Any] = {"raw_config": raw}
+    if len(extras) == 2:
+        info["clip"] = (extras["sampling_eps_min"], extras["sampling_eps_max"])
+    return model, info
+
+
+def save_model(model: DiT, folder: str | Path, extra_config: dict[str, Any] | None = None, clip: tuple[float, float] | None = None) -> None:
+    """Write `config.json` + `model.safetensors` into `folder` (created). Each file is written to
+    a temporary name and renamed, so a crash never leaves a half-written file under the real name."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.float().cpu() for k, v in export_state_dict(model).items()}
+    if clip is not None:
+        tensors["sampling_eps_min"] = torch.tensor(float(clip[0]))
+        tensors["sampling_eps_max"] = torch.tensor(float(clip[1]))
+    tmp = folder / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(folder / "model.safetensors")
+    cfg = model.config.to_dict()
+    cfg.update({"model_type": "did", "architectures": ["DiT"]})
+    cfg.update(extra_config or {})
+    tmpj = folder / "config.json.tmp"
+    tmpj.write_text(json.dumps(cfg, indent=2) + "\n")
+    tmpj.replace(folder / "config.json")
