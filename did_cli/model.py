@@ -173,6 +173,8 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_blocks)]
         self.length = 0
         self.capacity = capacity
+        # the committed length as a device scalar too, for the static-shape step (CUDA graphs)
+        self.start = torch.zeros((), dtype=torch.long, device=device)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -275,7 +277,29 @@ class DiT(nn.Module):
             h = blk.finish(h, attend(q, kk.to(q.dtype), vv.to(q.dtype), None), mod)
         if commit:
             cache.length = end
+            cache.start.fill_(end)
         return self.logits(h) if need_logits else None
+
+    def step_static(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The cached step with static shapes: positions come from the device scalar
+        `cache.start`, keys/values are written with `index_copy_`, and attention runs over the
+        whole cache capacity with a validity mask. No host synchronisation and no shape that
+        depends on progress, so the call can be captured once in a CUDA graph and replayed
+        (see `did_cli.fast_step`). Does not commit; returns logits [B, n, V]."""
+        n, cap = x.shape[1], cache.capacity
+        pos = cache.start + torch.arange(n, device=x.device)
+        cos_all, sin_all = self.rotary_emb.cos_sin(0, cap, x.device)
+        cos, sin = cos_all.index_select(0, pos), sin_all.index_select(0, pos)
+        visible = (torch.arange(cap, device=x.device) < cache.start + n)[None, None, None, :]
+        h = self.vocab_embed(x)
+        for i, (blk, mod) in enumerate(zip(self.blocks, self._modulations())):
+            q, k, v = blk.qkv(h, mod[0], mod[1])
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            cache.k[i].index_copy_(2, pos, k.to(cache.k[i].dtype))
+            cache.v[i].index_copy_(2, pos, v.to(cache.v[i].dtype))
+            att = F.scaled_dot_product_attention(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), attn_mask=visible)
+            h = blk.finish(h, att, mod)
+        return self.logits(h)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,3 +118,20 @@ def test_cached_step_equals_uncached_pass(tiny):
         cache = tiny.new_cache(3, 64)
         outs = [tiny.step(x[:, s : s + 8], cache, commit=True) for s in range(0, 64, 8)]
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_static_step_and_graph_wrapper_equal_dynamic_step(tiny):
+    from did_cli.fast_step import GraphedStep
+
+    x = torch.randint(0, 50257, (2, 64))
+    with torch.no_grad():
+        ref_cache = tiny.new_cache(2, 64)
+        ref = [tiny.step(x[:, s : s + 4], ref_cache, commit=True) for s in range(0, 64, 4)]
+        cache = tiny.new_cache(2, 64)
+        fast = GraphedStep(tiny, cache, batch=2, block=4)  # eager on CPU, CUDA graph on GPU
+        got = []
+        for s in range(0, 64, 4):
+            got.append(fast(x[:, s : s + 4]).clone())
+            fast.commit(x[:, s : s + 4])
+    torch.testing.assert_close(torch.stack(got), torch.stack(ref), atol=1e-5, rtol=1e-5)
+    assert cache.length == 64 and int(cache.start) == 64
