@@ -50,10 +50,11 @@ class Scorer:
         if self.bos_id is None:
             self.bos_id = getattr(tok, "bos_token_id", None)
             bos_text = str(getattr(tok, "bos_token", "") or "")
-            if bos_text.startswith("<|im_start") and getattr(tok, "eos_token_id", None) is not None:
+            doc_sep = tok.convert_tokens_to_ids("<|endoftext|>") if hasattr(tok, "convert_tokens_to_ids") else None
+            if bos_text.startswith("<|im_start") and isinstance(doc_sep, int) and doc_sep != getattr(tok, "unk_token_id", -1):
                 # chat models (SmolLM2-Instruct) declare a turn marker as BOS; the document
                 # separator they were pretrained with is the right start for plain text
-                self.bos_id = tok.eos_token_id
+                self.bos_id = doc_sep
         if not self.skip_ids:
             ids = set(getattr(tok, "all_special_ids", None) or [])
             if getattr(tok, "eos_token_id", None) is not None:
