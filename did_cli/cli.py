@@ -73,22 +73,24 @@ def _guarded(fn):
     return wrapper
 
 
-def _register() -> None:
+def _register(only: str | None = None) -> None:
+    """Register the subcommands. With `only`, just that one is imported (the others stay as
+    help-text stubs), so `did eval-ppl` does not pay for importing the training stack."""
     for name, (module, func, help_text) in COMMANDS.items():
-        # a missing module/function means "not built yet"; a broken one must fail loudly
-        if importlib.util.find_spec(f"did_cli.commands.{module}") is None:
-            fn = _not_implemented(name)
-        else:
-            fn = getattr(importlib.import_module(f"did_cli.commands.{module}"), func, None) or _not_implemented(name)
-        app.command(name=name, help=help_text)(_guarded(fn))
+        fn = None
+        if only is None or name == only:
+            # a missing module/function means "not built yet"; a broken one must fail loudly
+            if importlib.util.find_spec(f"did_cli.commands.{module}") is not None:
+                fn = getattr(importlib.import_module(f"did_cli.commands.{module}"), func, None)
+        app.command(name=name, help=help_text)(_guarded(fn) if fn else _not_implemented(name))
 
 
-_register()
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    app()
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    _register(wanted if wanted in COMMANDS else "")
+    app(args=argv, prog_name="did")
 
 
 if __name__ == "__main__":
