@@ -1,0 +1,132 @@
+"""Sampling throughput: drafting (cached vs recomputed), a global refine stage, memory.
+
+    python bench/sampling.py --preset tiny --length 128 --batch-sizes 1,8
+    python bench/sampling.py --model runs/x --device cuda --dtype bf16 --hbm-tbps 3.35
+
+Prints figures side by side for one run; asserts nothing about time. Random-weight presets
+give the speed of the real code paths, not meaningful text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from did_cli.config import PRESETS, preset  # noqa: E402
+from did_cli.model import DiT, load_model  # noqa: E402
+from did_cli.sampling import DraftConfig, RefineConfig, draft, refine, resolve_device  # noqa: E402
+from did_cli.tokenizer import load_tokenizer  # noqa: E402
+
+
+def build(args) -> DiT:
+    if args.model:
+        from did_cli.checkpoint import resolve_checkpoint
+
+        model, _ = load_model(resolve_checkpoint(args.model), device="cpu")
+    else:
+        torch.manual_seed(0)
+        model = DiT(preset(args.preset, dropout=0.0))
+        with torch.no_grad():  # small noise so that outputs are not uniform
+            for name, p in model.named_parameters():
+                p.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return out, time.perf_counter() - t, peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint or run folder")
+    src.add_argument("--preset", default="tiny", choices=list(PRESETS), help="random weights of a preset")
+    ap.add_argument("--length", type=int, default=None, help="tokens per sample (default: the model's length)")
+    ap.add_argument("--block-size", type=int, default=4)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--n", type=int, default=None, help="samples per measurement (default: the batch size)")
+    ap.add_argument("--tokens-per-step", type=int, default=2, help="K of the parallel sampler")
+    ap.add_argument("--samplers", default="first-hitting,parallel")
+    ap.add_argument("--ratio", type=float, default=0.25, help="re-mask ratio of the global refine stage")
+    ap.add_argument("--no-uncached", action="store_true", help="skip the (slow) recomputation runs")
+    ap.add_argument("--hbm-tbps", type=float, default=3.35, help="GPU memory bandwidth for the weight-read limit (H100 3.35, H200 4.8)")
+    args = ap.parse_args()
+
+    device = resolve_device(args.device)
+    model = build(args).to(device)
+    tok = load_tokenizer(getattr(model.config, "tokenizer", "gpt2"))
+    L = args.length or model.config.model_length
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    weight_bytes = sum(p.numel() * (2 if args.dtype == "bf16" else p.element_size()) for p in model.parameters())
+    kv = model.new_cache(1, L, dtype=torch.bfloat16 if args.dtype == "bf16" else None).nbytes()
+    name = args.model or f"preset {args.preset} (random weights)"
+    print(f"# {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, L={L}, block {args.block_size}, "
+          f"{device.type}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, {args.dtype}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"# KV cache per sample: {kv / 2**20:.2f} MiB; weights {weight_bytes / 2**20:.1f} MiB")
+    limit_ms = weight_bytes / (args.hbm_tbps * 1e12) * 1e3 if device.type == "cuda" else None
+
+    # warm-up: kernels, allocator, rotary tables
+    list(draft(model, DraftConfig(n=1, length=2 * args.block_size, block_size=args.block_size, dtype=args.dtype), tokenizer=tok, progress=False))
+
+    head = f"{'sampler':<14}{'batch':>6}{'tok/s':>10}{'calls/s':>9}{'ms/call':>9}{'NFE/smp':>9}"
+    head += f"{'uncached x':>11}{'refine/draft':>13}{'peak MiB/smp':>13}"
+    if limit_ms is not None:
+        head += f"{'weight-read ms':>15}"
+    print(head)
+    for sampler in args.samplers.split(","):
+        k = args.tokens_per_step if sampler == "parallel" else None
+        for bs in batches:
+            n = args.n or bs
+            cfg = DraftConfig(n=n, length=L, block_size=args.block_size, sampler=sampler, tokens_per_step=k,
+                              batch_size=bs, dtype=args.dtype, seed=1)
+            recs, secs, peak = timed(lambda: list(draft(model, cfg, tokenizer=tok, progress=False)), device)
+            nfe = recs[0]["nfe"]
+            calls = nfe * -(-n // bs)  # calls made by all batches
+            gen = sum(len(r["tokens"]) - 1 for r in recs)
+            ratio = "-"
+            if not args.no_uncached:
+                cfg_u = DraftConfig(**{**cfg.__dict__, "use_cache": False})
+                _, secs_u, _ = timed(lambda: list(draft(model, cfg_u, tokenizer=tok, progress=False)), device)
+                ratio = f"{secs_u / secs:.2f}"
+            rcfg = RefineConfig(stages=[(None, args.ratio)], sampler=sampler, tokens_per_step=k, batch_size=bs, dtype=args.dtype)
+            _, secs_r, peak_r = timed(lambda: list(refine(model, recs, rcfg, tokenizer=tok, progress=False)), device)
+            if peak is not None:
+                mem = f"{max(peak, peak_r or 0) / bs / 2**20:.1f}"
+            else:
+                mem = "-"
+            line = (f"{sampler:<14}{bs:>6}{gen / secs:>10.1f}{calls / secs:>9.1f}{secs / calls * 1e3:>9.2f}{nfe:>9}"
+                    f"{ratio:>11}{secs_r / secs:>13.3f}{mem:>13}")
+            if limit_ms is not None:
+                line += f"{limit_ms:>15.3f}"
+            print(line, flush=True)
+    if device.type == "cpu":
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"# CPU: peak RSS of the whole process {rss:.0f} MiB (no per-run peak on CPU)")
+    print("# uncached x = time without the KV cache / time with it; refine/draft = one global stage at "
+          f"ratio {args.ratio} / the draft, same batch")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,792 @@
+"""Drafting (block diffusion + snapshot confidence) and refinement (re-mask + regenerate).
+
+    from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
+    drafts = list(draft(model, DraftConfig(n=8, block_size=4)))
+    refined = list(refine(model, drafts, RefineConfig(stages=[(None, 0.25)])))
+
+Both are generators of `did.sample/1` records (records.py), yielded as batches finish.
+
+How one model call turns into committed tokens (`_fill`):
+- logits -> float64, [MASK] logit -> -inf, softmax, nucleus top-p (BD3-LM's convention: keep the
+  tokens whose cumulative probability *including themselves* is <= p, the top token always),
+  renormalise; sample by Gumbel-max in float64.
+- first-hitting: one uniformly chosen masked position per sample per call. The position is
+  drawn first and only its token is sampled: the same distribution as drawing candidates
+  everywhere and keeping one, at a fraction of the cost.
+- parallel: candidates at every masked position; commit the K most confident, or every one whose
+  probability is >= the threshold (at least the most confident one).
+- snapshot confidence of a committed token = its probability under the filtered, renormalised
+  distribution it was drawn from.
+
+Randomness: every sample owns a torch.Generator (seeded from the run seed and the sample index
+for drafts, the record id for refinement) that advances only when that sample draws. A sample's
+tokens therefore do not depend on the batch it ran in, nor on the KV cache being used (both
+paths draw the same shapes in the same order); only floating-point differences in the logits
+between batch shapes or precisions can change them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from did_cli.config import ConfigError
+from did_cli.errors import DidError
+
+SAMPLERS = ("first-hitting", "parallel")
+CONFIDENCES = ("snapshot", "posthoc", "random")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ENTROPY_WINDOW = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DraftConfig:
+    """Settings of `did draft` (block diffusion, left to right from BOS)."""
+
+    n: int = 16
+    """Number of samples to write."""
+    length: int | None = None
+    """Tokens per sample including BOS; None = the model's length L."""
+    block_size: int = 4
+    """Drafting block size; must divide `length`."""
+    sampler: str = "first-hitting"
+    """'first-hitting' (one token per model call, BD3-LM) or 'parallel'."""
+    tokens_per_step: int | None = None
+    """parallel: commit the K most confident masked positions per call."""
+    threshold: float | None = None
+    """parallel: commit every position whose sampled token has probability >= P (at least one)."""
+    top_p: float = 0.9
+    """Nucleus mass (1.0 = no filtering)."""
+    batch_size: int = 8
+    """Samples drafted together."""
+    seed: int = 0
+    """Run seed; sample i draws from its own generator seeded from (seed, i)."""
+    var_length: bool = False
+    """End a sample at its first generated EOS (kept); later tokens are dropped."""
+    min_entropy: float | None = None
+    """Redraw a sample whose last 256 generated tokens have unigram entropy (nats) below this."""
+    max_retries: int = 10
+    """Redraws per sample under `min_entropy`; after that the last draw is kept."""
+    use_cache: bool = True
+    """KV cache of committed blocks (False: recompute the whole prefix every call)."""
+    device: str = "auto"
+    """'auto' keeps the model where it is; otherwise the model is moved there."""
+    dtype: str = "fp32"
+    """'fp32', or 'bf16'/'fp16' autocast for the model calls (sampling stays float64)."""
+    allow_longer: bool = False
+    """Allow `length` above the model's trained length (rotary extrapolation)."""
+
+    def check(self, model_length: int) -> int:
+        """Validate against the model; returns the effective length."""
+        _check_sampler(self.sampler, self.tokens_per_step, self.threshold, self.top_p)
+        for name, v in (("-n", self.n), ("--batch-size", self.batch_size)):
+            if v < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {v})")
+        if self.max_retries < 0:
+            raise ConfigError(f"--max-retries must be >= 0 (got {self.max_retries})")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
+        length = model_length if self.length is None else self.length
+        if length < 2:
+            raise ConfigError(f"--length {length}: need at least 2 (BOS and one token)")
+        if length > model_length and not self.allow_longer:
+            raise ConfigError(f"--length {length} exceeds the model's length {model_length} (use --allow-longer)")
+        if self.block_size < 1 or length % self.block_size:
+            raise ConfigError(f"--block-size {self.block_size} does not divide the sequence length {length}")
+        return length
+
+
+@dataclass
+class RefineConfig:
+    """Settings of `did refine` (re-mask the least confident tokens and regenerate them)."""
+
+    stages: list[tuple[int | None, float]] = field(default_factory=lambda: [(None, 0.25)])
+    """(block size, ratio) per stage, in order; block None (or >= length) = global pass."""
+    confidence: str = "snapshot"
+    """Which tokens to re-mask: 'snapshot' (recorded at commit), 'posthoc' (one re-scoring pass
+    of the finished draft before stage 1), 'random' (uniform, seeded)."""
+    sampler: str = "first-hitting"
+    """'first-hitting' or 'parallel', as in drafting."""
+    tokens_per_step: int | None = None
+    """parallel: K positions per call."""
+    threshold: float | None = None
+    """parallel: probability threshold."""
+    top_p: float = 0.9
+    """Nucleus mass."""
+    seed: int = 0
+    """Run seed; each record draws from a generator seeded from (seed, record id)."""
+    batch_size: int = 8
+    """Records refined together (consecutive records of the same length)."""
+    device: str = "auto"
+    """As in DraftConfig."""
+    dtype: str = "fp32"
+    """As in DraftConfig."""
+    allow_longer: bool = False
+    """Accept records longer than the model's trained length."""
+
+    def check(self, model_length: int) -> None:
+        _check_sampler(self.sampler, self.tokens_per_step, self.threshold, self.top_p)
+        if self.confidence not in CONFIDENCES:
+            raise ConfigError(f"--confidence {self.confidence!r}: choose from {', '.join(CONFIDENCES)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
+        if not self.stages:
+            raise ConfigError("--stages: at least one stage is needed")
+        for b, r in self.stages:
+            if not (0.0 <= r <= 1.0) or not math.isfinite(r):
+                raise ConfigError(f"--stages: ratio {r} outside [0, 1]")
+            if b is not None:
+                if b < 1:
+                    raise ConfigError(f"--stages: block size {b} must be positive")
+                if b < model_length and model_length % b:
+                    raise ConfigError(f"--stages: block size {b} does not divide the sequence length {model_length}")
+
+
+def _check_sampler(sampler: str, k: int | None, thr: float | None, top_p: float) -> None:
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"--sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
+    if k is not None and thr is not None:
+        raise ConfigError("--tokens-per-step and --threshold are mutually exclusive")
+    if sampler == "first-hitting" and (k is not None or thr is not None):
+        raise ConfigError("--tokens-per-step/--threshold need --sampler parallel")
+    if sampler == "parallel" and k is None and thr is None:
+        raise ConfigError("--sampler parallel needs --tokens-per-step K or --threshold P")
+    if k is not None and k < 1:
+        raise ConfigError(f"--tokens-per-step must be at least 1 (got {k})")
+    if thr is not None and not (0.0 < thr <= 1.0):
+        raise ConfigError(f"--threshold {thr} outside (0, 1]")
+    if not (0.0 < top_p <= 1.0):
+        raise ConfigError(f"--top-p {top_p} outside (0, 1]")
+
+
+def parse_stages(text: str, flag: str = "--stages") -> list[tuple[int | None, float]]:
+    """'64:0.3,L:0.2' -> [(64, 0.3), (None, 0.2)]; a block of 'L' means the full length."""
+    stages: list[tuple[int | None, float]] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        b, sep, r = part.partition(":")
+        if not sep:
+            raise ConfigError(f"{flag} {part!r}: expected BLOCK:RATIO (e.g. 1024:0.25 or L:0.25)")
+        try:
+            block = None if b.strip().upper() == "L" else int(b)
+            ratio = float(r)
+        except ValueError:
+            raise ConfigError(f"{flag} {part!r}: expected BLOCK:RATIO (e.g. 1024:0.25 or L:0.25)") from None
+        stages.append((block, ratio))
+    if not stages:
+        raise ConfigError(f"{flag}: empty list")
+    return stages
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling primitives
+# ---------------------------------------------------------------------------------------------
+
+
+def mix_seed(*parts: Any) -> int:
+    """A 63-bit seed from several parts (so that seed 1 sample 0 != seed 0 sample 1)."""
+    h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p filter of probabilities [..., V] (BD3-LM): sort descending, keep tokens whose
+    cumulative probability including themselves is <= p (the token that crosses p is dropped),
+    always keep the top token, renormalise."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    keep = sorted_p.cumsum(dim=-1) <= top_p
+    keep[..., 0] = True
+    out = torch.zeros_like(probs).scatter_(-1, idx, sorted_p * keep)
+    return out / out.sum(dim=-1, keepdim=True)
+
+
+def token_probs(logits: torch.Tensor, mask_id: int, top_p: float = 1.0) -> torch.Tensor:
+    """Raw logits [..., V] -> float64 probabilities with [MASK] suppressed, nucleus-filtered."""
+    lg = logits.to(torch.float64)
+    if lg.data_ptr() == logits.data_ptr():
+        lg = lg.clone()
+    lg[..., mask_id] = -math.inf
+    return nucleus(torch.softmax(lg, dim=-1), top_p)
+
+
+def gumbel_argmax(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """argmax(log p + Gumbel) with Gumbel = -log(-log u), all in float64."""
+    u = u.clamp_min(torch.finfo(torch.float64).tiny)
+    return (probs.log() - (-u.log()).log()).argmax(dim=-1)
+
+
+def unigram_entropy(tokens: Iterable[int]) -> float:
+    """Entropy (nats) of the token-frequency distribution."""
+    counts: dict[int, int] = {}
+    n = 0
+    for t in tokens:
+        counts[t] = counts.get(t, 0) + 1
+        n += 1
+    if n == 0:
+        return 0.0
+    return -sum(c / n * math.log(c / n) for c in counts.values())
+
+
+@dataclass
+class _Sampling:
+    sampler: str
+    k: int | None
+    threshold: float | None
+    top_p: float
+    mask_id: int
+
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _fill(
+    x: torch.Tensor,
+    conf: torch.Tensor,
+    s: int,
+    e: int,
+    counts: list[int],
+    logits_fn: LogitsFn,
+    gens: list[torch.Generator],
+    sp: _Sampling,
+) -> int:
+    """Commit every [MASK] of the window x[:, s:e] (in place, with snapshot confidences in
+    `conf`); `counts` holds each row's number of masks there. `logits_fn(sel, flat)` returns raw
+    logits at the selected window positions in row-major order: `sel` [b, n] bool, `flat` the
+    same positions as flat indices into the window. Returns the number of model calls."""
+    b, n = x.shape[0], e - s
+    dev = x.device
+    rows = torch.arange(b, device=dev)
+    counts = list(counts)
+    calls = 0
+    while True:
+        active = [i for i, c in enumerate(counts) if c > 0]
+        if not active:
+            return calls
+        win = x[:, s:e]
+        masked = win == sp.mask_id
+        if sp.sampler == "first-hitting":
+            u = torch.zeros((b, n), dtype=torch.float64, device=dev)
+            for i in active:
+                torch.rand((n,), generator=gens[i], out=u[i])
+            # rows with no mask left pick a dummy position and commit nothing
+            pos = torch.where(masked, u, -1.0).argmax(dim=1)
+            sel = torch.zeros((b, n), dtype=torch.bool, device=dev).scatter_(1, pos[:, None], True)
+            probs = token_probs(logits_fn(sel, rows * n + pos), sp.mask_id, sp.top_p)  # [b, V]
+            g = torch.zeros_like(probs)
+            for i in active:
+                torch.rand(probs.shape[1:], generator=gens[i], out=g[i])
+            tok = gumbel_argmax(probs, g)
+            p = probs.gather(1, tok[:, None])
+            commit = sel & masked
+            x[:, s:e] = torch.where(commit, tok[:, None], win)
+            conf[:, s:e] = torch.where(commit, p, conf[:, s:e])
+            for i in active:
+                counts[i] -= 1
+        else:
+            total = sum(counts)
+            flat = torch.nonzero_static(masked.reshape(-1), size=total).reshape(-1)
+            probs = token_probs(logits_fn(masked, flat), sp.mask_id, sp.top_p)  # [N, V]
+            g = torch.empty_like(probs)
+            off = 0
+            for i, c in enumerate(counts):  # rows are contiguous in row-major order
+                if c > 0:
+                    torch.rand((c, probs.shape[1]), generator=gens[i], out=g[off:off + c])
+                    off += c
+            tok = gumbel_argmax(probs, g)
+            p = probs.gather(1, tok[:, None]).reshape(-1)
+            P = torch.full((b * n,), -1.0, dtype=torch.float64, device=dev).index_copy_(0, flat, p).view(b, n)
+            T = win.reshape(-1).clone().index_copy_(0, flat, tok).view(b, n)
+            if sp.k is not None:
+                top = P.topk(min(sp.k, n), dim=1).indices
+                commit = torch.zeros_like(masked).scatter_(1, top, True) & masked
+            else:
+                best = torch.zeros_like(masked).scatter_(1, P.argmax(dim=1, keepdim=True), True)
+                commit = masked & ((P >= sp.threshold) | best)
+            x[:, s:e] = torch.where(commit, T, win)
+            conf[:, s:e] = torch.where(commit, P, conf[:, s:e])
+            if sp.k is not None:
+                counts = [c - min(sp.k, c) for c in counts]
+            else:  # data-dependent: one host sync per call
+                counts = (x[:, s:e] == sp.mask_id).sum(dim=1).tolist()
+        calls += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared plumbing
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here")
+    return dev
+
+
+def _place(model: torch.nn.Module, device: str) -> torch.device:
+    if device not in (None, "auto"):
+        model.to(resolve_device(device))
+    return next(model.parameters()).device
+
+
+def _tokenizer_for(model: Any, tokenizer: Any) -> Any:
+    if tokenizer is None:
+        from did_cli.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(getattr(model.config, "tokenizer", "gpt2"))
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise DidError(
+            f"tokenizer {getattr(tokenizer, 'name', '?')} has {tokenizer.vocab_size} ids with [MASK], "
+            f"the model {model.config.vocab_size}"
+        )
+    return tokenizer
+
+
+def _model_info(model: Any, tokenizer: Any, model_path: str | None) -> dict:
+    c = model.config
+    info = {"fingerprint": getattr(tokenizer, "fingerprint", None), "vocab_size": c.vocab_size, "mask_id": c.mask_id, "length": c.model_length}
+    if model_path is not None:
+        info["path"] = str(model_path)
+    return {k: v for k, v in info.items() if v is not None}
+
+
+class _Progress:
+    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool, total: int | None, what: str):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                console=Console(stderr=True), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(what, total=total)
+
+    def advance(self, n: int = 1, desc: str | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n, **({"description": desc} if desc else {}))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class _EvalMode:
+    """eval() for the duration, then the previous mode back."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.was = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *a):
+        self.model.train(self.was)
+
+
+def _autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+
+
+# ---------------------------------------------------------------------------------------------
+# Draft
+# ---------------------------------------------------------------------------------------------
+
+
+def draft(
+    model: Any,
+    cfg: DraftConfig,
+    tokenizer: Any = None,
+    progress: bool = True,
+    model_path: str | None = None,
+) -> Iterator[dict]:
+    """Draft `cfg.n` samples; yields records in sample order as their batches finish.
+
+    NFEs per sample count every model call its batch made while it was in it: with the cache,
+    first-hitting makes one call per generated token plus one commit pass per finished block
+    (none after the last block); without the cache, one call per generated token."""
+    mc = model.config
+    length = cfg.check(mc.model_length)
+    device = _place(model, cfg.device)
+    tok = _tokenizer_for(model, tokenizer)
+    sp = _Sampling(cfg.sampler, cfg.tokens_per_step, cfg.threshold, cfg.top_p, mc.mask_id)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("n", "device", "allow_longer")}
+    settings["length"] = length
+    info = _model_info(model, tok, model_path)
+
+    gens: dict[int, torch.Generator] = {}
+    rejections: dict[int, int] = {}
+    queue: deque[int] = deque(range(cfg.n))
+    done: dict[int, dict] = {}
+    next_out = 0
+    bar = _Progress(progress, cfg.n, "draft")
+    try:
+        while queue:
+            idxs = [queue.popleft() for _ in range(min(cfg.batch_size, len(queue)))]
+            for i in idxs:
+                if i not in gens:
+                    gens[i] = make_generator(mix_seed(cfg.seed, i), device)
+            results = _draft_batch(model, cfg, sp, length, idxs, [gens[i] for i in idxs], device, bar)
+            retry = []
+            for i, (tokens, conf, nfe, secs) in zip(idxs, results):
+                if cfg.min_entropy is not None and rejections.get(i, 0) < cfg.max_retries:
+                    if unigram_entropy(tokens[1:][-ENTROPY_WINDOW:]) < cfg.min_entropy:
+                        rejections[i] = rejections.get(i, 0) + 1
+                        retry.append(i)
+                        continue
+                extra = {"entropy_rejections": rejections.get(i, 0)} if cfg.min_entropy is not None else {}
+                done[i] = _record(tok, f"draft-{cfg.seed}-{i}", tokens, conf, model=info, draft=settings,
+                                  nfe=nfe, seconds=round(secs, 4), **extra)
+                bar.advance(1)
+            queue.extendleft(reversed(retry))  # redraw them next, keeping output order
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
+    finally:
+        bar.close()
+
+
+def _record(tok: Any, rid: str, tokens: list[int], conf: list[float], **extra: Any) -> dict:
+    from did_cli.records import make_record
+
+    return make_record(tokens, conf, id=rid, tokenizer=tok, **extra)
+
+
+@torch.inference_mode()
+def _draft_batch(model, cfg: DraftConfig, sp: _Sampling, L: int, idxs: list[int], gens: list[torch.Generator],
+                 device: torch.device, bar: _Progress) -> list[tuple[list[int], list[float], int, float]]:
+    """Draft one batch; returns per sample (tokens, confidences, NFEs, seconds)."""
+    mc = model.config
+    B = cfg.block_size
+    b = len(idxs)
+    t0 = time.perf_counter()
+    x = torch.full((b, L), mc.mask_id, dtype=torch.long, device=device)
+    x[:, 0] = mc.bos_id
+    conf = torch.full((b, L), math.nan, dtype=torch.float64, device=device)
+    cache = None
+    if cfg.use_cache:
+        cache = model.new_cache(b, L, dtype=None if cfg.dtype == "fp32" else DTYPES[cfg.dtype])
+    rows = list(range(b))  # batch row -> position in idxs
+    gens = list(gens)
+    out: list[Any] = [None] * b
+    nfe = 0
+    n_blocks = L // B
+    with _EvalMode(model), _autocast(device, cfg.dtype):
+        for j in range(n_blocks):
+            s, e = j * B, (j + 1) * B
+            if cfg.use_cache:
+                def logits_fn(sel, flat, s=s, e=e):
+                    lg = model.step(x[:, s:e], cache)
+                    return lg.reshape(-1, lg.shape[-1]).index_select(0, flat)
+            else:
+                def logits_fn(sel, flat, s=s, e=e):
+                    full = torch.zeros((x.shape[0], e), dtype=torch.bool, device=device)
+                    full[:, s:e] = sel
+                    return model(x[:, :e], B, select=full)
+            n_mask = B - 1 if s == 0 else B  # the first block holds BOS
+            nfe += _fill(x, conf, s, e, [n_mask] * len(rows), logits_fn, gens, sp)
+            last = j == n_blocks - 1
+            if cfg.var_length and not last:
+                gen = x[:, s:e] == mc.eos_id
+                if s == 0:
+                    gen[:, 0] = False
+                hit = gen.any(dim=1).tolist()  # one host sync per block
+                if any(hit):
+                    firsts = gen.int().argmax(dim=1).tolist()
+                    secs = time.perf_counter() - t0
+                    for r, h in enumerate(hit):
+                        if h:
+                            end = s + firsts[r] + 1
+                            out[rows[r]] = (x[r, :end].tolist(), conf[r, :end].tolist(), nfe, secs)
+                    keep = [r for r, h in enumerate(hit) if not h]
+                    if not keep:
+                        break
+                    kt = torch.tensor(keep, device=device)
+                    x, conf = x[kt], conf[kt]
+                    if cache is not None:
+                        cache.select(kt)
+                    rows = [rows[r] for r in keep]
+                    gens = [gens[r] for r in keep]
+            if cache is not None and not last:
+                model.step(x[:, s:e], cache, commit=True, need_logits=False)
+                nfe += 1
+            bar.advance(0, f"draft: block {j + 1}/{n_blocks}")
+        else:
+            secs = time.perf_counter() - t0
+            xs, cs = x.tolist(), conf.tolist()
+            for r in range(len(rows)):
+                end = L
+                if cfg.var_length and mc.eos_id in xs[r][1:]:  # an EOS in the last block
+                    end = xs[r].index(mc.eos_id, 1) + 1
+                out[rows[r]] = (xs[r][:end], cs[r][:end], nfe, secs)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Refine
+# ---------------------------------------------------------------------------------------------
+
+
+def check_record(rec: dict, where: str, mc: Any, tokenizer: Any, cfg: RefineConfig) -> None:
+    """Raise DidError when a record cannot be refined by a model of config `mc` (a
+    ModelConfig; `where` names the record in messages). Needs no weights, so the CLI runs it
+    on a whole input file before loading the model."""
+    from did_cli.records import validate
+
+    validate(rec, vocab_size=mc.vocab_size, need=("id", "tokens"), source=where)
+    minfo = rec.get("model")
+    if isinstance(minfo, dict):
+        v = minfo.get("vocab_size")
+        if v is not None and v != mc.vocab_size:
+            raise DidError(f"{where}: drafted by a model with vocabulary size {v}; this model has {mc.vocab_size}")
+        fp, ours = minfo.get("fingerprint"), getattr(tokenizer, "fingerprint", None)
+        if fp is not None and ours is not None and fp != ours:
+            raise DidError(f"{where}: drafted with another tokenizer (fingerprint {fp}, this model's is {ours})")
+    tokens = rec["tokens"]
+    n = len(tokens)
+    if n > mc.model_length and not cfg.allow_longer:
+        raise DidError(f"{where}: {n} tokens, longer than the model's length {mc.model_length} (use --allow-longer)")
+    if n < 1:
+        raise DidError(f"{where}: no tokens")
+    if mc.mask_id in tokens:
+        raise DidError(f"{where}: holds [MASK] at position {tokens.index(mc.mask_id)} (not a finished sample)")
+    lo, hi = _gen_range(rec)
+    if lo > hi:
+        raise DidError(f"{where}: prompt_len + suffix_len exceed the length {n}")
+    if cfg.confidence == "snapshot" and any(r > 0 for _, r in cfg.stages):
+        conf = rec.get("confidence")
+        if conf is None:
+            raise DidError(f"{where}: no 'confidence' (use --confidence posthoc or random)")
+        for p in range(lo, hi):
+            c = conf[p]
+            if c is None or not math.isfinite(c):
+                raise DidError(f"{where}: no confidence at position {p} (use --confidence posthoc or random)")
+
+
+def _gen_range(rec: dict) -> tuple[int, int]:
+    n = len(rec["tokens"])
+    return int(rec.get("prompt_len", 1) or 0), n - int(rec.get("suffix_len", 0) or 0)
+
+
+def refine(
+    model: Any,
+    records: Iterable[dict],
+    cfg: RefineConfig,
+    tokenizer: Any = None,
+    progress: bool = True,
+    model_path: str | None = None,
+) -> Iterator[dict]:
+    """Refine records in input order; yields each refined record as its batch finishes.
+
+    Consecutive records of the same length are batched. Each record is checked before its batch
+    runs (`check_record`); a bad record raises DidError after the earlier ones were yielded."""
+    mc = model.config
+    cfg.check(mc.model_length)
+    device = _place(model, cfg.device)
+    tok = _tokenizer_for(model, tokenizer)
+    sp = _Sampling(cfg.sampler, cfg.tokens_per_step, cfg.threshold, cfg.top_p, mc.mask_id)
+    bar = _Progress(progress, None, "refine")
+    batch: list[dict] = []
+    done = 0
+
+    def flush() -> Iterator[dict]:
+        nonlocal batch, done
+        out, batch = _refine_batch(model, batch, cfg, sp, tok, device, model_path), []
+        done += len(out)
+        bar.advance(len(out), f"refine: {done} records")
+        yield from out
+
+    it = iter(records)
+    k = 0
+    try:
+        while True:
+            try:
+                rec = next(it)
+                k += 1
+                where = f"record {k} (id {rec.get('id')!r})" if isinstance(rec, dict) else f"record {k}"
+                check_record(rec, where, mc, tok, cfg)
+            except StopIteration:
+                break
+            except DidError:
+                if batch:  # the records before a bad one are still refined and written
+                    yield from flush()
+                raise
+            if batch and len(rec["tokens"]) != len(batch[0]["tokens"]):
+                yield from flush()
+            batch.append(rec)
+            if len(batch) == cfg.batch_size:
+                yield from flush()
+        if batch:
+            yield from flush()
+    finally:
+        bar.close()
+
+
+def _remask_positions(conf_row: list[float], lo: int, hi: int, k: int, mode: str, gen: torch.Generator | None) -> list[int]:
+    """The k generated positions to re-mask: lowest confidence first, ties by lower position."""
+    if k <= 0:
+        return []
+    if mode == "random":
+        perm = torch.randperm(hi - lo, generator=gen)[:k]
+        return sorted(int(p) + lo for p in perm)
+    order = sorted(range(lo, hi), key=lambda p: (conf_row[p], p))
+    return sorted(order[:k])
+
+
+def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: _Sampling, tok, device, model_path: str | None) -> list[dict]:
+    mc = model.config
+    b, n = len(recs), len(recs[0]["tokens"])
+    ranges = [_gen_range(r) for r in recs]
+    gens = [make_generator(mix_seed(cfg.seed, r["id"]), device) for r in recs]
+    x = torch.tensor([r["tokens"] for r in recs], dtype=torch.long, device=device)
+    conf = torch.tensor([[math.nan if c is None else float(c) for c in (r.get("confidence") or [None] * n)] for r in recs],
+                        dtype=torch.float64, device=device)
+    stages_out: list[list[dict]] = [[] for _ in recs]
+    nfe_total = 0
+    t_start = time.perf_counter()
+    with torch.inference_mode(), _EvalMode(model), _autocast(device, cfg.dtype):
+        post_nfe = 0
+        if cfg.confidence == "posthoc":
+            # re-score the finished sequence: p(token | whole sequence), no masking
+            logits = model(x)
+            conf = torch.empty((b, n), dtype=torch.float64, device=device)
+            for i in range(b):  # row by row: a float64 [n, V] copy at a time
+                lg = logits[i].to(torch.float64)
+                lg[:, mc.mask_id] = -math.inf
+                conf[i] = (lg.gather(1, x[i, :, None])[:, 0] - lg.logsumexp(dim=1)).exp()
+            del logits
+            post_nfe = 1
+        for si, (block, ratio) in enumerate(cfg.stages):
+            t0 = time.perf_counter()
+            before = x.clone()
+            conf_h = conf.tolist()
+            remask: list[list[int]] = []
+            for i, (lo, hi) in enumerate(ranges):
+                k = math.ceil(ratio * (hi - lo) - 1e-9)
+                rg = make_generator(mix_seed(cfg.seed, recs[i]["id"], "remask", si), "cpu") if cfg.confidence == "random" else None
+                remask.append(_remask_positions(conf_h[i], lo, hi, k, cfg.confidence, rg))
+            sel = torch.zeros((b, n), dtype=torch.bool)
+            for i, ps in enumerate(remask):
+                sel[i, ps] = True
+            sel = sel.to(device)
+            x[sel] = mc.mask_id
+            conf[sel] = math.nan
+            calls = post_nfe if si == 0 else 0
+            B = n if block is None or block >= n else block
+            if any(remask):
+                if B >= n:
+                    # global bidirectional pass: full attention over the whole sequence
+                    calls += _fill(x, conf, 0, n, [len(p) for p in remask],
+                                   lambda s_, f_: model(x, None, select=s_), gens, sp)
+                else:
+                    calls += _refine_blocks(model, x, conf, B, remask, gens, sp, cfg)
+            nfe_total += calls
+            changed = (x != before).sum(dim=1).tolist()
+            secs = time.perf_counter() - t0
+            for i in range(b):
+                entry = {"block_size": B, "ratio": ratio, "confidence": cfg.confidence, "remasked": remask[i],
+                         "changed": int(changed[i]), "nfe": calls, "seconds": round(secs, 4), "sampler": cfg.sampler,
+                         "top_p": cfg.top_p, "seed": cfg.seed}
+                if cfg.tokens_per_step is not None:
+                    entry["tokens_per_step"] = cfg.tokens_per_step
+                if cfg.threshold is not None:
+                    entry["threshold"] = cfg.threshold
+                if model_path is not None:
+                    entry["model"] = str(model_path)
+                stages_out[i].append(entry)
+        xs, cs = x.tolist(), conf.tolist()
+    total_secs = time.perf_counter() - t_start
+    out = []
+    for i, rec in enumerate(recs):
+        lo, hi = ranges[i]
+        old = rec.get("confidence") or [None] * n
+        new_conf = [cs[i][p] if lo <= p < hi else old[p] for p in range(n)]
+        extra = {k: v for k, v in rec.items() if k not in ("schema", "id", "tokens", "confidence", "text", "prompt_len")}
+        extra["draft_tokens"] = rec.get("draft_tokens") or list(rec["tokens"])
+        extra["stages"] = list(rec.get("stages") or []) + stages_out[i]
+        extra["nfe"] = int(rec.get("nfe") or 0) + nfe_total
+        extra["seconds"] = round(float(rec.get("seconds") or 0.0) + total_secs, 4)
+        out.append(_record_keep(tok, rec, xs[i], new_conf, lo, extra))
+    return out
+
+
+def _record_keep(tok, rec: dict, tokens: list[int], conf: list, lo: int, extra: dict) -> dict:
+    from did_cli.records import make_record
+
+    r = make_record(tokens, conf, id=rec["id"], tokenizer=tok, prompt_len=lo, **extra)
+    if tokens == rec["tokens"] and "text" in rec:
+        r["text"] = rec["text"]  # unchanged tokens: keep the text byte for byte
+    return r
+
+
+def _refine_blocks(model, x, conf, B: int, remask: list[list[int]], gens, sp: _Sampling, cfg: RefineConfig) -> int:
+    """Regenerate masked positions block by block, left to right, with the KV cache: each block
+    sees the earlier (final) blocks and itself. Returns the number of model calls."""
+    b, n = x.shape
+    cache = model.new_cache(b, n, dtype=None if cfg.dtype == "fp32" else DTYPES[cfg.dtype])
+    last_masked = max(max(p) for p in remask if p)
+    calls = 0
+    for s in range(0, n, B):
+        e = min(s + B, n)
+        counts = [sum(1 for p in ps if s <= p < e) for ps in remask]
+        if any(counts):
+            def logits_fn(sel, flat, s=s, e=e):
+                lg = model.step(x[:, s:e], cache)
+                return lg.reshape(-1, lg.shape[-1]).index_select(0, flat)
+
+            calls += _fill(x, conf, s, e, counts, logits_fn, gens, sp)
+        if e > last_masked:
+            break  # nothing after this block changes
+        model.step(x[:, s:e], cache, commit=True, need_logits=False)
+        calls += 1
+    return calls
+
+
+__all__ = [
+    "DraftConfig",
+    "RefineConfig",
+    "draft",
+    "refine",
+    "parse_stages",
+    "check_record",
+    "nucleus",
+    "token_probs",
+    "gumbel_argmax",
+    "unigram_entropy",
+    "mix_seed",
+    "resolve_device",
+]
