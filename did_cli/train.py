@@ -1,0 +1,866 @@
+"""One training loop for `did train` and `did finetune-mixscale`.
+
+    from did_cli.train import TrainConfig, train
+    train(TrainConfig(data="data/", out="run/", block_sizes=[4, "L"], block_weights=[0.9, 0.1]))
+
+Choices worth knowing (docs/train.md has the long form):
+
+- Block-size sampler: each optimisation step draws ONE block size from `block_weights` with a
+  seeded generator that every process advances identically. Per step, not per sequence: every
+  sequence of a step then shares one attention mask, so the pass is a single kernel call with a
+  cached mask, and all data-parallel ranks run the same shapes.
+- Determinism: data order, masking noise and dropout depend only on (seed, step, process), so a
+  resumed run continues bit-for-bit (on the same hardware and process count). Rows and masking
+  noise belong to the global batch, so N processes with batch b see what one process with batch
+  N x b sees (dropout masks aside).
+- EMA weights (decay warmed up as min(ema, (1+n)/(10+n)), as BD3-LM's EMA) are what
+  validation uses and what `model.safetensors` holds.
+- Validation NELBO is measured at every configured block size with a fixed-seed t, so values
+  are comparable across evaluations; the best checkpoint is chosen by their mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from did_cli import checkpoint as ck
+from did_cli.config import ConfigError, DiffusionConfig, ModelConfig, check_block_sizes, preset, save_json
+from did_cli.errors import DidError
+
+# BD3-LM-style candidate ranges for the data-driven clipped schedule (`clip="auto"`).
+CLIP_CANDIDATES: tuple[tuple[float, float], ...] = (
+    (0.0, 1.0), (0.1, 0.9), (0.2, 0.8), (0.3, 0.8), (0.45, 0.95), (0.5, 1.0), (0.3, 1.0), (0.6, 0.9),
+)
+FULL_RANGE = (0.0, 1.0)
+EVAL_T_RANGE = (1e-3, 1.0)
+LENGTH_WORDS = ("L", "l", "length")
+
+BlockSize = Union[int, str]
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; the CLI builds it from options."""
+
+    data: str = ""
+    """Prepared data folder (`did prepare`)."""
+    out: str = ""
+    """Run folder: config.json, metrics.jsonl, checkpoints/."""
+    preset: str = "tiny"
+    """Model preset when training from scratch: tiny, small, medium."""
+    block_sizes: list[BlockSize] = field(default_factory=lambda: [4, "L"])
+    """Block sizes to train on; 'L' (or 'length') is the full sequence length."""
+    block_weights: list[float] | None = field(default_factory=lambda: [0.9, 0.1])
+    """Probability of each block size per step (normalised); None = equal weights."""
+    steps: int = 1000
+    """Total optimiser steps (a resumed run continues up to this number)."""
+    batch_size: int = 16
+    """Sequences per process per micro-batch (global batch = batch_size x grad_accum x processes)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimiser step."""
+    lr: float = 3e-4
+    """Peak AdamW learning rate (constant after warm-up)."""
+    warmup: int = 2500
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 disables)."""
+    ema: float = 0.9999
+    """EMA decay of the weights that are evaluated and saved (0 = no averaging)."""
+    eval_every: int = 500
+    """Validation every N steps (0 = only at the end)."""
+    eval_batches: int = 8
+    """Validation batches (of batch_size rows) per evaluation and block size."""
+    save_every: int = 1000
+    """Checkpoint every N steps (also at the end, on a new best, and on Ctrl-C)."""
+    keep_last: int = 3
+    """Checkpoints kept besides the best one (older ones are deleted)."""
+    log_every: int = 10
+    """Progress and metrics line every N steps."""
+    seed: int = 0
+    """Seed of data order, noise, dropout and the block-size sampler."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in `out`."""
+    init: str | None = None
+    """Start weights: a checkpoint or run folder (ours or BD3-LM's), or a hub id when online."""
+    clip: Any = None
+    """t range: (beta, omega), 'auto' (variance search per block size at each evaluation), or
+    None ((0, 1), or the learned range stored with --init for its block size)."""
+    mixed_precision: str | None = None
+    """'no', 'bf16' or 'fp16'; None = bf16 on CUDA, else no."""
+    dropout: float | None = None
+    """Override the model's residual dropout."""
+    model_length: int | None = None
+    """Sequence length L; must equal the data's seq_len (None: taken from the data)."""
+    num_workers: int = 0
+    """Background threads that prefetch the next batches from the memory-mapped rows."""
+    on_nonfinite: str = "stop"
+    """Non-finite loss: 'stop' (error, the last good checkpoint stays) or 'skip' the step."""
+    progress: bool = True
+    """Progress on stderr (a bar on a terminal, plain lines otherwise)."""
+
+
+# ---------------------------------------------------------------------------------- validation
+
+
+def resolve_block_sizes(sizes: list[BlockSize], length: int) -> list[int]:
+    out = []
+    for b in sizes:
+        if isinstance(b, str):
+            if b.strip() in LENGTH_WORDS:
+                out.append(length)
+                continue
+            try:
+                b = int(b)
+            except ValueError:
+                raise ConfigError(f"--block-sizes: {b!r} is not an integer or 'L'") from None
+        out.append(int(b))
+    if not out:
+        raise ConfigError("--block-sizes: empty list")
+    check_block_sizes(out, length, "--block-sizes")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"--block-sizes {','.join(map(str, out))}: a block size appears twice")
+    return out
+
+
+def normalise_weights(weights: list[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise ConfigError(f"--block-weights has {len(w)} values for {n} --block-sizes")
+    if any(not math.isfinite(x) or x < 0 for x in w):
+        raise ConfigError(f"--block-weights {','.join(map(str, w))}: weights must be finite and >= 0")
+    total = sum(w)
+    if total <= 0:
+        raise ConfigError("--block-weights: the weights sum to 0")
+    return [x / total for x in w]
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    positive = dict(steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, eval_batches=cfg.eval_batches,
+                    log_every=cfg.log_every)
+    for name, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {v}: must be >= 1")
+    for name in ("warmup", "eval_every", "save_every", "keep_last", "num_workers"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 0")
+    if not cfg.lr > 0:
+        raise ConfigError(f"--lr {cfg.lr}: must be > 0")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise ConfigError(f"--ema {cfg.ema}: must be in [0, 1)")
+    if cfg.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"--on-nonfinite {cfg.on_nonfinite!r}: choose stop or skip")
+    if cfg.mixed_precision not in (None, "no", "bf16", "fp16"):
+        raise ConfigError(f"--mixed-precision {cfg.mixed_precision!r}: choose no, bf16 or fp16")
+    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"--dropout {cfg.dropout}: must be in [0, 1)")
+    if isinstance(cfg.clip, str) and cfg.clip != "auto":
+        raise ConfigError(f"--clip {cfg.clip!r}: expected auto, none or BETA,OMEGA")
+    if cfg.clip is not None and not isinstance(cfg.clip, str):
+        DiffusionConfig(clip=tuple(cfg.clip))  # raises ConfigError on a bad range
+    if cfg.clip == "auto" and cfg.eval_batches < 2:
+        raise ConfigError("--clip auto needs --eval-batches >= 2 (it compares loss variances across batches)")
+    if not cfg.data:
+        raise ConfigError("--data is required")
+    if not cfg.out:
+        raise ConfigError("--out is required")
+
+
+# ------------------------------------------------------------------------------------ samplers
+
+
+class BlockSizeSampler:
+    """Draws one block size per optimisation step with probabilities `weights`.
+
+    Every process builds it from the same seed and draws once per step, so all ranks agree; its
+    generator state is saved in checkpoints for an exact resume."""
+
+    def __init__(self, sizes: list[int], weights: list[float], seed: int):
+        self.sizes = list(sizes)
+        self.cum = np.cumsum(np.asarray(weights, dtype=np.float64))
+        self.cum[-1] = 1.0
+        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0x6B5])))
+
+    def draw(self) -> int:
+        u = self.rng.random()
+        return self.sizes[int(np.searchsorted(self.cum, u, side="right"))]
+
+    def state_dict(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+def step_seed(seed: int, step: int, process: int, micro: int, purpose: int) -> int:
+    """A 63-bit seed that depends only on its arguments (SeedSequence mixes them well)."""
+    s = np.random.SeedSequence([seed, step, process, micro, purpose]).generate_state(2, dtype=np.uint32)
+    return int(s[0]) << 31 ^ int(s[1])
+
+
+class RowSchedule:
+    """Which training rows each (step, micro-batch, process) reads: a pure function of the seed.
+
+    Each epoch is a seeded permutation of all rows; a step consumes `rows_per_step` of them
+    (batch x grad_accum x processes; a remainder too small for a step is skipped). Within one
+    micro-batch process p takes the p-th slice, so the rows of a global batch do not depend on
+    how many processes share it."""
+
+    def __init__(self, n_rows: int, batch: int, accum: int, world: int, seed: int):
+        self.n, self.batch, self.accum, self.world, self.seed = n_rows, batch, accum, world, seed
+        self.rows_per_step = batch * accum * world
+        if n_rows < self.rows_per_step:
+            raise DidError(f"the training split has {n_rows} rows, fewer than one step needs "
+                           f"({batch} x {accum} accumulation x {world} processes); use a smaller --batch-size")
+        self.steps_per_epoch = n_rows // self.rows_per_step
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, rows consumed within it) before optimisation step `step` (0-based)."""
+        return step // self.steps_per_epoch, (step % self.steps_per_epoch) * self.rows_per_step
+
+    def perm(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, 0xDA7A, epoch])))
+            self._perm = (epoch, rng.permutation(self.n))
+        return self._perm[1]
+
+    def indices(self, step: int, micro: int, process: int) -> np.ndarray:
+        epoch, pos = self.position(step)
+        start = pos + (micro * self.world + process) * self.batch
+        return np.sort(self.perm(epoch)[start:start + self.batch])
+
+
+# ----------------------------------------------------------------------------------------- EMA
+
+
+class EMA:
+    """Float32 exponential moving average of the weights, held in its own DiT (on the device)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, device: torch.device):
+        from did_cli.model import DiT
+
+        self.decay = decay
+        self.num_updates = 0
+        self.model = DiT(model.config).to(device=device, dtype=torch.float32)
+        self.model.load_state_dict(model.state_dict())
+        self.model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.num_updates += 1
+        n = self.num_updates
+        d = min(self.decay, (1 + n) / (10 + n))
+        ema = list(self.model.parameters())
+        src = [p.detach().float() for p in model.parameters()]
+        torch._foreach_lerp_(ema, src, 1.0 - d)
+
+
+# ------------------------------------------------------------------------------------ the loss
+
+
+def sharded_nelbo(model, x0: torch.Tensor, block_size: int, dcfg: DiffusionConfig, mask_id: int,
+                  generator: torch.Generator, world: int = 1, rank: int = 0) -> torch.Tensor:
+    """The training NELBO of this process's rows x0 [b, L], with the noise of the GLOBAL batch.
+
+    Every process seeds `generator` identically and draws t and the masking noise for all
+    world x b rows, then keeps its own slice. So each row gets the same noise whatever the process
+    count, the antithetic strata span the global batch, and N processes with batch b train like
+    one process with batch N x b. With world = 1 this draws exactly what diffusion.nelbo draws.
+    The model is always called through its forward (DDP/FSDP see every parameter use), even
+    when no token of the slice is masked (the loss is then an exact zero)."""
+    from did_cli.diffusion import corrupt, masked_token_loss, sample_t
+
+    b, n = x0.shape
+    block_size = min(block_size, n)
+    t = sample_t(b * world, n // block_size, dcfg, x0.device, generator)
+    _, masked, t_tok = corrupt(torch.zeros((b * world, n), dtype=x0.dtype, device=x0.device), t, block_size, mask_id, generator)
+    masked, t_tok = masked[rank * b:(rank + 1) * b], t_tok[rank * b:(rank + 1) * b]
+    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    logits = model(xt, block_size, x0=x0, select=masked)
+    per_tok = masked_token_loss(logits, x0[masked], mask_id) / t_tok[masked]
+    return per_tok.sum() / (b * (n - 1))
+
+
+# -------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def val_nelbo(model, batches: list[torch.Tensor], block_size: int, mask_id: int, seed: int) -> float:
+    """NELBO (nats/token) of fixed validation batches with fixed-seed t ~ U[1e-3, 1]."""
+    from did_cli.diffusion import eval_nelbo
+
+    dev = batches[0].device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    total, count = 0.0, 0
+    for x in batches:
+        s, n = eval_nelbo(model, x, block_size, mask_id, EVAL_T_RANGE, g)
+        total, count = total + s, count + n
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def search_clip(model, batches: list[torch.Tensor], block_size: int, mask_id: int, seed: int,
+                candidates=CLIP_CANDIDATES) -> tuple[tuple[float, float], dict[str, float]]:
+    """BD3-LM's data-driven clipped schedule: the candidate t range whose per-batch training loss
+    (t ~ U[beta, omega], antithetic, same fixed seed for every candidate) varies least across
+    the validation batches. Returns (best range, {"beta,omega": variance})."""
+    from did_cli.diffusion import nelbo
+
+    variances = {}
+    for cand in candidates:
+        g = torch.Generator(device=batches[0].device).manual_seed(seed)
+        dcfg = DiffusionConfig(clip=tuple(cand), antithetic=True)
+        vals = torch.tensor([float(nelbo(model, x, block_size, dcfg, mask_id, g).loss) for x in batches], dtype=torch.float64)
+        variances[f"{cand[0]:g},{cand[1]:g}"] = float(vals.var(unbiased=True)) if len(vals) > 1 else float("inf")
+    key = min(variances, key=lambda k: (variances[k], k))
+    lo, hi = (float(v) for v in key.split(","))
+    return (lo, hi), variances
+
+
+# --------------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as tensors / plain containers (weights_only-loadable)."""
+    py = random.getstate()
+    npst = np.random.get_state()
+    out = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {"keys": torch.from_numpy(npst[1].astype(np.int64)), "pos": int(npst[2]),
+                  "has_gauss": int(npst[3]), "cached_gaussian": float(npst[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
+    n = st["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ------------------------------------------------------------------------------------- loading
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return s.count("/") == 1 and not s.startswith((".", "/", "~")) and all(s.split("/"))
+
+
+def fetch_init(init: str) -> Path:
+    """A local checkpoint folder for --init: a folder / run folder, or a hub snapshot (online)."""
+    p = Path(init).expanduser()
+    if p.exists():
+        return ck.resolve_checkpoint(p)
+    if not _looks_like_hub_id(init):
+        raise DidError(f"--init {init}: no such checkpoint folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id=init, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:  # offline, unknown repo, gated...
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DidError(f"--init {init}: not a local folder and the hub is unreachable or lacks it ({msg})") from None
+    return ck.resolve_checkpoint(folder)
+
+
+def init_clip_ranges(raw_config: dict, clip: tuple[float, float] | None) -> dict[int, tuple[float, float]]:
+    """Learned t ranges stored with a checkpoint: ours keep one per block size in config.json;
+    a BD3-LM folder has one (sampling_eps_min/max) for its `block_size`."""
+    ranges = raw_config.get("clip_ranges")
+    if isinstance(ranges, dict):
+        return {int(k): (float(v[0]), float(v[1])) for k, v in ranges.items()}
+    if clip is not None and raw_config.get("block_size"):
+        return {int(raw_config["block_size"]): (float(clip[0]), float(clip[1]))}
+    return {}
+
+
+def _with_dropout(model, dropout: float | None):
+    if dropout is None:
+        return model
+    model.config = dataclasses.replace(model.config, dropout=dropout)
+    for blk in model.blocks:
+        blk.dropout = dropout
+    return model
+
+
+# ------------------------------------------------------------------------------------ progress
+
+
+class _Progress:
+    """A rich bar on a terminal; plain lines every log_every steps otherwise (main process)."""
+
+    def __init__(self, enabled: bool, total: int, start: int, label: str):
+        self.enabled, self.total, self.label = enabled, total, label
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+            self.task = self.bar.add_task(label, total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, info: str, line: bool) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        elif line:
+            print(f"did {self.label}: step {step}/{self.total} {info}", file=sys.stderr, flush=True)
+
+    def note(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(msg)
+        else:
+            print(f"did {self.label}: {msg}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x / 1e3:.1f}K" if x >= 1e3 else f"{x:.0f}"
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
+class _Interrupt:
+    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts now."""
+
+    def __init__(self):
+        self.flag = False
+        self.old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.flag = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        return False
+
+
+def _make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # repeated in-process runs (tests, notebooks) may change settings: start from a clean state,
+    # keeping the process group
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    mp = cfg.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
+    # Accelerate only sets up a CPU process group (gloo) when told to use the CPU; a launcher's
+    # environment (torchrun / `accelerate launch --multi_gpu`) on a machine without CUDA means that
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
+
+
+# fields that must match when resuming (they define the data order, noise and model)
+_RESUME_FIELDS = ("batch_size", "grad_accum", "seed", "lr", "warmup", "weight_decay", "betas", "ema")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or fine-tune, or resume) and return the final metrics."""
+    from did_cli.data import PreparedData
+    from did_cli.model import DiT, export_state_dict, load_model, load_state_dict_strict, save_model
+
+    _check_config(cfg)
+    if not Path(cfg.data).exists():
+        raise DidError(f"--data {cfg.data}: no such folder")
+    data = PreparedData(cfg.data)
+    length = data.seq_len
+    if cfg.model_length is not None and cfg.model_length != length:
+        raise DidError(f"--model-length {cfg.model_length} differs from the data's seq_len {length} in {cfg.data}")
+    sizes = resolve_block_sizes(list(cfg.block_sizes), length)
+    weights = normalise_weights(cfg.block_weights, len(sizes))
+    run = Path(cfg.out)
+    if run.exists() and not run.is_dir():
+        raise DidError(f"--out {run}: exists and is not a folder")
+
+    resume_ckpt: Path | None = None
+    if cfg.resume:
+        resume_ckpt = ck.latest_checkpoint(run)
+        if resume_ckpt is None:
+            raise DidError(f"--resume: no complete checkpoint in {run}")
+    elif ck.list_checkpoints(run):
+        raise DidError(f"{run} already holds checkpoints; pass --resume to continue it or choose another --out")
+
+    accel = _make_accelerator(cfg)
+    device, rank, world, main = accel.device, accel.process_index, accel.num_processes, accel.is_main_process
+
+    # ---- model config and weights
+    init_info: dict[str, Any] = {}
+    clip_from_init: dict[int, tuple[float, float]] = {}
+    if resume_ckpt is not None:
+        saved = json.loads((run / "config.json").read_text())
+        _check_resume(cfg, saved, sizes, weights, world)
+        model, _ = load_model(resume_ckpt)  # config; weights replaced by the raw ones below
+        model = _with_dropout(model, cfg.dropout)
+    elif cfg.init:
+        with accel.main_process_first():
+            folder = fetch_init(cfg.init)
+        model, info = load_model(folder)
+        model = _with_dropout(model, cfg.dropout)
+        clip_from_init = init_clip_ranges(info["raw_config"], info.get("clip"))
+        init_info = {"init": str(folder), "init_clip": list(info["clip"]) if "clip" in info else None}
+    else:
+        mc = preset(cfg.preset, model_length=length, vocab_size=data.vocab_size, dropout=cfg.dropout,
+                    tokenizer=data.meta["tokenizer"], mask_id=data.meta.get("mask_id", data.vocab_size - 1),
+                    bos_id=data.meta.get("bos_id"), eos_id=data.meta.get("eos_id"))
+        torch.manual_seed(step_seed(cfg.seed, 0, 0, 0, 7))  # same initial weights on every rank
+        model = DiT(mc)
+    mc: ModelConfig = model.config
+    data.check_compatible(tokenizer=mc.tokenizer, vocab_size=mc.vocab_size, seq_len=mc.model_length)
+    if "mask_id" in data.meta and int(data.meta["mask_id"]) != mc.mask_id:
+        raise DidError(f"data in {cfg.data} uses [MASK] id {data.meta['mask_id']} but the model uses {mc.mask_id}")
+    mask_id = mc.mask_id
+
+    train_rows = data.rows("train")
+    val_rows = data.rows("validation") if "validation" in data.meta["splits"] else np.empty((0, length))
+    schedule = RowSchedule(len(train_rows), cfg.batch_size, cfg.grad_accum, world, cfg.seed)
+    if cfg.clip == "auto" and len(val_rows) < 2:
+        raise DidError(f"--clip auto needs a validation split with at least 2 rows; {cfg.data} has {len(val_rows)}")
+
+    # ---- clip ranges per block size
+    if cfg.clip is None or cfg.clip == "auto":
+        clip_ranges = {b: clip_from_init.get(b, FULL_RANGE) for b in sizes}
+    else:
+        clip_ranges = {b: (float(cfg.clip[0]), float(cfg.clip[1])) for b in sizes}
+
+    # ---- optimiser, schedule, EMA
+    model.to(device).train()
+    ema = EMA(model, cfg.ema, device)
+    # fused AdamW: one kernel over all tensors (also on CPU, where the update of the two
+    # 50258-row embeddings is a large share of a small model's step)
+    fused = device.type in ("cuda", "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                  fused=fused or None)
+    warm = cfg.warmup
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    sampler = BlockSizeSampler(sizes, weights, cfg.seed)
+    start_step = 0
+    best: dict | None = None
+
+    if resume_ckpt is not None:
+        from safetensors.torch import load_file
+
+        st_dir = resume_ckpt / ck.STATE_DIR
+        raw = load_file(str(st_dir / "raw_model.safetensors"))
+        load_state_dict_strict(model, raw, source=str(st_dir / "raw_model.safetensors"))
+        ema_model, _ = load_model(resume_ckpt, device=device)
+        ema.model.load_state_dict(ema_model.state_dict())
+        optimizer.load_state_dict(ck.torch_load(st_dir / "optimizer.pt"))
+        scheduler.load_state_dict(ck.torch_load(st_dir / "scheduler.pt"))
+        set_rng_state(ck.torch_load(st_dir / "rng.pt"))
+        state = json.loads((st_dir / "state.json").read_text())
+        start_step = int(state["step"])
+        ema.num_updates = int(state["ema_updates"])
+        sampler.load_state_dict(state["block_sampler"])
+        clip_ranges = {int(k): (float(v[0]), float(v[1])) for k, v in state["clip_ranges"].items()}
+        best = state.get("best")
+        init_info = state.get("init_info", {})
+
+    model, optimizer = accel.prepare(model, optimizer)
+
+    # ---- run folder
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_json({"train": dataclasses.asdict(cfg), "model": mc.to_dict(), "block_sizes": sizes, "block_weights": weights,
+                   "world_size": world, "global_batch": schedule.rows_per_step, "data": data.meta, **init_info},
+                  run / "config.json")
+        if resume_ckpt is not None:
+            _truncate_metrics(run / "metrics.jsonl", start_step)
+    metrics_path = run / "metrics.jsonl"
+
+    def log(event: dict) -> None:
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(event) + "\n")
+
+    # ---- validation batches (fixed rows, evenly spread over the split)
+    n_val = min(len(val_rows), cfg.eval_batches * cfg.batch_size)
+    val_idx = np.unique(np.linspace(0, len(val_rows) - 1, n_val).round().astype(np.int64)) if n_val else np.empty(0, np.int64)
+    val_batches = [torch.from_numpy(np.asarray(val_rows[val_idx[i:i + cfg.batch_size]], dtype=np.int64)).to(device)
+                   for i in range(0, len(val_idx), cfg.batch_size)]
+    if cfg.clip == "auto" and len(val_batches) < 2:
+        # one batch gives no variance: split the rows more finely
+        half = max(1, len(val_idx) // 2)
+        val_batches = [torch.from_numpy(np.asarray(val_rows[val_idx[i:i + half]], dtype=np.int64)).to(device)
+                       for i in range(0, len(val_idx), half)]
+
+    progress = _Progress(cfg.progress and main, cfg.steps, start_step, "finetune" if cfg.init else "train")
+
+    def evaluate(step: int) -> dict:
+        ev: dict[str, Any] = {"event": "eval", "step": step, "time": time.time()}
+        if not val_batches:
+            return ev
+        with accel.autocast():
+            vals = {b: val_nelbo(ema.model, val_batches, b, mask_id, cfg.seed + 1_000_003) for b in sizes}
+            if cfg.clip == "auto":
+                chosen = {}
+                for b in sizes:
+                    rng_, var = search_clip(ema.model, val_batches, b, mask_id, cfg.seed + 2_000_003)
+                    chosen[b] = rng_
+                    ev[f"clip_variances_b{b}"] = var
+                # every rank must train with the same ranges: rank 0 decides
+                chosen = _broadcast(accel, chosen)
+                clip_ranges.update(chosen)
+        vals = _broadcast(accel, vals)
+        for b, v in vals.items():
+            ev[f"val_nelbo_b{b}"] = v
+            ev[f"val_ppl_b{b}"] = math.exp(min(v, 700.0))
+        ev["val_nelbo"] = float(np.mean(list(vals.values())))
+        ev["val_ppl"] = math.exp(min(ev["val_nelbo"], 700.0))
+        ev["clip_ranges"] = {str(b): list(r) for b, r in clip_ranges.items()}
+        return ev
+
+    def save(step: int, is_best: bool) -> Path | None:
+        raw_sd = accel.get_state_dict(model)  # collective under FSDP: every rank calls it
+        path = None
+        if main:
+            epoch, pos = schedule.position(step)
+            state = {
+                "step": step, "epoch": epoch, "position": pos, "rows_per_step": schedule.rows_per_step,
+                "world_size": world, "seed": cfg.seed, "ema_updates": ema.num_updates,
+                "block_sampler": sampler.state_dict(), "block_sizes": sizes, "block_weights": weights,
+                "clip_ranges": {str(b): list(r) for b, r in clip_ranges.items()}, "clip_mode": _clip_mode(cfg.clip),
+                "best": best, "init_info": init_info,
+            }
+            extra = {"block_sizes": sizes, "block_size": sizes[0],
+                     "clip_ranges": {str(b): list(r) for b, r in clip_ranges.items()}, "step": step}
+
+            def write(folder: Path) -> None:
+                from safetensors.torch import save_file
+
+                save_model(ema.model, folder, extra_config=extra, clip=clip_ranges[sizes[0]])
+                sd = folder / ck.STATE_DIR
+                sd.mkdir()
+                tensors = {"backbone." + k: v.detach().float().cpu().contiguous() for k, v in raw_sd.items()}
+                save_file(tensors, str(sd / "raw_model.safetensors"), metadata={"format": "pt"})
+                ck.torch_save(optimizer.state_dict(), sd / "optimizer.pt")
+                ck.torch_save(scheduler.state_dict(), sd / "scheduler.pt")
+                ck.torch_save(rng_state(), sd / "rng.pt")
+                save_json(state, sd / "state.json")
+
+            path = ck.save_checkpoint(run, step, write)
+            if is_best:
+                ck.write_best(run, path, {"step": step, **{k: v for k, v in (best or {}).items() if k != "checkpoint"}})
+            ck.prune_checkpoints(run, cfg.keep_last)
+        accel.wait_for_everyone()
+        return path
+
+    # ---- the loop
+    interrupted = False
+    last_ckpt: Path | None = None
+    last_eval: dict = {}
+    tokens_per_micro = cfg.batch_size * length
+    window_loss, window_n, window_t0, window_tokens = 0.0, 0, time.perf_counter(), 0
+    last_loss = float("nan")
+    tok_rate = 0.0
+    pool = ThreadPoolExecutor(max_workers=cfg.num_workers) if cfg.num_workers > 0 else None
+
+    def load_batch(step: int, micro: int) -> np.ndarray:
+        return np.asarray(train_rows[schedule.indices(step, micro, rank)], dtype=np.int64)
+
+    def batches_for(step: int):
+        return [pool.submit(load_batch, step, m) if pool else None for m in range(cfg.grad_accum)]
+
+    if start_step == 0 and cfg.eval_every > 0 and val_batches:
+        last_eval = evaluate(0)
+        log(last_eval)
+        if "val_nelbo" in last_eval:
+            progress.note(f"step 0: val NELBO {last_eval['val_nelbo']:.4f}" + _clip_note(cfg, clip_ranges))
+
+    step = start_step
+    pending = batches_for(step) if step < cfg.steps else None
+    try:
+        with _Interrupt() as intr:
+            while step < cfg.steps:
+                block = sampler.draw()
+                dcfg = DiffusionConfig(clip=clip_ranges[block], antithetic=True)
+                torch.manual_seed(step_seed(cfg.seed, step, rank, 0, 1))  # dropout
+                futures = pending
+                pending = batches_for(step + 1) if pool and step + 1 < cfg.steps else None
+                loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+                for m in range(cfg.grad_accum):
+                    rows = futures[m].result() if pool else load_batch(step, m)
+                    x0 = torch.from_numpy(rows).to(device, non_blocking=True)
+                    # same seed on every rank: the noise belongs to the global batch
+                    g = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, 0, m, 2))
+                    with accel.accumulate(model):
+                        with accel.autocast():
+                            loss = sharded_nelbo(model, x0, block, dcfg, mask_id, g, world, rank)
+                        accel.backward(loss)
+                    loss_sum += loss.detach().double()
+                # one small all-reduce: loss, non-finite flag and Ctrl-C agree on every rank
+                flags = torch.stack([loss_sum / cfg.grad_accum,
+                                     (~torch.isfinite(loss_sum)).double(),
+                                     torch.tensor(float(intr.flag), device=device, dtype=torch.float64)])
+                if world > 1:
+                    flags = accel.reduce(flags, reduction="sum")
+                    flags[0] /= world
+                step_loss, nonfinite, stop_now = float(flags[0]), bool(flags[1] > 0), bool(flags[2] > 0)
+                if not nonfinite and cfg.grad_clip > 0:
+                    norm = accel.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    if accel.scaler is None and not torch.isfinite(torch.as_tensor(norm)).item():
+                        nonfinite = True
+                if nonfinite:
+                    optimizer.zero_grad(set_to_none=True)
+                    if cfg.on_nonfinite == "stop":
+                        where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+                        raise DidError(f"non-finite loss at step {step + 1} (block size {block}){where}")
+                    log({"event": "skip", "step": step + 1, "block_size": block, "reason": "non-finite loss",
+                         "time": time.time()})
+                    progress.note(f"step {step + 1}: non-finite loss at block size {block}, step skipped")
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    ema.update(accel.unwrap_model(model))
+                    window_loss += step_loss
+                    window_n += 1
+                scheduler.step()
+                step += 1
+                window_tokens += tokens_per_micro * cfg.grad_accum * world
+
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    dt = time.perf_counter() - window_t0
+                    tok_rate = window_tokens / dt if dt > 0 else 0.0
+                    last_loss = window_loss / window_n if window_n else float("nan")
+                    lr_now = scheduler.get_last_lr()[0]
+                    log({"event": "train", "step": step, "loss": last_loss, "block_size": block,
+                         "tokens_per_s": tok_rate, "lr": lr_now, "time": time.time()})
+                    progress.update(step, f"loss {last_loss:.4f} | {_fmt_rate(tok_rate)} tok/s | block {block} | lr {lr_now:.2e}", True)
+                    window_loss, window_n, window_t0, window_tokens = 0.0, 0, time.perf_counter(), 0
+                else:
+                    progress.update(step, f"loss {step_loss:.4f} | {_fmt_rate(tok_rate)} tok/s | block {block}", False)
+
+                is_best = False
+                if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == cfg.steps:
+                    last_eval = evaluate(step)
+                    if "val_nelbo" in last_eval:
+                        if best is None or last_eval["val_nelbo"] < best["val_nelbo"]:
+                            best = {"step": step, "val_nelbo": last_eval["val_nelbo"],
+                                    **{f"val_nelbo_b{b}": last_eval[f"val_nelbo_b{b}"] for b in sizes}}
+                            is_best = True
+                        last_eval["best_step"] = best["step"]
+                        progress.note(f"step {step}: val NELBO {last_eval['val_nelbo']:.4f} "
+                                      f"({_per_block(last_eval, sizes)})"
+                                      + _clip_note(cfg, clip_ranges))
+                    log(last_eval)
+                if is_best or (cfg.save_every > 0 and step % cfg.save_every == 0) or step == cfg.steps or stop_now:
+                    last_ckpt = save(step, is_best) or last_ckpt
+                if stop_now:
+                    interrupted = True
+                    break
+    finally:
+        progress.close()
+        if pool:
+            pool.shutdown(wait=False, cancel_futures=True)
+    if interrupted:
+        if main:
+            print(f"did: interrupted at step {step}; saved {last_ckpt}", file=sys.stderr)
+        raise KeyboardInterrupt
+    result = {"step": step, "loss": last_loss, "tokens_per_s": tok_rate, "checkpoint": str(last_ckpt) if last_ckpt else None,
+              "best": best, "clip_ranges": {str(b): list(r) for b, r in clip_ranges.items()}, "block_sizes": sizes}
+    result.update({k: v for k, v in last_eval.items() if k.startswith("val_")})
+    if main:
+        msg = f"did: done at step {step}"
+        if "val_nelbo" in last_eval:
+            msg += f", val NELBO {last_eval['val_nelbo']:.4f}"
+        print(f"{msg}; checkpoint {last_ckpt}", file=sys.stderr)
+    return result
+
+
+def _per_block(ev: dict, sizes: list[int]) -> str:
+    return ", ".join(f"b{b} {ev['val_nelbo_b' + str(b)]:.4f}" for b in sizes)
+
+
+def _clip_mode(clip: Any) -> str:
+    return "auto" if clip == "auto" else ("init" if clip is None else "fixed")
+
+
+def _clip_note(cfg: TrainConfig, ranges: dict) -> str:
+    if cfg.clip != "auto":
+        return ""
+    return " | clip " + ", ".join(f"b{b} [{r[0]:g}, {r[1]:g}]" for b, r in ranges.items())
+
+
+def _broadcast(accel, obj):
+    if accel.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _check_resume(cfg: TrainConfig, saved: dict, sizes: list[int], weights: list[float], world: int) -> None:
+    old = saved.get("train", {})
+    for name in _RESUME_FIELDS:
+        a, b = getattr(cfg, name), old.get(name)
+        if isinstance(a, tuple):
+            a = list(a)
+        if b is not None and a != b:
+            raise ConfigError(f"--resume: --{name.replace('_', '-')} {a} differs from the run's {b}")
+    if saved.get("block_sizes") != sizes:
+        raise ConfigError(f"--resume: --block-sizes {','.join(map(str, sizes))} differs from the run's "
+                          f"{','.join(map(str, saved.get('block_sizes', [])))}")
+    if not np.allclose(saved.get("block_weights", weights), weights):
+        raise ConfigError(f"--resume: --block-weights differ from the run's {saved.get('block_weights')}")
+    if saved.get("world_size", world) != world:
+        print(f"did: warning: resuming with {world} processes instead of {saved['world_size']}: "
+              "the data order changes from here on", file=sys.stderr)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop events logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    tmp.replace(path)
