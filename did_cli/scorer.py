@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,12 +195,24 @@ def _need_gguf() -> None:
         raise DidError("reading GGUF needs the gguf package: pip install gguf") from None
 
 
+def _quiet_transformers() -> None:
+    # per-tensor progress bars of the GGUF conversion would flood stderr (and CI logs)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def _load_gguf(path: Path, device: Any, display: str | None = None) -> Scorer:
     _need_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     folder, fname = str(path.parent), path.name
+    _quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname)

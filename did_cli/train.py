@@ -116,6 +116,10 @@ class TrainConfig:
     """Non-finite loss: 'stop' (error, the last good checkpoint stays) or 'skip' the step."""
     progress: bool = True
     """Progress on stderr (a bar on a terminal, plain lines otherwise)."""
+    compile: bool = False
+    """torch.compile the transformer blocks (the first step of each block size compiles; pays on CUDA)."""
+    time_limit: float | None = None
+    """Stop after this many seconds of training (evaluating and saving as at the last step)."""
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -276,6 +280,20 @@ class EMA:
         torch._foreach_lerp_(ema, src, 1.0 - d)
 
 
+# ---------------------------------------------------------------------------------- compile
+
+
+def compile_model(model) -> None:
+    """torch.compile the model's transformer blocks in place (`DiT.compile_blocks`): one graph
+    per block size, built at its first step. On a CPU inductor needs a C++ compiler and takes
+    a minute or more per graph, so it warns there."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        print(f"did: warning: --compile on {device.type}: the first step of each block size compiles for a "
+              "minute or more (it pays on CUDA)", file=sys.stderr)
+    model.compile_blocks()
+
+
 # ------------------------------------------------------------------------------------ the loss
 
 
@@ -297,8 +315,9 @@ def sharded_nelbo(model, x0: torch.Tensor, block_size: int, dcfg: DiffusionConfi
     _, masked, t_tok = corrupt(torch.zeros((b * world, n), dtype=x0.dtype, device=x0.device), t, block_size, mask_id, generator)
     masked, t_tok = masked[rank * b:(rank + 1) * b], t_tok[rank * b:(rank + 1) * b]
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    logits = model(xt, block_size, x0=x0, select=masked)
-    per_tok = masked_token_loss(logits, x0[masked], mask_id) / t_tok[masked]
+    idx = masked.reshape(-1).nonzero().squeeze(1)  # one host sync serves the gather and the targets
+    logits = model(xt, block_size, x0=x0, select=idx)
+    per_tok = masked_token_loss(logits, x0.reshape(-1)[idx], mask_id) / t_tok.reshape(-1)[idx]
     return per_tok.sum() / (b * (n - 1))
 
 
@@ -530,6 +549,9 @@ def train(cfg: TrainConfig) -> dict:
     clip_from_init: dict[int, tuple[float, float]] = {}
     if resume_ckpt is not None:
         saved = json.loads((run / "config.json").read_text())
+        sm = saved.get("model", {})  # data from another tokenizer / length: say so, not "--block-sizes differ"
+        data.check_compatible(tokenizer=sm.get("tokenizer", "gpt2"), vocab_size=sm.get("vocab_size", data.vocab_size),
+                              seq_len=sm.get("model_length"))
         _check_resume(cfg, saved, sizes, weights, world)
         model, _ = load_model(resume_ckpt)  # config; weights replaced by the raw ones below
         model = _with_dropout(model, cfg.dropout)
@@ -570,8 +592,13 @@ def train(cfg: TrainConfig) -> dict:
     # fused AdamW: one kernel over all tensors (also on CPU, where the update of the two
     # 50258-row embeddings is a large share of a small model's step)
     fused = device.type in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                  fused=fused or None)
+    try:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                      fused=fused or None)
+    except (RuntimeError, TypeError):  # a torch without the fused kernel for this device
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if cfg.compile:
+        compile_model(model)
     warm = cfg.warmup
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
     sampler = BlockSizeSampler(sizes, weights, cfg.seed)
@@ -696,8 +723,14 @@ def train(cfg: TrainConfig) -> dict:
     tok_rate = 0.0
     pool = ThreadPoolExecutor(max_workers=cfg.num_workers) if cfg.num_workers > 0 else None
 
+    debug_rows = os.environ.get("DID_DEBUG_ROWS")  # tests: which rows each rank reads
+
     def load_batch(step: int, micro: int) -> np.ndarray:
-        return np.asarray(train_rows[schedule.indices(step, micro, rank)], dtype=np.int64)
+        idx = schedule.indices(step, micro, rank)
+        if debug_rows:
+            with open(f"{debug_rows}.rank{rank}", "a") as f:
+                f.write(json.dumps({"step": step + 1, "micro": micro, "rows": idx.tolist()}) + "\n")
+        return np.asarray(train_rows[idx], dtype=np.int64)
 
     def batches_for(step: int):
         return [pool.submit(load_batch, step, m) if pool else None for m in range(cfg.grad_accum)]
@@ -709,6 +742,7 @@ def train(cfg: TrainConfig) -> dict:
             progress.note(f"step 0: val NELBO {last_eval['val_nelbo']:.4f}" + _clip_note(cfg, clip_ranges))
 
     step = start_step
+    t_start = time.perf_counter()
     pending = batches_for(step) if step < cfg.steps else None
     try:
         with _Interrupt() as intr:
@@ -730,13 +764,16 @@ def train(cfg: TrainConfig) -> dict:
                         accel.backward(loss)
                     loss_sum += loss.detach().double()
                 # one small all-reduce: loss, non-finite flag and Ctrl-C agree on every rank
+                out_of_time = bool(cfg.time_limit) and time.perf_counter() - t_start > cfg.time_limit
                 flags = torch.stack([loss_sum / cfg.grad_accum,
                                      (~torch.isfinite(loss_sum)).double(),
-                                     torch.tensor(float(intr.flag), device=device, dtype=torch.float64)])
+                                     torch.tensor(float(intr.flag), device=device, dtype=torch.float64),
+                                     torch.tensor(float(out_of_time), device=device, dtype=torch.float64)])
                 if world > 1:
                     flags = accel.reduce(flags, reduction="sum")
                     flags[0] /= world
                 step_loss, nonfinite, stop_now = float(flags[0]), bool(flags[1] > 0), bool(flags[2] > 0)
+                last_step = step + 1 == cfg.steps or bool(flags[3] > 0)
                 if not nonfinite and cfg.grad_clip > 0:
                     norm = accel.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     if accel.scaler is None and not torch.isfinite(torch.as_tensor(norm)).item():
@@ -759,7 +796,7 @@ def train(cfg: TrainConfig) -> dict:
                 step += 1
                 window_tokens += tokens_per_micro * cfg.grad_accum * world
 
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                if step % cfg.log_every == 0 or last_step:
                     dt = time.perf_counter() - window_t0
                     tok_rate = window_tokens / dt if dt > 0 else 0.0
                     last_loss = window_loss / window_n if window_n else float("nan")
@@ -772,7 +809,7 @@ def train(cfg: TrainConfig) -> dict:
                     progress.update(step, f"loss {step_loss:.4f} | {_fmt_rate(tok_rate)} tok/s | block {block}", False)
 
                 is_best = False
-                if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == cfg.steps:
+                if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or last_step:
                     last_eval = evaluate(step)
                     if "val_nelbo" in last_eval:
                         if best is None or last_eval["val_nelbo"] < best["val_nelbo"]:
@@ -784,10 +821,12 @@ def train(cfg: TrainConfig) -> dict:
                                       f"({_per_block(last_eval, sizes)})"
                                       + _clip_note(cfg, clip_ranges))
                     log(last_eval)
-                if is_best or (cfg.save_every > 0 and step % cfg.save_every == 0) or step == cfg.steps or stop_now:
+                if is_best or (cfg.save_every > 0 and step % cfg.save_every == 0) or last_step or stop_now:
                     last_ckpt = save(step, is_best) or last_ckpt
                 if stop_now:
                     interrupted = True
+                    break
+                if last_step:
                     break
     finally:
         progress.close()

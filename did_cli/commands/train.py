@@ -90,7 +90,12 @@ def _run(cfg_kw: dict[str, Any]) -> None:
     from did_cli.train import TrainConfig, train as run_train
 
     cfg = TrainConfig(**cfg_kw)
-    run_train(cfg)
+    try:
+        run_train(cfg)
+    except OSError as e:  # run folder not creatable, metrics not writable, full disk...
+        from did_cli.errors import DidError
+
+        raise DidError(f"cannot write {e.filename or cfg.out}: {e.strerror or e}") from None
 
 
 def train(
@@ -122,6 +127,8 @@ def train(
     model_length: Optional[int] = typer.Option(None, "--model-length", help=_h("model_length")),
     num_workers: int = typer.Option(0, "--num-workers", help=_h("num_workers")),
     on_nonfinite: str = typer.Option("stop", "--on-nonfinite", help=_h("on_nonfinite")),
+    compile: bool = typer.Option(False, "--compile", help=_h("compile")),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", min=0, help=_h("time_limit", "In seconds.")),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Train a block-diffusion model on prepared data over one or several block sizes."""
@@ -166,6 +173,8 @@ def finetune_mixscale(
     dropout: Optional[float] = typer.Option(None, "--dropout", help=_h("dropout")),
     num_workers: int = typer.Option(0, "--num-workers", help=_h("num_workers")),
     on_nonfinite: str = typer.Option("stop", "--on-nonfinite", help=_h("on_nonfinite")),
+    compile: bool = typer.Option(False, "--compile", help=_h("compile")),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", min=0, help=_h("time_limit", "In seconds.")),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Mix-scale fine-tune: block size --draft-block with weight 1-lambda, the global block L with lambda."""
