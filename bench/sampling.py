@@ -1,7 +1,15 @@
 """Sampling throughput: drafting (cached vs recomputed), a global refine stage, memory.
 
     python bench/sampling.py --preset tiny --length 128 --batch-sizes 1,8
-    python bench/sampling.py --model runs/x --device cuda --dtype bf16 --hbm-tbps 3.35
+    python bench/sampling.py --model runs/x --device cuda --dtype bf16
+
+Two tables. The first runs the library (`did_cli.sampling.draft` / `refine`). The second is
+first-hitting drafting through `did_cli.fast_draft` (no host sync per call): the eager cached
+step (`DiT.step`, the reference), the static-shape step run eagerly, and on CUDA its CUDA-graph
+replay (`GraphedStep`), with float32 weights under autocast and with a bf16 weight copy. Beside
+each: ms per model call, calls/s, generated tokens/s, peak memory per sample, KV-cache bytes, and
+on a GPU the weight-read limit per call (bytes of the multiplied weights / HBM bandwidth,
+detected from the device name; --hbm-tbps overrides).
 
 Prints figures side by side for one run; asserts nothing about time. Random-weight presets
 give the speed of the real code paths, not meaningful text.
@@ -19,7 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from devinfo import device_name, peak_bytes, peaks, reset_peak  # noqa: E402
+
 from did_cli.config import PRESETS, preset  # noqa: E402
+from did_cli.fast_draft import FastFirstHitting, weight_bytes  # noqa: E402
 from did_cli.model import DiT, load_model  # noqa: E402
 from did_cli.sampling import DraftConfig, RefineConfig, draft, refine, resolve_device  # noqa: E402
 from did_cli.tokenizer import load_tokenizer  # noqa: E402
@@ -55,6 +68,56 @@ def timed(fn, device):
     return out, time.perf_counter() - t, peak
 
 
+def fast_draft_figures(model: DiT, length: int, block: int, batches: list[int], dtype: str, device: torch.device,
+                       hbm_tbps: float | None = None, eager_length: int | None = None, variants: list[str] | None = None,
+                       log=print) -> list[dict]:
+    """First-hitting drafting through did_cli.fast_draft, one row per (variant, batch).
+
+    Peak memory per sample: (peak allocated during the timed run - the model's weights) / batch,
+    so it holds the KV cache, the CUDA-graph pool, activations and sampling buffers (and the
+    bf16 weight copy of 'graph-bf16w').
+    Variants: 'eager-step' (DiT.step, the reference), 'eager-static' (step_static, no graph),
+    'graph' (CUDA graph, float32 weights under autocast), 'graph-bf16w' (CUDA graph, bf16 weight
+    copy). The eager variants draft `eager_length` tokens (default: all): their cost per call
+    does not depend on the position, and a full sample takes long."""
+    if hbm_tbps is None:
+        hbm_tbps = peaks(device)[1]
+    if variants is None:
+        variants = ["eager-step", "eager-static"]
+        if device.type == "cuda":
+            variants += ["graph"] + (["graph-bf16w"] if dtype != "fp32" else [])
+    wb = {v: weight_bytes(model, "bf16" if v == "graph-bf16w" else "fp32") for v in variants}
+    log(f"{'fast first-hitting':<18}{'batch':>6}{'tokens':>7}{'tok/s':>10}{'calls/s':>9}{'ms/call':>9}"
+        f"{'limit ms':>9}{'MiB/smp':>9}{'KV MiB':>8}")
+    rows = []
+    for v in variants:
+        for b in batches:
+            L = length if v.startswith("graph") or not eager_length else min(length, eager_length)
+            L -= L % block
+            reset_peak(device)
+            base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # the model's weights
+            fh = FastFirstHitting(model, b, L, block, dtype=dtype, reference=v == "eager-step",
+                                  use_graph=v.startswith("graph"), low_precision_weights=v == "graph-bf16w")
+            fh.run(torch.Generator(device=device).manual_seed(0))  # warm-up: kernels, allocator, tables
+            g = torch.Generator(device=device).manual_seed(1)
+            out, secs, _ = timed(lambda: fh.run(g), device)
+            pk = peak_bytes(device)
+            limit = wb[v] / (hbm_tbps * 1e12) * 1e3 if hbm_tbps and device.type == "cuda" else None
+            row = {"variant": v, "batch": b, "length": L, "seconds": secs, "calls": out.calls,
+                   "tokens_per_s": b * (L - 1) / secs, "calls_per_s": out.calls / secs, "ms_per_call": secs / out.calls * 1e3,
+                   "weight_read_ms": limit, "weight_bytes": wb[v], "peak_mib_per_sample": (pk - base) / b / 2**20 if pk is not None else None,
+                   "kv_cache_bytes": fh.cache.nbytes(), "graphed": fh.graphed}
+            rows.append(row)
+            log(f"{v:<18}{b:>6}{L:>7}{row['tokens_per_s']:>10.1f}{row['calls_per_s']:>9.1f}{row['ms_per_call']:>9.3f}"
+                f"{_fmt(limit, 3):>9}{_fmt(row['peak_mib_per_sample'], 1):>9}{fh.cache.nbytes() / 2**20:>8.1f}")
+            del fh, out
+    return rows
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
@@ -70,7 +133,10 @@ def main() -> None:
     ap.add_argument("--samplers", default="first-hitting,parallel")
     ap.add_argument("--ratio", type=float, default=0.25, help="re-mask ratio of the global refine stage")
     ap.add_argument("--no-uncached", action="store_true", help="skip the (slow) recomputation runs")
-    ap.add_argument("--hbm-tbps", type=float, default=3.35, help="GPU memory bandwidth for the weight-read limit (H100 3.35, H200 4.8)")
+    ap.add_argument("--hbm-tbps", type=float, default=None,
+                    help="GPU memory bandwidth (TB/s) for the weight-read limit (default: by device name; H100 3.35, H200 4.8)")
+    ap.add_argument("--no-fast", action="store_true", help="skip the did_cli.fast_draft table")
+    ap.add_argument("--eager-length", type=int, default=None, help="tokens drafted by the eager fast-draft variants (default: all)")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -78,14 +144,15 @@ def main() -> None:
     tok = load_tokenizer(getattr(model.config, "tokenizer", "gpt2"))
     L = args.length or model.config.model_length
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    weight_bytes = sum(p.numel() * (2 if args.dtype == "bf16" else p.element_size()) for p in model.parameters())
+    wbytes = weight_bytes(model, args.dtype)  # the multiplied weights (the input embedding is gathered)
     kv = model.new_cache(1, L, dtype=torch.bfloat16 if args.dtype == "bf16" else None).nbytes()
     name = args.model or f"preset {args.preset} (random weights)"
     print(f"# {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, L={L}, block {args.block_size}, "
           f"{device.type}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, {args.dtype}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"# KV cache per sample: {kv / 2**20:.2f} MiB; weights {weight_bytes / 2**20:.1f} MiB")
-    limit_ms = weight_bytes / (args.hbm_tbps * 1e12) * 1e3 if device.type == "cuda" else None
+    print(f"# KV cache per sample: {kv / 2**20:.2f} MiB; multiplied weights {wbytes / 2**20:.1f} MiB")
+    hbm = args.hbm_tbps or peaks(device)[1]
+    limit_ms = wbytes / (hbm * 1e12) * 1e3 if device.type == "cuda" and hbm else None
 
     # warm-up: kernels, allocator, rotary tables
     list(draft(model, DraftConfig(n=1, length=2 * args.block_size, block_size=args.block_size, dtype=args.dtype), tokenizer=tok, progress=False))
@@ -121,6 +188,9 @@ def main() -> None:
             if limit_ms is not None:
                 line += f"{limit_ms:>15.3f}"
             print(line, flush=True)
+    if not args.no_fast and "first-hitting" in args.samplers.split(","):
+        print()
+        fast_draft_figures(model, L, args.block_size, batches, args.dtype, device, args.hbm_tbps, args.eager_length)
     if device.type == "cpu":
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"# CPU: peak RSS of the whole process {rss:.0f} MiB (no per-run peak on CPU)")

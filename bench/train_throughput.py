@@ -1,12 +1,15 @@
-"""Training throughput: one full optimiser step (forward, backward, AdamW) of the DiT.
+"""Training throughput: one full optimiser step (forward, backward, clip, AdamW) of the DiT.
 
     python bench/train_throughput.py --preset tiny --seq-len 128 --batch-size 8
     python bench/train_throughput.py --preset small --seq-len 1024 --batch-size 16 --device cuda --dtype bf16
 
-Prints tokens/s (data tokens: batch x L per step), ms/step, peak memory, the useful FLOPs per
-sequence and, on CUDA, MFU against --peak-tflops. Also in the same run: block --block-size vs the
-global block L (the 1L pass), and on CUDA the flex back-end vs dense-mask SDPA. Figures only:
-nothing here passes or fails on time.
+In ONE run, side by side: block --block-size (the 2L `[x_t ; x_0]` pass) vs the global block L
+(the 1L pass); on CUDA the flex back-end vs dense-mask SDPA; eager vs torch.compile'd blocks
+(--compile, default on CUDA only: inductor on a CPU compiles for minutes); a step that
+alternates block sizes B and L after warm-up vs the fixed sizes, with the dynamo graph count
+and mask-cache misses during the alternation (both should not move). Prints tokens/s (data
+tokens: batch x L per step), ms/step, peak memory and MFU against the device's dense bf16 peak
+(detected by name; --peak-tflops overrides). Figures only: nothing passes or fails on time.
 
 Useful FLOPs per sequence and step (the issue's count): 6 x (transformer matmul weights) x 2L for
 the [x_t ; x_0] pass (x L for the 1L pass at block L) + 6 x V x D x L for the output layer over the
@@ -16,19 +19,25 @@ L noisy tokens. About 1.28 TFLOP for `small` at L = 1024.
 from __future__ import annotations
 
 import argparse
-import resource
+import copy
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from devinfo import device_name, peak_bytes, peaks, process_max_rss_bytes, reset_peak, sync  # noqa: E402
 
 from did_cli import attention  # noqa: E402
 from did_cli.config import DiffusionConfig, preset  # noqa: E402
 from did_cli.diffusion import nelbo  # noqa: E402
 from did_cli.model import DiT  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def useful_flops(cfg, length: int, block: int) -> float:
@@ -38,21 +47,22 @@ def useful_flops(cfg, length: int, block: int) -> float:
     return 6.0 * cfg.n_blocks * per_layer * tokens + 6.0 * cfg.vocab_size * d * length
 
 
-def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (max allocated)"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return f"{rss / 2**20:.2f} GiB (process max RSS)"
+def make_optimizer(model) -> torch.optim.Optimizer:
+    try:  # fused: one kernel over all tensors (CUDA and CPU in torch >= 2.4)
+        return torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(model.parameters(), lr=3e-4)
 
 
-def run(model, opt, x0, block: int, steps: int, warmup: int, dtype, device) -> float:
-    """Median seconds per optimiser step."""
+def time_steps(model, opt, x0, blocks: list[int], steps: int, warmup: int, dtype, device) -> float:
+    """Median seconds per optimiser step; step i uses blocks[i % len(blocks)] (warm-up covers all)."""
     dcfg = DiffusionConfig()
     g = torch.Generator(device=device).manual_seed(0)
     times = []
+    warmup = max(warmup, len(blocks))
     for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        block = blocks[i % len(blocks)]
+        sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = nelbo(model, x0, block, dcfg, model.config.mask_id, g)
@@ -60,11 +70,128 @@ def run(model, opt, x0, block: int, steps: int, warmup: int, dtype, device) -> f
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times) if times else float("nan")
+
+
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _mask_misses() -> int:
+    return attention.flex_mask.cache_info().misses + attention.dense_mask.cache_info().misses
+
+
+def train_figures(preset_name: str = "tiny", seq_len: int = 128, batch: int = 8, block: int = 4, steps: int = 10,
+                  warmup: int = 3, device: str | torch.device = "cpu", dtype: str = "fp32",
+                  peak_tflops: float | None = None, compile: bool | None = None, backends: list[str] | None = None,
+                  log=print) -> dict:
+    """Run every training measurement; returns {"rows": [...], "ratios": {...}, ...} and logs lines."""
+    device = torch.device(device)
+    amp = DTYPES[dtype]
+    if compile is None:
+        compile = device.type == "cuda"
+    if peak_tflops is None:
+        peak_tflops = peaks(device)[0]
+    cfg = preset(preset_name, model_length=seq_len, dropout=0.0)
+    torch.manual_seed(0)
+    model = DiT(cfg).to(device).train()
+    opt = make_optimizer(model)
+    x0 = torch.randint(0, cfg.mask_id, (batch, seq_len), device=device)
+    x0[:, 0] = cfg.bos_id
+    L, B = seq_len, min(block, seq_len)
+    tokens = batch * L
+    params = sum(p.numel() for p in model.parameters())
+    info = {"preset": preset_name, "params": params, "seq_len": L, "batch": batch, "block": B, "dtype": dtype,
+            "device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "peak_tflops": peak_tflops, "useful_tflop_per_seq": {str(B): useful_flops(cfg, L, B) / 1e12,
+                                                                  str(L): useful_flops(cfg, L, L) / 1e12}}
+    log(f"preset {preset_name}: {params / 1e6:.1f}M params, L={L}, batch {batch}, {dtype} on {info['device']} "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads); useful {info['useful_tflop_per_seq'][str(B)]:.3f} "
+        f"TFLOP/seq at block {B}, {info['useful_tflop_per_seq'][str(L)]:.3f} at block L")
+    rows: list[dict] = []
+
+    def record(name: str, backend: str, blocks: list[int], compiled: bool, s: float, extra: dict | None = None) -> dict:
+        flops = statistics.fmean(useful_flops(cfg, L, b) for b in blocks) * batch
+        pk = peak_bytes(device)
+        row = {"name": name, "backend": backend, "blocks": blocks, "compiled": compiled, "ms_per_step": s * 1e3,
+               "tokens_per_s": tokens / s, "mfu": flops / s / (peak_tflops * 1e12) if peak_tflops else None,
+               "peak_gib": pk / 2**30 if pk is not None else None, **(extra or {})}
+        rows.append(row)
+        line = (f"{name:<28} {tokens / s:10.0f} tokens/s {s * 1e3:9.1f} ms/step")
+        if row["mfu"] is not None:
+            line += f"  MFU {row['mfu'] * 100:5.1f}%"
+        if row["peak_gib"] is not None:
+            line += f"  peak {row['peak_gib']:.2f} GiB"
+        for k, v in (extra or {}).items():
+            line += f"  {k} {v}"
+        log(line)
+        return row
+
+    def measure(m, o, name, backend, blocks, compiled):
+        attention.set_backend(backend)
+        try:
+            reset_peak(device)
+            if len(blocks) > 1:
+                # warm every size first, then count graphs and mask builds over the timed alternation
+                time_steps(m, o, x0, blocks, 0, len(blocks), amp, device)
+                g0, m0 = _graph_count(), _mask_misses()
+                s = time_steps(m, o, x0, blocks, steps, 0, amp, device)
+                return record(name, backend, blocks, compiled, s,
+                              {"new_graphs": _graph_count() - g0, "mask_builds": _mask_misses() - m0})
+            return record(name, backend, blocks, compiled, time_steps(m, o, x0, blocks, steps, warmup, amp, device))
+        finally:
+            attention.set_backend("auto")
+
+    backends = backends or (["flex", "sdpa"] if device.type == "cuda" else ["auto"])
+    first = backends[0]
+    res: dict = {}
+    for backend in backends:
+        res[(backend, B, False)] = measure(model, opt, f"[{backend}] block {B}", backend, [B], False)
+    if B != L:
+        res[(first, L, False)] = measure(model, opt, f"[{first}] block L (1L pass)", first, [L], False)
+        res[(first, "alt", False)] = measure(model, opt, f"[{first}] alternate {B}/L", first, [B, L], False)
+    if compile:
+        t0 = time.perf_counter()
+        cmodel = copy.deepcopy(model).compile_blocks()
+        copt = make_optimizer(cmodel)
+        g_before = _graph_count()
+        res[(first, B, True)] = measure(cmodel, copt, f"[{first}+compile] block {B}", first, [B], True)
+        if B != L:
+            res[(first, L, True)] = measure(cmodel, copt, f"[{first}+compile] block L", first, [L], True)
+            res[(first, "alt", True)] = measure(cmodel, copt, f"[{first}+compile] alternate {B}/L", first, [B, L], True)
+        info["compile_graphs"] = _graph_count() - g_before
+        info["compile_wall_s"] = time.perf_counter() - t0
+        del cmodel, copt
+
+    ratios = {}
+
+    def ratio(key: str, a, b, what: str) -> None:
+        if a in res and b in res:
+            r = res[a]["ms_per_step"] / res[b]["ms_per_step"]
+            ratios[key] = r
+            log(f"ratio {what}: {r:.2f}x the time")
+
+    ratio("block_B_over_L", (first, B, False), (first, L, False), f"block {B} / block L ({first}, eager)")
+    if "sdpa" in backends and "flex" in backends:
+        ratio("flex_over_sdpa", ("flex", B, False), ("sdpa", B, False), f"flex / dense-mask SDPA at block {B}")
+    ratio("compiled_over_eager", (first, B, True), (first, B, False), f"compiled / eager at block {B}")
+    ratio("compiled_over_eager_L", (first, L, True), (first, L, False), "compiled / eager at block L")
+    # alternation costs nothing extra when a step at B/L alternately takes the mean of the two
+    for c in (False, True):
+        if (first, "alt", c) in res and (first, B, c) in res and (first, L, c) in res:
+            mean = (res[(first, B, c)]["ms_per_step"] + res[(first, L, c)]["ms_per_step"]) / 2
+            r = res[(first, "alt", c)]["ms_per_step"] / mean
+            ratios[f"alternate_over_fixed{'_compiled' if c else ''}"] = r
+            log(f"ratio alternating {B}/L / mean of fixed {B} and L ({'compiled' if c else 'eager'}): {r:.2f}x")
+    if device.type == "cpu":
+        info["process_max_rss_gib"] = process_max_rss_bytes() / 2**30
+        log(f"peak memory: {info['process_max_rss_gib']:.2f} GiB (process max RSS; no per-run peak on CPU)")
+    return {"info": info, "rows": rows, "ratios": ratios}
 
 
 def main() -> None:
@@ -76,43 +203,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="Device peak for MFU (H100 SXM dense bf16: 989).")
+    ap.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=list(DTYPES))
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="Device dense bf16 peak for MFU (default: by device name; H100 SXM / H200: 989).")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on CUDA only")
+    ap.add_argument("--backends", default=None, help="comma-separated: flex,sdpa (default: both on CUDA)")
     args = ap.parse_args()
-
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    cfg = preset(args.preset, model_length=args.seq_len, dropout=0.0)
-    torch.manual_seed(0)
-    model = DiT(cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type in ("cuda", "cpu"))
-    x0 = torch.randint(0, cfg.mask_id, (args.batch_size, args.seq_len), device=device)
-    x0[:, 0] = cfg.bos_id
-    L, B = args.seq_len, args.block_size
-    tokens = args.batch_size * L
-    print(f"preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, L={L}, "
-          f"batch {args.batch_size}, {args.dtype} on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
-
-    results = {}
-    backends = ["auto"] if device.type != "cuda" else ["flex", "sdpa"]
-    for backend in backends:
-        attention.set_backend(backend)
-        for block in dict.fromkeys([B, L]):
-            s = run(model, opt, x0, block, args.steps, args.warmup, dtype, device)
-            results[(backend, block)] = s
-            flops = useful_flops(cfg, L, block) * args.batch_size
-            line = (f"[{backend:4s}] block {block:5d}: {tokens / s:10.0f} tokens/s  {s * 1e3:9.1f} ms/step  "
-                    f"useful {useful_flops(cfg, L, block) / 1e12:.3f} TFLOP/seq")
-            if device.type == "cuda":
-                line += f"  MFU {flops / s / (args.peak_tflops * 1e12) * 100:5.1f}%"
-            print(line)
-    attention.set_backend("auto")
-    print(f"peak memory: {peak_memory(device)}")
-    first = backends[0]
-    if B != L:
-        print(f"ratio block {B} / block L ({first}): {results[(first, B)] / results[(first, L)]:.2f}x the time of the 1L pass")
-    if device.type == "cuda":
-        print(f"ratio flex / dense-mask SDPA at block {B}: {results[('flex', B)] / results[('sdpa', B)]:.2f}x the time")
+    train_figures(args.preset, args.seq_len, args.batch_size, args.block_size, args.steps, args.warmup, args.device,
+                  args.dtype, args.peak_tflops, {"auto": None, "on": True, "off": False}[args.compile],
+                  args.backends.split(",") if args.backends else None)
 
 
 if __name__ == "__main__":

@@ -144,17 +144,30 @@ def _use_flex(device: torch.device) -> bool:
     return _BACKEND == "auto" and device.type == "cuda"
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec | None) -> torch.Tensor:
-    """Scaled dot-product attention of [B, H, S, D] tensors under `spec` (None = unmasked)."""
+def mask_for(spec: MaskSpec | None, device: torch.device) -> "BlockMask | torch.Tensor | None":
+    """The cached mask object `attend` uses for `spec` on `device` under the current back-end:
+    a BlockMask (flex), a dense boolean tensor (SDPA), or None (unmasked). Looked up outside a
+    compiled region and passed in, so torch.compile never traces the cache or the mask build."""
+    if spec is None or spec.kind is None:
+        return None
+    if _use_flex(device):
+        return flex_mask(spec.kind, spec.block_size, spec.n, device)
+    return dense_mask(spec.kind, spec.block_size, spec.n, device)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec | None,
+           mask: "BlockMask | torch.Tensor | None" = None) -> torch.Tensor:
+    """Scaled dot-product attention of [B, H, S, D] tensors under `spec` (None = unmasked).
+    `mask`: the object `mask_for(spec, q.device)` returns (looked up here when not given)."""
     if spec is None or spec.kind is None:
         if HAS_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             # flash-attn wants [B, S, H, D]
             out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             return out.transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v)
-    if _use_flex(q.device):
-        bm = flex_mask(spec.kind, spec.block_size, spec.n, q.device)
+    if mask is None:
+        mask = mask_for(spec, q.device)
+    if HAS_FLEX and isinstance(mask, BlockMask):
         fn = _compiled_flex() if q.is_cuda else flex_attention
-        return fn(q, k, v, block_mask=bm)
-    mask = dense_mask(spec.kind, spec.block_size, spec.n, q.device)
+        return fn(q, k, v, block_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

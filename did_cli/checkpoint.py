@@ -91,10 +91,17 @@ def save_checkpoint(run_dir: str | Path, step: int, write_files: Callable[[Path]
     tmp = root / f".tmp-{name}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    write_files(tmp)
-    write_manifest(tmp)
-    _fsync_tree(tmp)
+    try:
+        tmp.mkdir()
+        write_files(tmp)
+        write_manifest(tmp)
+        _fsync_tree(tmp)
+    except Exception as e:  # OSError or safetensors' own error type (e.g. a full disk)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError) and type(e).__name__ != "SafetensorError":
+            raise
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DidError(f"cannot write checkpoint {root / name}: {e.strerror if isinstance(e, OSError) and e.strerror else msg}") from None
     final = root / name
     if final.exists():
         # same step saved twice (e.g. a best checkpoint at the last step): move the old one aside

@@ -118,8 +118,10 @@ def _collect(sources: list[str] | None) -> list[_Source]:
             if not files:
                 raise UsageError(f"source folder {s} holds no .txt/.jsonl/.json/.parquet files")
             out += [_read_file(f, str(f)) for f in files]
-        elif p.exists():
+        elif p.is_file():
             out.append(_read_file(p, s))
+        elif p.exists():  # a FIFO or device would block or never end
+            raise UsageError(f"source {s} is not a regular file or folder")
         elif _file_kind(p) or s.startswith((".", "/", "~")) or s.count("/") >= 2:
             raise UsageError(f"source {s} does not exist")
         else:
@@ -302,14 +304,16 @@ def _pack(doc_ids: list[np.ndarray], seq_len: int, bos: int, eos: int, dtype: np
 
 def _write_atomic(path: Path, data: bytes | np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        if isinstance(data, np.ndarray):
-            data.tofile(f)
-        else:
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            # f.write (not ndarray.tofile) so a full disk reports its errno
+            f.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DidError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _dtype_for(vocab_size: int) -> np.dtype:
@@ -407,7 +411,10 @@ def prepare(
         "val_fraction": val_fraction,
         "content_hash": content_hash,
     }
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DidError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
     (out / "meta.json").unlink(missing_ok=True)  # the folder is incomplete until meta.json is back
     for name in SPLITS:
         _write_atomic(out / f"{name}.bin", rows[name])

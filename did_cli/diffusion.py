@@ -91,14 +91,16 @@ def nelbo(
     t = sample_t(b, n // block_size, cfg, x0.device, generator)
     xt, masked, t_tok = corrupt(x0, t, block_size, mask_id, generator)
     n_tokens = b * (n - 1)
-    if not masked.any():
+    # one nonzero (one host sync) serves the model's gather, the targets and the count
+    idx = masked.reshape(-1).nonzero().squeeze(1)
+    if idx.numel() == 0:
         # nothing masked: the bound is 0 for this batch; keep the graph connected for DDP
         zero = sum(p.sum() for p in model.parameters()) * 0.0
         return LossOut(zero, zero.detach(), n_tokens, 0)
-    logits = model(xt, block_size, x0=x0, select=masked)
-    per_tok = masked_token_loss(logits, x0[masked], mask_id) / t_tok[masked]
+    logits = model(xt, block_size, x0=x0, select=idx)
+    per_tok = masked_token_loss(logits, x0.reshape(-1)[idx], mask_id) / t_tok.reshape(-1)[idx]
     total = per_tok.sum()
-    return LossOut(total / n_tokens, total.detach(), n_tokens, int(masked.sum()))
+    return LossOut(total / n_tokens, total.detach(), n_tokens, idx.numel())
 
 
 def nelbo_loop_reference(

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from did_cli.attention import MaskSpec, attend, mask_spec
+from did_cli.attention import MaskSpec, attend, mask_for, mask_spec
 from did_cli.config import ModelConfig
 from did_cli.errors import DidError
 
@@ -210,16 +210,31 @@ class DiT(nn.Module):
 
     def _backbone(self, x: torch.Tensor, spec: MaskSpec | None, halves: int) -> torch.Tensor:
         """Run all blocks on token ids x [B, S]; `halves` = 2 for `[x_t ; x_0]` (each half 0..n-1)."""
-        h = self.vocab_embed(x)
         n = x.shape[1] // halves
         cos, sin = self.rotary_emb.cos_sin(0, n, x.device)
         if halves == 2:
             cos, sin = cos.repeat(2, 1), sin.repeat(2, 1)
+        # cached tables and masks are looked up here, outside the region torch.compile may wrap
+        return self._blocks(x, cos, sin, spec, mask_for(spec, x.device))
+
+    def _blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: MaskSpec | None, mask: Any) -> torch.Tensor:
+        """Embedding and all transformer blocks: the region `compile_blocks` compiles."""
+        h = self.vocab_embed(x)
         for blk, mod in zip(self.blocks, self._modulations()):
             q, k, v = blk.qkv(h, mod[0], mod[1])
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            h = blk.finish(h, attend(q, k, v, spec), mod)
+            h = blk.finish(h, attend(q, k, v, spec, mask), mod)
         return h
+
+    def compile_blocks(self, **kwargs: Any) -> "DiT":
+        """Wrap the embedding and transformer blocks with torch.compile (in place; returns self).
+
+        Static shapes (one graph per sequence shape and block size, built once and then reused:
+        switching block sizes after warm-up recompiles nothing). The boolean `select` gather and
+        the output layer stay outside: the gather has a data-dependent size."""
+        kwargs.setdefault("dynamic", False)
+        self._blocks = torch.compile(self._blocks, **kwargs)  # instance attribute shadows the method
+        return self
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Output layer on hidden states [..., D] -> raw logits [..., V] ([MASK] not suppressed)."""
@@ -241,7 +256,8 @@ class DiT(nn.Module):
           `block_size` (None or >= S: full bidirectional attention).
         - `select` [B, L] bool: return logits only at those positions, [N, V] in row-major order;
           the output layer is the costliest matrix of a small model, so the loss asks only for
-          its masked positions.
+          its masked positions. A LongTensor of flat indices into [B * L] (sorted) selects the
+          same rows without a second host sync.
         Training goes through here (not the helpers) so DDP/FSDP wrappers see every parameter use.
         """
         n = x.shape[1]
@@ -251,7 +267,8 @@ class DiT(nn.Module):
             spec = None if block_size is None or block_size >= n else mask_spec("causal", block_size, n)
             h = self._backbone(x, spec, 1)
         if select is not None:
-            h = h[select]
+            # flat indices into [B * L] (the caller's one nonzero, reused for its targets) or a mask
+            h = h.reshape(-1, h.shape[-1]).index_select(0, select) if select.dtype == torch.long else h[select]
         return self.logits(h)
 
     def new_cache(self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None) -> KVCache:

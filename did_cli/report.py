@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,6 @@ def plot_ppl_pairs(results: dict, path: Path) -> Path | None:
     a1.set_xlabel("draft gen PPL")
     a1.set_ylabel("refined gen PPL")
     a1.set_title(f"Per sample ({sum(b < a for a, b in pairs)} of {len(pairs)} improved)")
-    import math
-
     bins = [math.exp(v) for v in _linspace(math.log(lo), math.log(hi), 30)]
     a2.hist(xs, bins=bins, alpha=0.5, label=f"draft (mean {results['draft']['mean_ppl']:.1f})")
     a2.hist(ys, bins=bins, alpha=0.5, label=f"refined (mean {results['refined']['mean_ppl']:.1f})")
@@ -100,11 +99,15 @@ def plot_confidence(drafts: list[dict], refined: list[dict], path: Path) -> Path
                 continue
             (remasked if i in pos else kept).append(c)
     fig, ax = plt.subplots(figsize=(7, 4))
-    bins = _linspace(0.0, 1.0, 41)
-    ax.hist(kept, bins=bins, alpha=0.6, label=f"kept ({len(kept)})", density=True)
-    ax.hist(remasked, bins=bins, alpha=0.6, label=f"re-masked ({len(remasked)})", density=True)
+    # log-spaced bins: an undertrained model's confidences span several orders of magnitude
+    lo = max(1e-6, min(remasked + kept + [1.0]))
+    bins = [10 ** v for v in _linspace(math.log10(lo), 0.0, 41)]
+    ax.set_xscale("log")
+    for vals, name in ((kept, "kept"), (remasked, "re-masked")):
+        if vals:
+            ax.hist(vals, bins=bins, alpha=0.6, label=f"{name} ({len(vals)} tokens)", weights=[1.0 / len(vals)] * len(vals))
     ax.set_xlabel("snapshot confidence at commit time")
-    ax.set_ylabel("density")
+    ax.set_ylabel("share of tokens")
     ax.set_title("Which draft tokens the global refine stage regenerates")
     ax.legend()
     fig.tight_layout()

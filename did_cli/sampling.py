@@ -57,7 +57,7 @@ class DraftConfig:
     """Settings of `did draft` (block diffusion, left to right from BOS)."""
 
     n: int = 16
-    """Number of samples to write."""
+    """Number of samples to write (per prompt when `prompts` is given)."""
     length: int | None = None
     """Tokens per sample including BOS; None = the model's length L."""
     block_size: int = 4
@@ -88,10 +88,23 @@ class DraftConfig:
     """'fp32', or 'bf16'/'fp16' autocast for the model calls (sampling stays float64)."""
     allow_longer: bool = False
     """Allow `length` above the model's trained length (rotary extrapolation)."""
+    prompts: list[str | list[int]] | None = None
+    """Prompts, each text (encoded with the model's tokenizer) or token ids without BOS. Every
+    prompt gets `n` samples: sample i continues prompt i // n, after BOS + the prompt's tokens."""
+    prompt_ids: list[str] | None = None
+    """Names of the prompts, written as each record's `prompt_id` (default p0, p1, ...)."""
+    suffix: str | list[int] | None = None
+    """Fixed last tokens of every sample (infilling): text or token ids."""
 
     def check(self, model_length: int) -> int:
         """Validate against the model; returns the effective length."""
         _check_sampler(self.sampler, self.tokens_per_step, self.threshold, self.top_p)
+        if self.prompts is not None and not self.prompts:
+            raise ConfigError("--prompt: the list of prompts is empty")
+        if self.prompt_ids is not None and len(self.prompt_ids) != len(self.prompts or []):
+            raise ConfigError(f"{len(self.prompt_ids)} prompt ids for {len(self.prompts or [])} prompts")
+        if self.var_length and self.suffix is not None:
+            raise ConfigError("--var-length and --suffix exclude each other (an early end would drop the suffix)")
         for name, v in (("-n", self.n), ("--batch-size", self.batch_size)):
             if v < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {v})")
@@ -193,6 +206,99 @@ def parse_stages(text: str, flag: str = "--stages") -> list[tuple[int | None, fl
     if not stages:
         raise ConfigError(f"{flag}: empty list")
     return stages
+
+
+def read_prompts(source: str | Any) -> tuple[list[str], list[str]]:
+    """Read a prompts file (JSONL, `-` = stdin, or an open text stream): one object per line,
+    `{"id": "q1", "prompt": "text"}`; `id` is optional (default p<k>, k counting prompts from 0).
+    Blank lines are skipped. Returns (ids, prompts); a bad line raises DidError naming it."""
+    import json
+
+    if isinstance(source, str):
+        name = "stdin" if source == "-" else source
+        if source == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            try:
+                with open(source, encoding="utf-8") as fh:
+                    lines = fh.read().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise DidError(f"--prompts {source}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    else:
+        name, lines = getattr(source, "name", "<stream>"), source.read().splitlines()
+    ids: list[str] = []
+    texts: list[str] = []
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        at = f"line {no} of {name}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DidError(f"{at}: not JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DidError(f'{at}: expected an object {{"id": ..., "prompt": ...}}, got {type(obj).__name__}')
+        extra = sorted(set(obj) - {"id", "prompt"})
+        if extra:
+            raise DidError(f"{at}: unknown key {extra[0]!r} (a line holds 'id' and 'prompt')")
+        if not isinstance(obj.get("prompt"), str):
+            raise DidError(f"{at}: 'prompt' must be a string" if "prompt" in obj else f"{at}: missing 'prompt'")
+        if not obj["prompt"]:
+            raise DidError(f"{at}: empty prompt")
+        pid = obj.get("id", f"p{len(texts)}")
+        if not isinstance(pid, str) or not pid:
+            raise DidError(f"{at}: 'id' must be a non-empty string")
+        if pid in ids:
+            raise DidError(f"{at}: duplicate id {pid!r}")
+        ids.append(pid)
+        texts.append(obj["prompt"])
+    if not texts:
+        raise DidError(f"no prompts in {name}")
+    return ids, texts
+
+
+@dataclass
+class Prompt:
+    """One resolved prompt: the fixed tokens after BOS and at the end of its samples."""
+
+    id: str
+    tokens: list[int]
+    suffix: list[int]
+
+
+def _encode(item: Any, tok: Any, what: str) -> list[int]:
+    if isinstance(item, str):
+        return tok.encode(item) if item else []
+    if isinstance(item, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+        return [int(t) for t in item]
+    raise ConfigError(f"{what}: expected text or a list of token ids, got {type(item).__name__}")
+
+
+def resolve_prompts(cfg: DraftConfig, tokenizer: Any, length: int) -> list[Prompt]:
+    """Encode `cfg.prompts` / `cfg.suffix` and check that they fit `length` with at least one
+    position left to generate. No prompts gives one empty prompt (BOS only). Raises ConfigError
+    with a one-line message; needs no weights, so the CLI runs it before loading the model."""
+    suffix = [] if cfg.suffix is None else _encode(cfg.suffix, tokenizer, "--suffix")
+    if cfg.suffix is not None and not suffix:
+        raise ConfigError("--suffix is empty (it encodes to no tokens)")
+    items = [[]] if cfg.prompts is None else list(cfg.prompts)
+    ids = list(cfg.prompt_ids) if cfg.prompt_ids is not None else [f"p{k}" for k in range(len(items))]
+    vocab = getattr(tokenizer, "vocab_size", None)
+    bad = {getattr(tokenizer, "mask_id", None)} - {None}
+    out = []
+    for pid, item in zip(ids, items):
+        toks = _encode(item, tokenizer, f"prompt {pid!r}")
+        if cfg.prompts is not None and not toks:
+            raise ConfigError(f"prompt {pid!r} is empty (it encodes to no tokens)")
+        for t in toks + suffix:
+            if (vocab is not None and not 0 <= t < vocab) or t in bad:
+                raise ConfigError(f"prompt {pid!r}: token id {t} is not a text token of the model's vocabulary")
+        used = 1 + len(toks) + len(suffix)
+        if used >= length:
+            parts = f"BOS + {len(toks)} prompt tokens" + (f" + {len(suffix)} suffix tokens" if suffix else "")
+            raise ConfigError(f"prompt {pid!r}: {parts} = {used} leave no position to generate in --length {length}")
+        out.append(Prompt(pid, toks, suffix))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +540,9 @@ def draft(
     progress: bool = True,
     model_path: str | None = None,
 ) -> Iterator[dict]:
-    """Draft `cfg.n` samples; yields records in sample order as their batches finish.
+    """Draft `cfg.n` samples (per prompt); yields records in sample order as their batches
+    finish. With prompts, sample i continues prompt i // n (so a prompt's samples are
+    consecutive) and draws from the generator of (seed, i), whatever prompt it belongs to.
 
     NFEs per sample count every model call its batch made while it was in it: with the cache,
     first-hitting makes one call per generated token plus one commit pass per finished block
@@ -443,34 +551,43 @@ def draft(
     length = cfg.check(mc.model_length)
     device = _place(model, cfg.device)
     tok = _tokenizer_for(model, tokenizer)
+    prompts = resolve_prompts(cfg, tok, length)
     sp = _Sampling(cfg.sampler, cfg.tokens_per_step, cfg.threshold, cfg.top_p, mc.mask_id)
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("n", "device", "allow_longer")}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("n", "device", "allow_longer", "prompts", "prompt_ids", "suffix")}
     settings["length"] = length
     info = _model_info(model, tok, model_path)
+    total = cfg.n * len(prompts)
 
     gens: dict[int, torch.Generator] = {}
     rejections: dict[int, int] = {}
-    queue: deque[int] = deque(range(cfg.n))
+    queue: deque[int] = deque(range(total))
     done: dict[int, dict] = {}
     next_out = 0
-    bar = _Progress(progress, cfg.n, "draft")
+    bar = _Progress(progress, total, "draft")
     try:
         while queue:
             idxs = [queue.popleft() for _ in range(min(cfg.batch_size, len(queue)))]
             for i in idxs:
                 if i not in gens:
                     gens[i] = make_generator(mix_seed(cfg.seed, i), device)
-            results = _draft_batch(model, cfg, sp, length, idxs, [gens[i] for i in idxs], device, bar)
+            rows = [prompts[i // cfg.n] for i in idxs]
+            results = _draft_batch(model, cfg, sp, length, rows, [gens[i] for i in idxs], device, bar)
             retry = []
-            for i, (tokens, conf, nfe, secs) in zip(idxs, results):
+            for i, pr, (tokens, conf, nfe, secs) in zip(idxs, rows, results):
+                lo, hi = 1 + len(pr.tokens), len(tokens) - len(pr.suffix)
                 if cfg.min_entropy is not None and rejections.get(i, 0) < cfg.max_retries:
-                    if unigram_entropy(tokens[1:][-ENTROPY_WINDOW:]) < cfg.min_entropy:
+                    if unigram_entropy(tokens[lo:hi][-ENTROPY_WINDOW:]) < cfg.min_entropy:
                         rejections[i] = rejections.get(i, 0) + 1
                         retry.append(i)
                         continue
                 extra = {"entropy_rejections": rejections.get(i, 0)} if cfg.min_entropy is not None else {}
-                done[i] = _record(tok, f"draft-{cfg.seed}-{i}", tokens, conf, model=info, draft=settings,
-                                  nfe=nfe, seconds=round(secs, 4), **extra)
+                if cfg.prompts is not None:
+                    extra["prompt_id"] = pr.id
+                if pr.suffix:
+                    extra["suffix_len"] = len(pr.suffix)
+                done[i] = _record(tok, f"draft-{cfg.seed}-{i}", tokens, conf, prompt_len=lo, model=info,
+                                  draft=settings, nfe=nfe, seconds=round(secs, 4), **extra)
                 bar.advance(1)
             queue.extendleft(reversed(retry))  # redraw them next, keeping output order
             while next_out in done:
@@ -480,22 +597,39 @@ def draft(
         bar.close()
 
 
-def _record(tok: Any, rid: str, tokens: list[int], conf: list[float], **extra: Any) -> dict:
+def _record(tok: Any, rid: str, tokens: list[int], conf: list[float], prompt_len: int = 1, **extra: Any) -> dict:
     from did_cli.records import make_record
 
-    return make_record(tokens, conf, id=rid, tokenizer=tok, **extra)
+    return make_record(tokens, conf, id=rid, tokenizer=tok, prompt_len=prompt_len, **extra)
 
 
 @torch.inference_mode()
-def _draft_batch(model, cfg: DraftConfig, sp: _Sampling, L: int, idxs: list[int], gens: list[torch.Generator],
+def _draft_batch(model, cfg: DraftConfig, sp: _Sampling, L: int, prompts: list[Prompt], gens: list[torch.Generator],
                  device: torch.device, bar: _Progress) -> list[tuple[list[int], list[float], int, float]]:
-    """Draft one batch; returns per sample (tokens, confidences, NFEs, seconds)."""
+    """Draft one batch (row r continues prompts[r]); returns per sample (tokens, confidences,
+    NFEs, seconds).
+
+    Prompt and suffix tokens are written into x before the first call and are never masked, so
+    `_fill` leaves them alone and a block only waits for its own masks: a prompt ending
+    mid-block fixes that block's first positions. Under block-causal attention a block sees the
+    blocks before it and itself, so suffix tokens steer only the block(s) that hold them."""
     mc = model.config
     B = cfg.block_size
-    b = len(idxs)
+    b = len(prompts)
     t0 = time.perf_counter()
     x = torch.full((b, L), mc.mask_id, dtype=torch.long, device=device)
     x[:, 0] = mc.bos_id
+    spans = []  # per row, the generated positions [lo, hi)
+    for r, pr in enumerate(prompts):
+        lo, hi = 1 + len(pr.tokens), L - len(pr.suffix)
+        if pr.tokens:
+            x[r, 1:lo] = torch.tensor(pr.tokens, dtype=torch.long, device=device)
+        if pr.suffix:
+            x[r, hi:] = torch.tensor(pr.suffix, dtype=torch.long, device=device)
+        spans.append((lo, hi))
+    is_gen = torch.zeros((b, L), dtype=torch.bool, device=device)
+    for r, (lo, hi) in enumerate(spans):
+        is_gen[r, lo:hi] = True
     conf = torch.full((b, L), math.nan, dtype=torch.float64, device=device)
     cache = None
     if cfg.use_cache:
@@ -517,13 +651,12 @@ def _draft_batch(model, cfg: DraftConfig, sp: _Sampling, L: int, idxs: list[int]
                     full = torch.zeros((x.shape[0], e), dtype=torch.bool, device=device)
                     full[:, s:e] = sel
                     return model(x[:, :e], B, select=full)
-            n_mask = B - 1 if s == 0 else B  # the first block holds BOS
-            nfe += _fill(x, conf, s, e, [n_mask] * len(rows), logits_fn, gens, sp)
+            # masks of each row in this block: its generated positions (BOS, prompt, suffix are fixed)
+            counts = [max(0, min(e, spans[r][1]) - max(s, spans[r][0])) for r in rows]
+            nfe += _fill(x, conf, s, e, counts, logits_fn, gens, sp)
             last = j == n_blocks - 1
             if cfg.var_length and not last:
-                gen = x[:, s:e] == mc.eos_id
-                if s == 0:
-                    gen[:, 0] = False
+                gen = (x[:, s:e] == mc.eos_id) & is_gen[:, s:e]  # an EOS in a prompt does not end it
                 hit = gen.any(dim=1).tolist()  # one host sync per block
                 if any(hit):
                     firsts = gen.int().argmax(dim=1).tolist()
@@ -536,7 +669,7 @@ def _draft_batch(model, cfg: DraftConfig, sp: _Sampling, L: int, idxs: list[int]
                     if not keep:
                         break
                     kt = torch.tensor(keep, device=device)
-                    x, conf = x[kt], conf[kt]
+                    x, conf, is_gen = x[kt], conf[kt], is_gen[kt]
                     if cache is not None:
                         cache.select(kt)
                     rows = [rows[r] for r in keep]
@@ -550,8 +683,9 @@ def _draft_batch(model, cfg: DraftConfig, sp: _Sampling, L: int, idxs: list[int]
             xs, cs = x.tolist(), conf.tolist()
             for r in range(len(rows)):
                 end = L
-                if cfg.var_length and mc.eos_id in xs[r][1:]:  # an EOS in the last block
-                    end = xs[r].index(mc.eos_id, 1) + 1
+                lo = spans[rows[r]][0]
+                if cfg.var_length and mc.eos_id in xs[r][lo:]:  # an EOS in the last block
+                    end = xs[r].index(mc.eos_id, lo) + 1
                 out[rows[r]] = (xs[r][:end], cs[r][:end], nfe, secs)
     return out
 
@@ -783,6 +917,9 @@ __all__ = [
     "refine",
     "parse_stages",
     "check_record",
+    "resolve_prompts",
+    "read_prompts",
+    "Prompt",
     "nucleus",
     "token_probs",
     "gumbel_argmax",

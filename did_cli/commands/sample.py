@@ -64,28 +64,37 @@ def draft(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, or bf16/fp16 autocast for the model calls."),
     allow_longer: bool = typer.Option(False, "--allow-longer", help="Allow --length above the model's trained length."),
     output: str = typer.Option("-", "-o", "--output", help="Output JSONL file ('-' = stdout)."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Prompt text (repeatable); -n samples per prompt continue it after BOS."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help='JSONL file of {"id", "prompt"} lines (\'-\' = stdin); -n samples per prompt.'),
+    suffix: Optional[str] = typer.Option(None, "--suffix", help="Fixed last tokens of every sample (infilling)."),
 ) -> None:
     """Draft samples with block diffusion; records (with snapshot confidence) as JSONL."""
     from did_cli import sampling
+    from did_cli.errors import UsageError
     from did_cli.model import read_config
 
+    if prompt is not None and prompts is not None:
+        raise UsageError("--prompt and --prompts exclude each other")
     cfg = sampling.DraftConfig(
         n=n, length=length, block_size=block_size, sampler=sampler, tokens_per_step=tokens_per_step,
         threshold=threshold, top_p=top_p, batch_size=batch_size, seed=seed, var_length=var_length,
         min_entropy=min_entropy, max_retries=max_retries, use_cache=not no_cache, device=device,
-        dtype=dtype, allow_longer=allow_longer,
+        dtype=dtype, allow_longer=allow_longer, prompts=list(prompt) if prompt else None, suffix=suffix,
     )
     path = _checkpoint(model)
     mcfg = read_config(path)
-    cfg.check(mcfg.model_length)
+    length = cfg.check(mcfg.model_length)
     dev = sampling.resolve_device(device)
     _check_output(output)
+    if prompts is not None:
+        cfg.prompt_ids, cfg.prompts = sampling.read_prompts(prompts)
 
     from did_cli.model import load_model
     from did_cli.records import RecordWriter
     from did_cli.tokenizer import load_tokenizer
 
     tok = load_tokenizer(mcfg.tokenizer)
+    sampling.resolve_prompts(cfg, tok, length)  # a prompt that does not fit fails before the weights load
     net, _ = load_model(path, device=dev)
     err = _console()
     with RecordWriter(output) as w:
