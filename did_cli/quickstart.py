@@ -92,6 +92,11 @@ def check_scorer_available(spec: str | None) -> None:
     from did_cli.data import _hub_unreachable
     from did_cli.scorer import GGUF_INSTALL, default_gguf_path
 
+    if spec is None and default_gguf_path() is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("gguf") is None:
+            raise DidError("the on-disk SmolLM2 scorer needs the gguf package: pip install gguf (or pip install 'did-cli[scorer]')")
     if spec:
         p = Path(spec).expanduser()
         if (p.suffix.lower() == ".gguf" or p.is_absolute() or spec.startswith(".")) and not p.exists():

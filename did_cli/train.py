@@ -62,7 +62,7 @@ class TrainConfig:
     out: str = ""
     """Run folder: config.json, metrics.jsonl, checkpoints/."""
     preset: str = "tiny"
-    """Model preset when training from scratch: tiny, small, medium."""
+    """Model preset when training from scratch: tiny, quick, small, medium."""
     block_sizes: list[BlockSize] = field(default_factory=lambda: [4, "L"])
     """Block sizes to train on; 'L' (or 'length') is the full sequence length."""
     block_weights: list[float] | None = field(default_factory=lambda: [0.9, 0.1])
