@@ -77,6 +77,7 @@ def test_flat_index_select_equals_boolean_select():
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_run_gpu_dry_run(tmp_path):
     """The one-command GPU benchmark runs end to end on the tiny preset (so it cannot rot)."""
     out = tmp_path / "figures.json"
