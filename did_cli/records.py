@@ -213,7 +213,8 @@ class RecordWriter:
             raise DidError(f"cannot write {self.dest}: it is a directory")
         parent = self.dest.parent
         if not parent.is_dir():
-            raise DidError(f"cannot write {self.dest}: directory {parent} does not exist")
+            why = "is not a folder" if parent.exists() else "does not exist"
+            raise DidError(f"cannot write {self.dest}: {parent} {why}")
         self.partial = self.dest.with_name(self.dest.name + ".partial")
         try:
             self._fh = open(self.partial, "wb", buffering=0)

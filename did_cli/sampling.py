@@ -6,6 +6,11 @@
 
 Both are generators of `did.sample/1` records (records.py), yielded as batches finish.
 
+Prompts and suffixes (`DraftConfig.prompts` / `.suffix`) are fixed tokens written into the
+sequence before drafting: BOS + prompt at the start, the suffix at the end. They are never
+masked, so drafting fills only the positions between them, and refinement re-masks only those
+(its ratio counts them alone: records carry `prompt_len` / `suffix_len`).
+
 How one model call turns into committed tokens (`_fill`):
 - logits -> float64, [MASK] logit -> -inf, softmax, nucleus top-p (BD3-LM's convention: keep the
   tokens whose cumulative probability *including themselves* is <= p, the top token always),

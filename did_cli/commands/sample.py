@@ -36,7 +36,8 @@ def _check_output(output: str) -> None:
     if p.is_dir():
         raise DidError(f"cannot write {p}: it is a directory")
     if not p.parent.is_dir():
-        raise DidError(f"cannot write {p}: directory {p.parent} does not exist")
+        why = "is not a folder" if p.parent.exists() else "does not exist"
+        raise DidError(f"cannot write {p}: {p.parent} {why}")
 
 
 def _console():
