@@ -289,3 +289,21 @@ def test_cli_malformed_line_in_a_subprocess(ckpt):
     assert r.returncode == 1 and r.stdout == ""
     err = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(err) == 1 and "line 1" in err[0] and "Traceback" not in r.stderr
+
+
+def test_model_may_name_a_run_folder_or_its_best_checkpoint(model, tmp_path):
+    from did_cli import checkpoint as ck
+
+    run_dir = tmp_path / "run"
+    for step in (1, 2):
+        path = ck.save_checkpoint(run_dir, step, lambda folder: save_model(model, folder))
+        if step == 1:
+            ck.write_best(run_dir, path, {"step": 1})
+    for spec in (run_dir, run_dir / "best", run_dir / "latest"):
+        r = _cli(["draft", "--model", str(spec), "-n", "1", "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        rec = json.loads(r.stdout.splitlines()[-1])
+        want = "step-00000001" if spec.name == "best" else "step-00000002"
+        assert rec["model"]["path"].endswith(want), (spec, rec["model"]["path"])
+    r = _cli(["draft", "--model", str(tmp_path / "nowhere" / "best"), "-n", "1"])
+    assert r.exit_code == 1 and "no such folder" in r.output

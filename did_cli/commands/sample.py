@@ -18,14 +18,13 @@ MODEL_HELP = "Checkpoint folder, or a run folder (its latest complete checkpoint
 
 
 def _checkpoint(path: str) -> Path:
-    try:
-        from did_cli.checkpoint import resolve_checkpoint
-    except ImportError:  # pragma: no cover - training module absent
-        resolve_checkpoint = None
+    from did_cli.checkpoint import resolve_checkpoint
+
     p = Path(path)
-    if not p.exists():
+    # RUN/best and RUN/latest name checkpoints of run RUN without existing as folders
+    if not p.exists() and not (p.name in ("best", "latest") and p.parent.is_dir()):
         raise DidError(f"--model {path}: no such folder")
-    return resolve_checkpoint(p) if resolve_checkpoint is not None else p
+    return resolve_checkpoint(p)
 
 
 def _check_output(output: str) -> None:
