@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import math
+import contextlib
+import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -214,8 +216,10 @@ def _load_gguf(path: Path, device: Any, display: str | None = None) -> Scorer:
     folder, fname = str(path.parent), path.name
     _quiet_transformers()
     try:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname)
+        # the GGUF conversion draws a per-tensor progress bar on stderr that no setting turns off
+        with contextlib.redirect_stderr(io.StringIO()):
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname)
     except ImportError as e:
         if "gguf" in str(e).lower():
             raise DidError("reading GGUF needs the gguf package: pip install gguf") from None
