@@ -159,7 +159,6 @@ def run(cfg: QuickstartConfig) -> dict:
     from did_cli.checkpoint import resolve_checkpoint
     from did_cli.data import PreparedData, prepare
     from did_cli.model import load_model
-    from did_cli.records import RecordWriter
     from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
     from did_cli.tokenizer import load_tokenizer
     from did_cli.train import TrainConfig, train
@@ -212,33 +211,21 @@ def run(cfg: QuickstartConfig) -> dict:
     t = time.perf_counter()
     _say(f"[3/5] drafting {cfg.samples} samples of {cfg.seq_len} tokens (block {cfg.draft_block}, first-hitting)")
     dcfg = DraftConfig(n=cfg.samples, length=cfg.seq_len, block_size=cfg.draft_block, batch_size=32, seed=cfg.seed)
-    with RecordWriter(out / "draft.jsonl") as w:
-        drafts = []
-        for rec in draft(model, dcfg, tokenizer=tok, model_path=str(ckpt)):
-            w.write(rec)
-            drafts.append(rec)
+    drafts = _save(out / "draft.jsonl", draft(model, dcfg, tokenizer=tok, model_path=str(ckpt)))
     stage("draft", t)
 
     # a control for entropy: refinement tends to lower entropy, and lower entropy alone lowers
     # gen PPL, so drafts at a lower nucleus mass give the draft's PPL-entropy trade-off
     t = time.perf_counter()
     ccfg = dataclasses.replace(dcfg, top_p=cfg.control_top_p)
-    with RecordWriter(out / f"draft_top_p{cfg.control_top_p}.jsonl") as w:
-        control = []
-        for rec in draft(model, ccfg, tokenizer=tok, model_path=str(ckpt)):
-            w.write(rec)
-            control.append(rec)
+    control = _save(out / f"draft_top_p{cfg.control_top_p}.jsonl", draft(model, ccfg, tokenizer=tok, model_path=str(ckpt)))
     stage("control draft", t)
 
     # 4. refine
     t = time.perf_counter()
     _say(f"[4/5] global refinement of the {cfg.ratio:.0%} least confident tokens")
     rcfg = RefineConfig(stages=[(None, cfg.ratio)], confidence="snapshot", batch_size=32, seed=cfg.seed)
-    with RecordWriter(out / "refined.jsonl") as w:
-        refined = []
-        for rec in refine(model, drafts, rcfg, tokenizer=tok, model_path=str(ckpt)):
-            w.write(rec)
-            refined.append(rec)
+    refined = _save(out / "refined.jsonl", refine(model, drafts, rcfg, tokenizer=tok, model_path=str(ckpt)))
     stage("refine", t)
 
     # 5. score
@@ -286,6 +273,18 @@ def run(cfg: QuickstartConfig) -> dict:
     _say(f"draft gen PPL {d['mean_ppl']:.2f} (entropy {d['mean_entropy']:.3f}) -> refined {r['mean_ppl']:.2f} "
          f"(entropy {r['mean_entropy']:.3f}); report: {out / 'report.md'}")
     return results
+
+
+def _save(path: Path, records: Any) -> list[dict]:
+    """Write records to `path` as they come (a crash keeps the finished ones) and return them."""
+    from did_cli.records import RecordWriter
+
+    kept = []
+    with RecordWriter(path) as w:
+        for rec in records:
+            w.write(rec)
+            kept.append(rec)
+    return kept
 
 
 def _finite(obj: Any) -> Any:
