@@ -17,6 +17,7 @@ from did_cli.train import TrainConfig, train
 from test_train import corpus_slice
 
 L = 32
+pytestmark = pytest.mark.slow  # trains a model in its fixture
 
 
 @pytest.fixture(scope="module")
