@@ -45,6 +45,7 @@ import torch
 
 from did_cli.config import ConfigError
 from did_cli.errors import DidError
+from did_cli.prompts import Prompt, read_prompts, resolve_prompts  # noqa: F401 (re-exported)
 
 SAMPLERS = ("first-hitting", "parallel")
 CONFIDENCES = ("snapshot", "posthoc", "random")
@@ -211,99 +212,6 @@ def parse_stages(text: str, flag: str = "--stages") -> list[tuple[int | None, fl
     if not stages:
         raise ConfigError(f"{flag}: empty list")
     return stages
-
-
-def read_prompts(source: str | Any) -> tuple[list[str], list[str]]:
-    """Read a prompts file (JSONL, `-` = stdin, or an open text stream): one object per line,
-    `{"id": "q1", "prompt": "text"}`; `id` is optional (default p<k>, k counting prompts from 0).
-    Blank lines are skipped. Returns (ids, prompts); a bad line raises DidError naming it."""
-    import json
-
-    if isinstance(source, str):
-        name = "stdin" if source == "-" else source
-        if source == "-":
-            lines = sys.stdin.read().splitlines()
-        else:
-            try:
-                with open(source, encoding="utf-8") as fh:
-                    lines = fh.read().splitlines()
-            except (OSError, UnicodeDecodeError) as e:
-                raise DidError(f"--prompts {source}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    else:
-        name, lines = getattr(source, "name", "<stream>"), source.read().splitlines()
-    ids: list[str] = []
-    texts: list[str] = []
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        at = f"line {no} of {name}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DidError(f"{at}: not JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DidError(f'{at}: expected an object {{"id": ..., "prompt": ...}}, got {type(obj).__name__}')
-        extra = sorted(set(obj) - {"id", "prompt"})
-        if extra:
-            raise DidError(f"{at}: unknown key {extra[0]!r} (a line holds 'id' and 'prompt')")
-        if not isinstance(obj.get("prompt"), str):
-            raise DidError(f"{at}: 'prompt' must be a string" if "prompt" in obj else f"{at}: missing 'prompt'")
-        if not obj["prompt"]:
-            raise DidError(f"{at}: empty prompt")
-        pid = obj.get("id", f"p{len(texts)}")
-        if not isinstance(pid, str) or not pid:
-            raise DidError(f"{at}: 'id' must be a non-empty string")
-        if pid in ids:
-            raise DidError(f"{at}: duplicate id {pid!r}")
-        ids.append(pid)
-        texts.append(obj["prompt"])
-    if not texts:
-        raise DidError(f"no prompts in {name}")
-    return ids, texts
-
-
-@dataclass
-class Prompt:
-    """One resolved prompt: the fixed tokens after BOS and at the end of its samples."""
-
-    id: str
-    tokens: list[int]
-    suffix: list[int]
-
-
-def _encode(item: Any, tok: Any, what: str) -> list[int]:
-    if isinstance(item, str):
-        return tok.encode(item) if item else []
-    if isinstance(item, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
-        return [int(t) for t in item]
-    raise ConfigError(f"{what}: expected text or a list of token ids, got {type(item).__name__}")
-
-
-def resolve_prompts(cfg: DraftConfig, tokenizer: Any, length: int) -> list[Prompt]:
-    """Encode `cfg.prompts` / `cfg.suffix` and check that they fit `length` with at least one
-    position left to generate. No prompts gives one empty prompt (BOS only). Raises ConfigError
-    with a one-line message; needs no weights, so the CLI runs it before loading the model."""
-    suffix = [] if cfg.suffix is None else _encode(cfg.suffix, tokenizer, "--suffix")
-    if cfg.suffix is not None and not suffix:
-        raise ConfigError("--suffix is empty (it encodes to no tokens)")
-    items = [[]] if cfg.prompts is None else list(cfg.prompts)
-    ids = list(cfg.prompt_ids) if cfg.prompt_ids is not None else [f"p{k}" for k in range(len(items))]
-    vocab = getattr(tokenizer, "vocab_size", None)
-    bad = {getattr(tokenizer, "mask_id", None)} - {None}
-    out = []
-    for pid, item in zip(ids, items):
-        toks = _encode(item, tokenizer, f"prompt {pid!r}")
-        if cfg.prompts is not None and not toks:
-            raise ConfigError(f"prompt {pid!r} is empty (it encodes to no tokens)")
-        for t in toks + suffix:
-            if (vocab is not None and not 0 <= t < vocab) or t in bad:
-                raise ConfigError(f"prompt {pid!r}: token id {t} is not a text token of the model's vocabulary")
-        used = 1 + len(toks) + len(suffix)
-        if used >= length:
-            parts = f"BOS + {len(toks)} prompt tokens" + (f" + {len(suffix)} suffix tokens" if suffix else "")
-            raise ConfigError(f"prompt {pid!r}: {parts} = {used} leave no position to generate in --length {length}")
-        out.append(Prompt(pid, toks, suffix))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
