@@ -81,22 +81,28 @@ def nelbo(
     cfg: DiffusionConfig,
     mask_id: int,
     generator: torch.Generator | None = None,
+    world: int = 1,
+    rank: int = 0,
 ) -> LossOut:
     """The vectorised block-diffusion NELBO of clean rows x0 [B, L] (position 0 = BOS).
 
     One forward of `model` (the DiT, or a DDP/FSDP wrapper of it) over `[x_t ; x_0]`, logits
-    computed only at masked positions of the noisy half."""
+    computed only at masked positions of the noisy half. The model is called even when nothing
+    is masked (the loss is then an exact zero), so DDP/FSDP always see every parameter use.
+
+    With `world` > 1, x0 is process `rank`'s slice of a global batch of world x B rows: t and
+    the masking noise are drawn for the whole global batch from an identically seeded
+    `generator` and sliced, so each row gets the same noise whatever the process count and N
+    processes with batch B train like one process with batch N x B."""
     b, n = x0.shape
     block_size = min(block_size, n)
-    t = sample_t(b, n // block_size, cfg, x0.device, generator)
-    xt, masked, t_tok = corrupt(x0, t, block_size, mask_id, generator)
+    t = sample_t(b * world, n // block_size, cfg, x0.device, generator)
+    _, masked, t_tok = corrupt(torch.zeros((b * world, n), dtype=x0.dtype, device=x0.device), t, block_size, mask_id, generator)
+    masked, t_tok = masked[rank * b:(rank + 1) * b], t_tok[rank * b:(rank + 1) * b]
+    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     n_tokens = b * (n - 1)
     # one nonzero (one host sync) serves the model's gather, the targets and the count
     idx = masked.reshape(-1).nonzero().squeeze(1)
-    if idx.numel() == 0:
-        # nothing masked: the bound is 0 for this batch; keep the graph connected for DDP
-        zero = sum(p.sum() for p in model.parameters()) * 0.0
-        return LossOut(zero, zero.detach(), n_tokens, 0)
     logits = model(xt, block_size, x0=x0, select=idx)
     per_tok = masked_token_loss(logits, x0.reshape(-1)[idx], mask_id) / t_tok.reshape(-1)[idx]
     total = per_tok.sum()

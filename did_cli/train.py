@@ -209,26 +209,10 @@ def compile_model(model) -> None:
 
 def sharded_nelbo(model, x0: torch.Tensor, block_size: int, dcfg: DiffusionConfig, mask_id: int,
                   generator: torch.Generator, world: int = 1, rank: int = 0) -> torch.Tensor:
-    """The training NELBO of this process's rows x0 [b, L], with the noise of the GLOBAL batch.
+    """The training loss of this process's rows: diffusion.nelbo with the global batch's noise."""
+    from did_cli.diffusion import nelbo
 
-    Every process seeds `generator` identically and draws t and the masking noise for all
-    world x b rows, then keeps its own slice. So each row gets the same noise whatever the process
-    count, the antithetic strata span the global batch, and N processes with batch b train like
-    one process with batch N x b. With world = 1 this draws exactly what diffusion.nelbo draws.
-    The model is always called through its forward (DDP/FSDP see every parameter use), even
-    when no token of the slice is masked (the loss is then an exact zero)."""
-    from did_cli.diffusion import corrupt, masked_token_loss, sample_t
-
-    b, n = x0.shape
-    block_size = min(block_size, n)
-    t = sample_t(b * world, n // block_size, dcfg, x0.device, generator)
-    _, masked, t_tok = corrupt(torch.zeros((b * world, n), dtype=x0.dtype, device=x0.device), t, block_size, mask_id, generator)
-    masked, t_tok = masked[rank * b:(rank + 1) * b], t_tok[rank * b:(rank + 1) * b]
-    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    idx = masked.reshape(-1).nonzero().squeeze(1)  # one host sync serves the gather and the targets
-    logits = model(xt, block_size, x0=x0, select=idx)
-    per_tok = masked_token_loss(logits, x0.reshape(-1)[idx], mask_id) / t_tok.reshape(-1)[idx]
-    return per_tok.sum() / (b * (n - 1))
+    return nelbo(model, x0, block_size, dcfg, mask_id, generator, world=world, rank=rank).loss
 
 
 # -------------------------------------------------------------------------------- evaluation
