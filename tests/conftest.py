@@ -39,6 +39,14 @@ def tiny_model(length: int = 64, seed: int = 0, std: float = 0.05, **overrides):
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def tok():
+    """The bundled GPT-2 tokenizer (loaded once per test session)."""
+    from did_cli.tokenizer import load_tokenizer
+
+    return load_tokenizer("gpt2")
+
+
 @pytest.fixture
 def tiny():
     return tiny_model()

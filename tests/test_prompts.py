@@ -20,7 +20,6 @@ from did_cli.config import ConfigError
 from did_cli.model import save_model
 from did_cli.records import validate
 from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
-from did_cli.tokenizer import load_tokenizer
 
 from conftest import tiny_model
 
@@ -32,11 +31,6 @@ SUFFIX = [13, 383, 886, 13, 198]  # 5 tokens at [27, 32): block 24..27 holds 3 g
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(length=L, seed=1, std=0.08)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("gpt2")
 
 
 # top-p 1 skips the float64 nucleus sort over the 50258-token vocabulary: the costliest part on

@@ -21,7 +21,6 @@ from did_cli.errors import DidError
 from did_cli.model import save_model
 from did_cli.records import validate
 from did_cli.sampling import DraftConfig, RefineConfig, draft, parse_stages, refine
-from did_cli.tokenizer import load_tokenizer
 
 from conftest import tiny_model
 
@@ -32,11 +31,6 @@ N_GEN = L - 1
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(length=L, seed=2, std=0.08)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("gpt2")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import torch
 from did_cli.config import ConfigError
 from did_cli.records import validate
 from did_cli.sampling import DraftConfig, draft, gumbel_argmax, nucleus, token_probs, unigram_entropy
-from did_cli.tokenizer import load_tokenizer
 
 from conftest import tiny_model
 
@@ -20,11 +19,6 @@ L = 32
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(length=L, seed=1, std=0.08)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("gpt2")
 
 
 def run(model, tok, **kw):
