@@ -41,8 +41,10 @@ class QuickstartConfig:
     """Drafting block size."""
     global_weight: float = 0.1
     """Mix-scale weight of the global block L during training (lambda)."""
-    ratio: float = 0.25
-    """Share of generated tokens re-masked by the global refine stage."""
+    ratio: float = 0.1
+    """Share of generated tokens re-masked by the global refine stage. Below the paper's 0.25
+    because a model this small replaces what it re-masks with commoner tokens: at 0.25 the
+    samples' entropy falls by ~7%, at 0.1 by ~3% (docs/results.md)."""
     control_top_p: float = 0.8
     """Nucleus mass of a second, lower-entropy set of drafts: the entropy control."""
     batch_size: int = 16
@@ -259,6 +261,8 @@ def run(cfg: QuickstartConfig) -> dict:
         # or the drafts' own PPL-entropy line, read at the refined entropy, is worse
         "refinement_helps": bool(rel_ppl is not None and rel_ppl < 0 and rel_ent is not None
                                  and (abs(rel_ent) <= 0.03 or (matched is not None and r["mean_ppl"] < matched))),
+        # the stricter test: better than drafts sampled more conservatively to the same entropy
+        "refinement_beats_entropy_control": None if matched is None else bool(r["mean_ppl"] < matched),
         "per_sample": {"draft": res["draft"]["samples"], "refined": res["refined"]["samples"]},
         "training": {k: v for k, v in trained.items() if isinstance(v, (int, float, str, list, dict)) or v is None},
         "checkpoint": str(ckpt),

@@ -286,6 +286,21 @@ def init_clip_ranges(raw_config: dict, clip: tuple[float, float] | None) -> dict
     return {}
 
 
+def init_data_start(folder: Path, data_meta: dict, seed: int) -> list[int] | None:
+    """Where the --init run stopped reading, when it trained on these very rows with this seed
+    (our checkpoints only): a fine-tune that started over would first re-read rows the model
+    has already fitted, which at small scale makes validation worse, not better."""
+    path = folder / ck.STATE_DIR / "state.json"
+    if not path.exists():
+        return None
+    try:
+        st = json.loads(path.read_text())
+        same = st.get("data_hash") is not None and st["data_hash"] == data_meta.get("content_hash") and st.get("seed") == seed
+        return [int(st["epoch"]), int(st["position"])] if same else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _with_dropout(model, dropout: float | None):
     if dropout is None:
         return model
@@ -428,7 +443,8 @@ def train(cfg: TrainConfig) -> dict:
         model, info = load_model(folder)
         model = _with_dropout(model, cfg.dropout)
         clip_from_init = init_clip_ranges(info["raw_config"], info.get("clip"))
-        init_info = {"init": str(folder), "init_clip": list(info["clip"]) if "clip" in info else None}
+        init_info = {"init": str(folder), "init_clip": list(info["clip"]) if "clip" in info else None,
+                     "data_start": init_data_start(folder, data.meta, cfg.seed)}
     else:
         mc = preset(cfg.preset, model_length=length, vocab_size=data.vocab_size, dropout=cfg.dropout,
                     tokenizer=data.meta["tokenizer"], mask_id=data.meta.get("mask_id", data.vocab_size - 1),
@@ -491,6 +507,8 @@ def train(cfg: TrainConfig) -> dict:
         best = state.get("best")
         init_info = state.get("init_info", {})
 
+    if init_info.get("data_start"):
+        schedule.start_at(*init_info["data_start"])
     model, optimizer = accel.prepare(model, optimizer)
 
     # ---- run folder
@@ -520,6 +538,9 @@ def train(cfg: TrainConfig) -> dict:
                        for i in range(0, len(val_idx), half)]
 
     progress = _Progress(cfg.progress and main, cfg.steps, start_step, "finetune" if cfg.init else "train")
+    if init_info.get("data_start") and start_step == 0:
+        e, r = init_info["data_start"]
+        progress.note(f"same data and seed as the --init run: reading on from epoch {e}, row {r} of its order")
 
     def evaluate(step: int) -> dict:
         ev: dict[str, Any] = {"event": "eval", "step": step, "time": time.time()}
@@ -552,7 +573,7 @@ def train(cfg: TrainConfig) -> dict:
             epoch, pos = schedule.position(step)
             state = {
                 "step": step, "epoch": epoch, "position": pos, "rows_per_step": schedule.rows_per_step,
-                "world_size": world, "seed": cfg.seed, "ema_updates": ema.num_updates,
+                "world_size": world, "seed": cfg.seed, "data_hash": data.meta.get("content_hash"), "ema_updates": ema.num_updates,
                 "block_sampler": sampler.state_dict(), "block_sizes": sizes, "block_weights": weights,
                 "clip_ranges": {str(b): list(r) for b, r in clip_ranges.items()}, "clip_mode": _clip_mode(cfg.clip),
                 "best": best, "init_info": init_info,

@@ -60,10 +60,18 @@ class RowSchedule:
                            f"({batch} x {accum} accumulation x {world} processes); use a smaller --batch-size")
         self.steps_per_epoch = n_rows // self.rows_per_step
         self._perm: tuple[int, np.ndarray] | None = None
+        self._first = 0  # step 0 reads the stream from this step slot on
+
+    def start_at(self, epoch: int, position: int) -> None:
+        """Begin where another run (same rows, same seed) stopped: at `epoch`, after `position`
+        rows of it, rounded up to a whole step (so a fine-tune reads no row twice before the
+        epoch ends, whatever its batch size)."""
+        self._first = epoch * self.steps_per_epoch + -(-position // self.rows_per_step)
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, rows consumed within it) before optimisation step `step` (0-based)."""
-        return step // self.steps_per_epoch, (step % self.steps_per_epoch) * self.rows_per_step
+        k = self._first + step
+        return k // self.steps_per_epoch, (k % self.steps_per_epoch) * self.rows_per_step
 
     def perm(self, epoch: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != epoch:

@@ -317,6 +317,15 @@ def test_quickstart_script_smallest(tmp_path, tiny_scorer):
     for key in ("draft_mean_gen_ppl", "refined_mean_gen_ppl", "draft_mean_entropy", "refined_mean_entropy", "scorer"):
         assert key in r, key
     assert r["scorer"] and r["config"]["samples"] == 4
+    # the entropy control: drafts at a lower nucleus, and the verdict read at matched entropy
+    assert r["control_draft"]["top_p"] == 0.8 and r["control_draft"]["n"] == 4
+    matched = r["draft_mean_gen_ppl_at_refined_entropy"]
+    assert isinstance(r["refinement_helps"], bool)
+    if matched is None:
+        assert r["refinement_beats_entropy_control"] is None
+    else:
+        assert r["refinement_beats_entropy_control"] == (r["refined_mean_gen_ppl"] < matched)
+        assert "Entropy control:" in (out / "report.md").read_text()
     for png in ("training_curve.png", "gen_ppl_draft_vs_refined.png", "confidence_remasked_vs_kept.png"):
         assert (out / png).stat().st_size > 0, png
     for f in ("draft.jsonl", "refined.jsonl"):

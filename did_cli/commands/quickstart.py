@@ -7,19 +7,23 @@ from typing import Optional
 
 import typer
 
+from did_cli.quickstart import QuickstartConfig
+
+_D = QuickstartConfig()  # the one source of the defaults
+
 
 def quickstart(
-    out: Path = typer.Option(Path("quickstart"), "--out", help="Report folder (data, run and samples go inside)."),
-    minutes: float = typer.Option(15.0, "--minutes", help="Wall-time budget; training gets what the other stages leave."),
-    samples: int = typer.Option(128, "--samples", help="Samples drafted, refined and scored."),
-    seq_len: int = typer.Option(128, "--seq-len", help="Sequence length L (also the global refine block)."),
-    preset: str = typer.Option("quick", "--preset", help="Model preset: tiny, quick, small, medium."),
-    ratio: float = typer.Option(0.25, "--ratio", help="Share of generated tokens re-masked by the global refine stage."),
+    out: Path = typer.Option(Path(_D.out), "--out", help="Report folder (data, run and samples go inside)."),
+    minutes: float = typer.Option(_D.minutes, "--minutes", help="Wall-time budget; training gets what the other stages leave."),
+    samples: int = typer.Option(_D.samples, "--samples", help="Samples drafted, refined and scored."),
+    seq_len: int = typer.Option(_D.seq_len, "--seq-len", help="Sequence length L (also the global refine block)."),
+    preset: str = typer.Option(_D.preset, "--preset", help="Model preset: tiny, quick, small, medium."),
+    ratio: float = typer.Option(_D.ratio, "--ratio", help="Share of generated tokens re-masked by the global refine stage."),
     scorer: Optional[str] = typer.Option(None, "--scorer", help="Gen-PPL scorer (folder, .gguf, hub name); default: gpt2-large when reachable, else the on-disk SmolLM2 GGUF."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    seed: int = typer.Option(0, "--seed", help="Seed of every stage."),
+    device: str = typer.Option(_D.device, "--device", help="auto, cpu or cuda."),
+    seed: int = typer.Option(_D.seed, "--seed", help="Seed of every stage."),
 ) -> None:
-    from did_cli.quickstart import QuickstartConfig, run
+    from did_cli.quickstart import run
 
     run(QuickstartConfig(out=str(out), minutes=minutes, samples=samples, seq_len=seq_len, preset=preset,
                          ratio=ratio, scorer=scorer, device=device, seed=seed))
