@@ -96,7 +96,7 @@ def section_draft(model, a, device) -> dict:
 def section_refine(model, a, device, want_ppl: bool) -> dict:
     from did_cli.fast_draft import FastFirstHitting
     from did_cli.records import make_record
-    from did_cli.sampling import RefineConfig, refine
+    from did_cli.refinement import RefineConfig, refine
     from did_cli.tokenizer import load_tokenizer
 
     tok = load_tokenizer(getattr(model.config, "tokenizer", "gpt2"))
@@ -156,7 +156,6 @@ def summary(fig: dict) -> list[tuple[str, str, str]]:
     out = []
     tr = fig.get("train")
     if isinstance(tr, dict) and "rows" in tr:
-        rows = {r["name"]: r for r in tr["rows"]}
         for r in tr["rows"]:
             mfu = f", MFU {r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else ""
             pk = f", peak {r['peak_gib']:.1f} GiB" if r.get("peak_gib") is not None else ""
@@ -165,7 +164,6 @@ def summary(fig: dict) -> list[tuple[str, str, str]]:
             out.append((f"train {r['name']}", f"{r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.1f} ms{mfu}{pk}{alt}", target))
         for k, v in tr.get("ratios", {}).items():
             out.append((f"train ratio {k}", f"{v:.2f}", "alternate ~1.00, new graphs 0" if k.startswith("alternate") else ""))
-        del rows
     dr = fig.get("draft")
     if isinstance(dr, dict) and "rows" in dr:
         one = {r["variant"]: r for r in dr["rows"] if r["batch"] == 1}

@@ -29,12 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from devinfo import device_name, peak_bytes, peaks, reset_peak  # noqa: E402
+from devinfo import peak_bytes, peaks, reset_peak  # noqa: E402
 
 from did_cli.config import PRESETS, preset  # noqa: E402
 from did_cli.fast_draft import FastFirstHitting, weight_bytes  # noqa: E402
 from did_cli.model import DiT, load_model  # noqa: E402
-from did_cli.sampling import DraftConfig, RefineConfig, draft, refine, resolve_device  # noqa: E402
+from did_cli.refinement import RefineConfig, refine  # noqa: E402
+from did_cli.sampling import DraftConfig, draft, resolve_device  # noqa: E402
 from did_cli.tokenizer import load_tokenizer  # noqa: E402
 
 

@@ -117,7 +117,7 @@ def refine(
     and the suffix; BOS, prompt and suffix are never re-masked. Returns refined records (same
     length as the inputs) in input order, with `draft_tokens` and one `stages` entry per stage.
     """
-    from did_cli.sampling import RefineConfig, parse_stages, refine as _refine
+    from did_cli.refinement import RefineConfig, parse_stages, refine as _refine
 
     if stages is not None:
         overrides["stages"] = parse_stages(stages) if isinstance(stages, str) else [tuple(s) for s in stages]

@@ -161,7 +161,8 @@ def run(cfg: QuickstartConfig) -> dict:
     from did_cli.checkpoint import resolve_checkpoint
     from did_cli.data import PreparedData, prepare
     from did_cli.model import load_model
-    from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
+    from did_cli.refinement import RefineConfig, refine
+    from did_cli.sampling import DraftConfig, draft
     from did_cli.tokenizer import load_tokenizer
     from did_cli.train import TrainConfig, train
 

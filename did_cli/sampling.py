@@ -1,6 +1,7 @@
-"""Drafting (block diffusion + snapshot confidence) and refinement (re-mask + regenerate).
+"""Drafting (block diffusion + snapshot confidence) and the sampler both stages share.
 
-    from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
+    from did_cli.sampling import DraftConfig, draft
+    from did_cli.refinement import RefineConfig, refine
     drafts = list(draft(model, DraftConfig(n=8, block_size=4)))
     refined = list(refine(model, drafts, RefineConfig(stages=[(None, 0.25)])))
 
@@ -38,7 +39,7 @@ import math
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -128,54 +129,6 @@ class DraftConfig:
         return length
 
 
-@dataclass
-class RefineConfig:
-    """Settings of `did refine` (re-mask the least confident tokens and regenerate them)."""
-
-    stages: list[tuple[int | None, float]] = field(default_factory=lambda: [(None, 0.25)])
-    """(block size, ratio) per stage, in order; block None (or >= length) = global pass."""
-    confidence: str = "snapshot"
-    """Which tokens to re-mask: 'snapshot' (recorded at commit), 'posthoc' (one re-scoring pass
-    of the finished draft before stage 1), 'random' (uniform, seeded)."""
-    sampler: str = "first-hitting"
-    """'first-hitting' or 'parallel', as in drafting."""
-    tokens_per_step: int | None = None
-    """parallel: K positions per call."""
-    threshold: float | None = None
-    """parallel: probability threshold."""
-    top_p: float = 0.9
-    """Nucleus mass."""
-    seed: int = 0
-    """Run seed; each record draws from a generator seeded from (seed, record id)."""
-    batch_size: int = 8
-    """Records refined together (consecutive records of the same length)."""
-    device: str = "auto"
-    """As in DraftConfig."""
-    dtype: str = "fp32"
-    """As in DraftConfig."""
-    allow_longer: bool = False
-    """Accept records longer than the model's trained length."""
-
-    def check(self, model_length: int) -> None:
-        _check_sampler(self.sampler, self.tokens_per_step, self.threshold, self.top_p)
-        if self.confidence not in CONFIDENCES:
-            raise ConfigError(f"--confidence {self.confidence!r}: choose from {', '.join(CONFIDENCES)}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
-        if not self.stages:
-            raise ConfigError("--stages: at least one stage is needed")
-        for b, r in self.stages:
-            if not (0.0 <= r <= 1.0) or not math.isfinite(r):
-                raise ConfigError(f"--stages: ratio {r} outside [0, 1]")
-            if b is not None:
-                if b < 1:
-                    raise ConfigError(f"--stages: block size {b} must be positive")
-                if b < model_length and model_length % b:
-                    raise ConfigError(f"--stages: block size {b} does not divide the sequence length {model_length}")
-
-
 def _check_sampler(sampler: str, k: int | None, thr: float | None, top_p: float) -> None:
     if sampler not in SAMPLERS:
         raise ConfigError(f"--sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
@@ -191,27 +144,6 @@ def _check_sampler(sampler: str, k: int | None, thr: float | None, top_p: float)
         raise ConfigError(f"--threshold {thr} outside (0, 1]")
     if not (0.0 < top_p <= 1.0):
         raise ConfigError(f"--top-p {top_p} outside (0, 1]")
-
-
-def parse_stages(text: str, flag: str = "--stages") -> list[tuple[int | None, float]]:
-    """'64:0.3,L:0.2' -> [(64, 0.3), (None, 0.2)]; a block of 'L' means the full length."""
-    stages: list[tuple[int | None, float]] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        b, sep, r = part.partition(":")
-        if not sep:
-            raise ConfigError(f"{flag} {part!r}: expected BLOCK:RATIO (e.g. 1024:0.25 or L:0.25)")
-        try:
-            block = None if b.strip().upper() == "L" else int(b)
-            ratio = float(r)
-        except ValueError:
-            raise ConfigError(f"{flag} {part!r}: expected BLOCK:RATIO (e.g. 1024:0.25 or L:0.25)") from None
-        stages.append((block, ratio))
-    if not stages:
-        raise ConfigError(f"{flag}: empty list")
-    return stages
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,240 +535,13 @@ def _draft_batch(model, cfg: DraftConfig, sp: _Sampling, L: int, prompts: list[P
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Refine
-# ---------------------------------------------------------------------------------------------
+__all__ = ["DraftConfig", "draft", "resolve_prompts", "read_prompts", "Prompt", "nucleus", "token_probs",
+           "gumbel_argmax", "unigram_entropy", "mix_seed", "resolve_device"]
 
+def __getattr__(name: str) -> Any:
+    # refinement lives in did_cli.refinement; `from did_cli.sampling import refine` keeps working
+    if name in ("RefineConfig", "refine", "parse_stages", "check_record"):
+        from did_cli import refinement
 
-def check_record(rec: dict, where: str, mc: Any, tokenizer: Any, cfg: RefineConfig) -> None:
-    """Raise DidError when a record cannot be refined by a model of config `mc` (a
-    ModelConfig; `where` names the record in messages). Needs no weights, so the CLI runs it
-    on a whole input file before loading the model."""
-    from did_cli.records import validate
-
-    validate(rec, vocab_size=mc.vocab_size, need=("id", "tokens"), source=where)
-    minfo = rec.get("model")
-    if isinstance(minfo, dict):
-        v = minfo.get("vocab_size")
-        if v is not None and v != mc.vocab_size:
-            raise DidError(f"{where}: drafted by a model with vocabulary size {v}; this model has {mc.vocab_size}")
-        fp, ours = minfo.get("fingerprint"), getattr(tokenizer, "fingerprint", None)
-        if fp is not None and ours is not None and fp != ours:
-            raise DidError(f"{where}: drafted with another tokenizer (fingerprint {fp}, this model's is {ours})")
-    tokens = rec["tokens"]
-    n = len(tokens)
-    if n > mc.model_length and not cfg.allow_longer:
-        raise DidError(f"{where}: {n} tokens, longer than the model's length {mc.model_length} (use --allow-longer)")
-    if n < 1:
-        raise DidError(f"{where}: no tokens")
-    if mc.mask_id in tokens:
-        raise DidError(f"{where}: holds [MASK] at position {tokens.index(mc.mask_id)} (not a finished sample)")
-    lo, hi = _gen_range(rec)
-    if lo > hi:
-        raise DidError(f"{where}: prompt_len + suffix_len exceed the length {n}")
-    if cfg.confidence == "snapshot" and any(r > 0 for _, r in cfg.stages):
-        conf = rec.get("confidence")
-        if conf is None:
-            raise DidError(f"{where}: no 'confidence' (use --confidence posthoc or random)")
-        for p in range(lo, hi):
-            c = conf[p]
-            if c is None or not math.isfinite(c):
-                raise DidError(f"{where}: no confidence at position {p} (use --confidence posthoc or random)")
-
-
-def _gen_range(rec: dict) -> tuple[int, int]:
-    n = len(rec["tokens"])
-    return int(rec.get("prompt_len", 1) or 0), n - int(rec.get("suffix_len", 0) or 0)
-
-
-def refine(
-    model: Any,
-    records: Iterable[dict],
-    cfg: RefineConfig,
-    tokenizer: Any = None,
-    progress: bool = True,
-    model_path: str | None = None,
-) -> Iterator[dict]:
-    """Refine records in input order; yields each refined record as its batch finishes.
-
-    Consecutive records of the same length are batched. Each record is checked before its batch
-    runs (`check_record`); a bad record raises DidError after the earlier ones were yielded."""
-    mc = model.config
-    cfg.check(mc.model_length)
-    device = _place(model, cfg.device)
-    tok = _tokenizer_for(model, tokenizer)
-    sp = _Sampling(cfg.sampler, cfg.tokens_per_step, cfg.threshold, cfg.top_p, mc.mask_id)
-    bar = _Progress(progress, None, "refine")
-    batch: list[dict] = []
-    done = 0
-
-    def flush() -> Iterator[dict]:
-        nonlocal batch, done
-        out, batch = _refine_batch(model, batch, cfg, sp, tok, device, model_path), []
-        done += len(out)
-        bar.advance(len(out), f"refine: {done} records")
-        yield from out
-
-    it = iter(records)
-    k = 0
-    try:
-        while True:
-            try:
-                rec = next(it)
-                k += 1
-                where = f"record {k} (id {rec.get('id')!r})" if isinstance(rec, dict) else f"record {k}"
-                check_record(rec, where, mc, tok, cfg)
-            except StopIteration:
-                break
-            except DidError:
-                if batch:  # the records before a bad one are still refined and written
-                    yield from flush()
-                raise
-            if batch and len(rec["tokens"]) != len(batch[0]["tokens"]):
-                yield from flush()
-            batch.append(rec)
-            if len(batch) == cfg.batch_size:
-                yield from flush()
-        if batch:
-            yield from flush()
-    finally:
-        bar.close()
-
-
-def _remask_positions(conf_row: list[float], lo: int, hi: int, k: int, mode: str, gen: torch.Generator | None) -> list[int]:
-    """The k generated positions to re-mask: lowest confidence first, ties by lower position."""
-    if k <= 0:
-        return []
-    if mode == "random":
-        perm = torch.randperm(hi - lo, generator=gen)[:k]
-        return sorted(int(p) + lo for p in perm)
-    order = sorted(range(lo, hi), key=lambda p: (conf_row[p], p))
-    return sorted(order[:k])
-
-
-def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: _Sampling, tok, device, model_path: str | None) -> list[dict]:
-    mc = model.config
-    b, n = len(recs), len(recs[0]["tokens"])
-    ranges = [_gen_range(r) for r in recs]
-    gens = [make_generator(mix_seed(cfg.seed, r["id"]), device) for r in recs]
-    x = torch.tensor([r["tokens"] for r in recs], dtype=torch.long, device=device)
-    conf = torch.tensor([[math.nan if c is None else float(c) for c in (r.get("confidence") or [None] * n)] for r in recs],
-                        dtype=torch.float64, device=device)
-    stages_out: list[list[dict]] = [[] for _ in recs]
-    nfe_total = 0
-    t_start = time.perf_counter()
-    with torch.inference_mode(), _EvalMode(model), _autocast(device, cfg.dtype):
-        post_nfe = 0
-        if cfg.confidence == "posthoc":
-            # re-score the finished sequence: p(token | whole sequence), no masking
-            logits = model(x)
-            conf = torch.empty((b, n), dtype=torch.float64, device=device)
-            for i in range(b):  # row by row: a float64 [n, V] copy at a time
-                lg = logits[i].to(torch.float64)
-                lg[:, mc.mask_id] = -math.inf
-                conf[i] = (lg.gather(1, x[i, :, None])[:, 0] - lg.logsumexp(dim=1)).exp()
-            del logits
-            post_nfe = 1
-        for si, (block, ratio) in enumerate(cfg.stages):
-            t0 = time.perf_counter()
-            before = x.clone()
-            conf_h = conf.tolist()
-            remask: list[list[int]] = []
-            for i, (lo, hi) in enumerate(ranges):
-                k = math.ceil(ratio * (hi - lo) - 1e-9)
-                rg = make_generator(mix_seed(cfg.seed, recs[i]["id"], "remask", si), "cpu") if cfg.confidence == "random" else None
-                remask.append(_remask_positions(conf_h[i], lo, hi, k, cfg.confidence, rg))
-            sel = torch.zeros((b, n), dtype=torch.bool)
-            for i, ps in enumerate(remask):
-                sel[i, ps] = True
-            sel = sel.to(device)
-            x[sel] = mc.mask_id
-            conf[sel] = math.nan
-            calls = post_nfe if si == 0 else 0
-            B = n if block is None or block >= n else block
-            if any(remask):
-                if B >= n:
-                    # global bidirectional pass: full attention over the whole sequence
-                    calls += _fill(x, conf, 0, n, [len(p) for p in remask],
-                                   lambda s_, f_: model(x, None, select=s_), gens, sp)
-                else:
-                    calls += _refine_blocks(model, x, conf, B, remask, gens, sp, cfg)
-            nfe_total += calls
-            changed = (x != before).sum(dim=1).tolist()
-            secs = time.perf_counter() - t0
-            for i in range(b):
-                entry = {"block_size": B, "ratio": ratio, "confidence": cfg.confidence, "remasked": remask[i],
-                         "changed": int(changed[i]), "nfe": calls, "seconds": round(secs, 4), "sampler": cfg.sampler,
-                         "top_p": cfg.top_p, "seed": cfg.seed}
-                if cfg.tokens_per_step is not None:
-                    entry["tokens_per_step"] = cfg.tokens_per_step
-                if cfg.threshold is not None:
-                    entry["threshold"] = cfg.threshold
-                if model_path is not None:
-                    entry["model"] = str(model_path)
-                stages_out[i].append(entry)
-        xs, cs = x.tolist(), conf.tolist()
-    total_secs = time.perf_counter() - t_start
-    out = []
-    for i, rec in enumerate(recs):
-        lo, hi = ranges[i]
-        old = rec.get("confidence") or [None] * n
-        new_conf = [cs[i][p] if lo <= p < hi else old[p] for p in range(n)]
-        extra = {k: v for k, v in rec.items() if k not in ("schema", "id", "tokens", "confidence", "text", "prompt_len")}
-        extra["draft_tokens"] = rec.get("draft_tokens") or list(rec["tokens"])
-        extra["stages"] = list(rec.get("stages") or []) + stages_out[i]
-        extra["nfe"] = int(rec.get("nfe") or 0) + nfe_total
-        extra["seconds"] = round(float(rec.get("seconds") or 0.0) + total_secs, 4)
-        out.append(_record_keep(tok, rec, xs[i], new_conf, lo, extra))
-    return out
-
-
-def _record_keep(tok, rec: dict, tokens: list[int], conf: list, lo: int, extra: dict) -> dict:
-    from did_cli.records import make_record
-
-    r = make_record(tokens, conf, id=rec["id"], tokenizer=tok, prompt_len=lo, **extra)
-    if tokens == rec["tokens"] and "text" in rec:
-        r["text"] = rec["text"]  # unchanged tokens: keep the text byte for byte
-    return r
-
-
-def _refine_blocks(model, x, conf, B: int, remask: list[list[int]], gens, sp: _Sampling, cfg: RefineConfig) -> int:
-    """Regenerate masked positions block by block, left to right, with the KV cache: each block
-    sees the earlier (final) blocks and itself. Returns the number of model calls."""
-    b, n = x.shape
-    cache = model.new_cache(b, n, dtype=None if cfg.dtype == "fp32" else DTYPES[cfg.dtype])
-    last_masked = max(max(p) for p in remask if p)
-    calls = 0
-    for s in range(0, n, B):
-        e = min(s + B, n)
-        counts = [sum(1 for p in ps if s <= p < e) for ps in remask]
-        if any(counts):
-            def logits_fn(sel, flat, s=s, e=e):
-                lg = model.step(x[:, s:e], cache)
-                return lg.reshape(-1, lg.shape[-1]).index_select(0, flat)
-
-            calls += _fill(x, conf, s, e, counts, logits_fn, gens, sp)
-        if e > last_masked:
-            break  # nothing after this block changes
-        model.step(x[:, s:e], cache, commit=True, need_logits=False)
-        calls += 1
-    return calls
-
-
-__all__ = [
-    "DraftConfig",
-    "RefineConfig",
-    "draft",
-    "refine",
-    "parse_stages",
-    "check_record",
-    "resolve_prompts",
-    "read_prompts",
-    "Prompt",
-    "nucleus",
-    "token_probs",
-    "gumbel_argmax",
-    "unigram_entropy",
-    "mix_seed",
-    "resolve_device",
-]
+        return getattr(refinement, name)
+    raise AttributeError(f"module 'did_cli.sampling' has no attribute {name!r}")

@@ -40,14 +40,11 @@ import torch
 from did_cli import checkpoint as ck
 from did_cli.config import ConfigError, DiffusionConfig, ModelConfig, check_block_sizes, preset, save_json
 from did_cli.errors import DidError
+from did_cli.init_checkpoint import fetch_init, init_clip_ranges, init_data_start
 from did_cli.train_state import EMA, BlockSizeSampler, RowSchedule, rng_state, set_rng_state, step_seed  # noqa: F401
+from did_cli.validation import search_clip, val_nelbo  # noqa: F401 (val_nelbo: also imported from here)
 
-# BD3-LM-style candidate ranges for the data-driven clipped schedule (`clip="auto"`).
-CLIP_CANDIDATES: tuple[tuple[float, float], ...] = (
-    (0.0, 1.0), (0.1, 0.9), (0.2, 0.8), (0.3, 0.8), (0.45, 0.95), (0.5, 1.0), (0.3, 1.0), (0.6, 0.9),
-)
 FULL_RANGE = (0.0, 1.0)
-EVAL_T_RANGE = (1e-3, 1.0)
 LENGTH_WORDS = ("L", "l", "length")
 
 BlockSize = Union[int, str]
@@ -215,92 +212,6 @@ def sharded_nelbo(model, x0: torch.Tensor, block_size: int, dcfg: DiffusionConfi
     return nelbo(model, x0, block_size, dcfg, mask_id, generator, world=world, rank=rank).loss
 
 
-# -------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def val_nelbo(model, batches: list[torch.Tensor], block_size: int, mask_id: int, seed: int) -> float:
-    """NELBO (nats/token) of fixed validation batches with fixed-seed t ~ U[1e-3, 1]."""
-    from did_cli.diffusion import eval_nelbo
-
-    dev = batches[0].device
-    g = torch.Generator(device=dev).manual_seed(seed)
-    total, count = 0.0, 0
-    for x in batches:
-        s, n = eval_nelbo(model, x, block_size, mask_id, EVAL_T_RANGE, g)
-        total, count = total + s, count + n
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def search_clip(model, batches: list[torch.Tensor], block_size: int, mask_id: int, seed: int,
-                candidates=CLIP_CANDIDATES) -> tuple[tuple[float, float], dict[str, float]]:
-    """BD3-LM's data-driven clipped schedule: the candidate t range whose per-batch training loss
-    (t ~ U[beta, omega], antithetic, same fixed seed for every candidate) varies least across
-    the validation batches. Returns (best range, {"beta,omega": variance})."""
-    from did_cli.diffusion import nelbo
-
-    variances = {}
-    for cand in candidates:
-        g = torch.Generator(device=batches[0].device).manual_seed(seed)
-        dcfg = DiffusionConfig(clip=tuple(cand), antithetic=True)
-        vals = torch.tensor([float(nelbo(model, x, block_size, dcfg, mask_id, g).loss) for x in batches], dtype=torch.float64)
-        variances[f"{cand[0]:g},{cand[1]:g}"] = float(vals.var(unbiased=True)) if len(vals) > 1 else float("inf")
-    key = min(variances, key=lambda k: (variances[k], k))
-    lo, hi = (float(v) for v in key.split(","))
-    return (lo, hi), variances
-
-
-# ------------------------------------------------------------------------------------- loading
-
-
-def _looks_like_hub_id(s: str) -> bool:
-    return s.count("/") == 1 and not s.startswith((".", "/", "~")) and all(s.split("/"))
-
-
-def fetch_init(init: str) -> Path:
-    """A local checkpoint folder for --init: a folder / run folder, or a hub snapshot (online)."""
-    p = Path(init).expanduser()
-    if p.exists():
-        return ck.resolve_checkpoint(p)
-    if not _looks_like_hub_id(init):
-        raise DidError(f"--init {init}: no such checkpoint folder")
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(repo_id=init, allow_patterns=["config.json", "model.safetensors"])
-    except Exception as e:  # offline, unknown repo, gated...
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DidError(f"--init {init}: not a local folder and the hub is unreachable or lacks it ({msg})") from None
-    return ck.resolve_checkpoint(folder)
-
-
-def init_clip_ranges(raw_config: dict, clip: tuple[float, float] | None) -> dict[int, tuple[float, float]]:
-    """Learned t ranges stored with a checkpoint: ours keep one per block size in config.json;
-    a BD3-LM folder has one (sampling_eps_min/max) for its `block_size`."""
-    ranges = raw_config.get("clip_ranges")
-    if isinstance(ranges, dict):
-        return {int(k): (float(v[0]), float(v[1])) for k, v in ranges.items()}
-    if clip is not None and raw_config.get("block_size"):
-        return {int(raw_config["block_size"]): (float(clip[0]), float(clip[1]))}
-    return {}
-
-
-def init_data_start(folder: Path, data_meta: dict, seed: int) -> list[int] | None:
-    """Where the --init run stopped reading, when it trained on these very rows with this seed
-    (our checkpoints only): a fine-tune that started over would first re-read rows the model
-    has already fitted, which at small scale makes validation worse, not better."""
-    path = folder / ck.STATE_DIR / "state.json"
-    if not path.exists():
-        return None
-    try:
-        st = json.loads(path.read_text())
-        same = st.get("data_hash") is not None and st["data_hash"] == data_meta.get("content_hash") and st.get("seed") == seed
-        return [int(st["epoch"]), int(st["position"])] if same else None
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 def _with_dropout(model, dropout: float | None):
     if dropout is None:
         return model
@@ -400,7 +311,7 @@ _RESUME_FIELDS = ("batch_size", "grad_accum", "seed", "lr", "warmup", "weight_de
 def train(cfg: TrainConfig) -> dict:
     """Train (or fine-tune, or resume) and return the final metrics."""
     from did_cli.data import PreparedData
-    from did_cli.model import DiT, export_state_dict, load_model, load_state_dict_strict, save_model
+    from did_cli.model import DiT, load_model, load_state_dict_strict, save_model
 
     _check_config(cfg)
     if not Path(cfg.data).exists():

@@ -45,7 +45,8 @@ def main() -> None:
     from did_cli.checkpoint import read_best, resolve_checkpoint
     from did_cli.model import load_model
     from did_cli.records import RecordWriter
-    from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
+    from did_cli.refinement import RefineConfig, refine
+    from did_cli.sampling import DraftConfig, draft
     from did_cli.scorer import load_scorer
     from did_cli.train import TrainConfig, train
 

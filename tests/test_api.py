@@ -3,7 +3,6 @@ API gives the records the library (and so the CLI) gives."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
@@ -19,7 +18,8 @@ from did_cli.commands import sample
 from did_cli.config import ConfigError
 from did_cli.model import save_model
 from did_cli.records import validate
-from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
+from did_cli.refinement import RefineConfig, refine
+from did_cli.sampling import DraftConfig, draft
 
 from conftest import tiny_model
 

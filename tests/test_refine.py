@@ -20,7 +20,8 @@ from did_cli.commands import sample
 from did_cli.errors import DidError
 from did_cli.model import save_model
 from did_cli.records import validate
-from did_cli.sampling import DraftConfig, RefineConfig, draft, parse_stages, refine
+from did_cli.refinement import RefineConfig, parse_stages, refine
+from did_cli.sampling import DraftConfig, draft
 
 from conftest import tiny_model
 

@@ -1,4 +1,4 @@
-"""`did draft` and `did refine`: thin wrappers over did_cli.sampling.
+"""`did draft` and `did refine`: thin wrappers over did_cli.sampling and did_cli.refinement.
 
 Records go to stdout (or -o FILE), one whole line each, flushed as soon as a record is done;
 progress and per-sample figures go to stderr. Options and inputs are checked against the
@@ -121,12 +121,12 @@ def refine(
     output: str = typer.Option("-", "-o", "--output", help="Output JSONL file ('-' = stdout)."),
 ) -> None:
     """Re-mask the least confident tokens of drafts and regenerate them (global refine)."""
-    from did_cli import sampling
+    from did_cli import refinement, sampling
     from did_cli.model import read_config
     from did_cli.records import read_records
 
-    cfg = sampling.RefineConfig(
-        stages=sampling.parse_stages(stages), confidence=confidence, sampler=sampler,
+    cfg = refinement.RefineConfig(
+        stages=refinement.parse_stages(stages), confidence=confidence, sampler=sampler,
         tokens_per_step=tokens_per_step, threshold=threshold, top_p=top_p, seed=seed,
         batch_size=batch_size, device=device, dtype=dtype, allow_longer=allow_longer,
     )
@@ -147,11 +147,11 @@ def refine(
         # a file is checked whole before the weights load; stdin streams record by record
         records = list(records)
         for k, rec in enumerate(records, 1):
-            sampling.check_record(rec, f"record {k} (id {rec.get('id')!r})", mcfg, tok, cfg)
+            refinement.check_record(rec, f"record {k} (id {rec.get('id')!r})", mcfg, tok, cfg)
     net, _ = load_model(path, device=dev)
     err = _console()
     with RecordWriter(output) as w:
-        for rec in sampling.refine(net, records, cfg, tokenizer=tok, model_path=str(path)):
+        for rec in refinement.refine(net, records, cfg, tokenizer=tok, model_path=str(path)):
             w.write(rec)
             st = rec["stages"][-len(cfg.stages):]
             figs = ", ".join(f"B={s['block_size']} re-masked {len(s['remasked'])} changed {s['changed']}" for s in st)
