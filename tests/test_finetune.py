@@ -149,8 +149,9 @@ def test_mixscale_finetune_teaches_a_block4_model_the_global_block(copy_data, tm
     runs = _finetunes(base, copy_data, tmp_path, steps=100)
     bl = f"val_nelbo_b{L}"
     (before, mix), (_, ctl) = runs["mix"], runs["b4only"]
-    # observed (seeds 0 / 1 / 2): block L 3.677 -> 3.306 / 3.547 -> 3.228 / 3.399 -> 3.185, block 4
-    # 2.487 -> 2.409 / 2.192 -> 2.030 / 1.882 -> 1.824; block-4-only: block L 3.769 / 3.553 / 3.200
+    # observed: block L 3.487 -> mix 3.093 / b4-only 3.312; block 4 2.290 -> 2.206 / 2.211. With
+    # other seeds (and a variant of this corpus) the mix lowered block L by 0.21-0.37 and never
+    # raised block 4, while the block-4-only control moved block L by +0.09 to -0.20.
     assert mix[bl] < before[bl] - 0.15
     assert mix["val_nelbo_b4"] < before["val_nelbo_b4"] + 0.05
     assert mix[bl] < ctl[bl] + 0.05  # the global block in the mix never costs block L
