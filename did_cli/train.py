@@ -301,7 +301,12 @@ def _make_accelerator(cfg: TrainConfig):
     # Accelerate only sets up a CPU process group (gloo) when told to use the CPU; a launcher's
     # environment (torchrun / `accelerate launch --multi_gpu`) on a machine without CUDA means that
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
+    try:
+        return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
+    except (RuntimeError, ValueError) as e:  # e.g. an FSDP config on a machine without GPUs
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DidError(f"accelerate could not set up this run ({msg}); check the accelerate config "
+                       "(FSDP needs GPUs; on a CPU use plain or --multi_gpu launches)") from None
 
 
 # fields that must match when resuming (they define the data order, noise and model)

@@ -96,3 +96,25 @@ def test_two_cpu_processes_split_the_data_and_follow_one_process(tmp_path):
     vm, vs = (val_nelbo(load_model(tmp_path / r / "checkpoints/step-00000006")[0], [rows], 4, 50257, seed=0)
               for r in ("m", "s"))
     assert abs(vm - vs) < 0.02 * vs, (vm, vs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine an FSDP config is valid")
+def test_fsdp_config_without_gpus_is_a_one_line_error(tmp_path):
+    """examples/accelerate/fsdp.yaml asks for GPUs; Accelerate refuses FSDP without them, and
+    each process says so in one line (exit 1) rather than a traceback, before writing anything."""
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate launcher not on PATH")
+    prepare([str(corpus_slice(tmp_path / "slice.jsonl", every=100))], tmp_path / "data", seq_len=L, progress=False)
+    cfg = (Path(__file__).resolve().parents[1] / "examples/accelerate/fsdp.yaml").read_text()
+    cfg = cfg.replace("num_processes: 8", "num_processes: 2").replace("mixed_precision: bf16", "mixed_precision: 'no'")
+    (tmp_path / "fsdp.yaml").write_text(cfg)
+    r = subprocess.run(["accelerate", "launch", "--config_file", str(tmp_path / "fsdp.yaml"), "-m", "did_cli.cli", "train",
+                        "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("did: error: ")]
+    assert errors and all("accelerate could not set up this run" in ln and "FSDP" in ln for ln in errors), r.stderr[-2000:]
+    # the launcher prints its own traceback of the failed children; none comes from our code
+    assert "did_cli" + os.sep not in r.stderr and "RuntimeError" not in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "run").exists()

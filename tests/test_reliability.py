@@ -543,3 +543,4 @@ def test_same_seed_same_samples_from_draft_and_refine(ckpt, tmp_path):
     assert len(ra) == 3 and ra == rb
     assert [r["tokens"] for r in r1] == [r["tokens"] for r in ra]
     assert any(r["tokens"] != d["tokens"] for r, d in zip(ra, _records(drafts.read_text())))  # it did regenerate
+
