@@ -11,13 +11,12 @@ import typer
 
 from did_cli.config import ConfigError, parse_clip, parse_float_list
 from did_cli.errors import UsageError
+from did_cli.train import LENGTH_WORDS, TrainConfig
 
 
 def _field_docs() -> dict[str, str]:
     """TrainConfig field docstrings (the string literal under each field) for --help texts."""
-    from did_cli import train as mod
-
-    src = inspect.getsource(mod.TrainConfig)
+    src = inspect.getsource(TrainConfig)
     body = ast.parse(src).body[0].body
     docs = {}
     for a, b in zip(body, body[1:]):
@@ -32,8 +31,20 @@ except (OSError, TypeError):  # no source available (frozen installs)
     _DOCS = {}
 
 
+_DEFAULTS = TrainConfig()
+
+
 def _h(name: str, extra: str = "") -> str:
     return (_DOCS.get(name, "") + (" " + extra if extra else "")).strip()
+
+
+def _opt(name: str, extra: str = "", **kw: Any) -> Any:
+    """The option --NAME of TrainConfig field `name`: its default and --help text come from the
+    dataclass, so the two commands and the library cannot drift apart."""
+    default = getattr(_DEFAULTS, name)
+    if isinstance(default, (list, tuple)):  # typed as text on the command line: 4,L and 0.9,0.999
+        default = ",".join(map(str, default))
+    return typer.Option(default, "--" + name.replace("_", "-"), help=_h(name, extra), **kw)
 
 
 def _block_sizes(text: str) -> list[Any]:
@@ -42,7 +53,7 @@ def _block_sizes(text: str) -> list[Any]:
         part = part.strip()
         if not part:
             continue
-        if part in ("L", "l", "length"):
+        if part in LENGTH_WORDS:
             out.append("L")
             continue
         try:
@@ -72,8 +83,20 @@ def _betas(text: str) -> tuple[float, float]:
     return vals[0], vals[1]
 
 
-# Options shared by both commands. Typer reads defaults from the signature, so each command
-# spells them out; values flow through _common().
+# Options whose command-line form differs from the TrainConfig field (text parsed by _common).
+def _clip_opt() -> Any:
+    return typer.Option(None, "--clip", help="t range: auto, none (= 0,1) or BETA,OMEGA. Default: 0,1, or the learned range stored with --init.")
+
+
+def _mixed_precision_opt() -> Any:
+    return typer.Option("auto", "--mixed-precision", help="no, bf16, fp16, or auto (bf16 on CUDA, else no).")
+
+
+def _quiet_opt() -> Any:
+    return typer.Option(False, "--quiet", "-q", help="No progress output.")
+
+
+# Values of the options shared by both commands -> TrainConfig keywords.
 def _common(**kw: Any) -> dict[str, Any]:
     kw["clip"] = _clip(kw["clip"])
     kw["betas"] = _betas(kw["betas"])
@@ -87,7 +110,7 @@ def _common(**kw: Any) -> dict[str, Any]:
 
 
 def _run(cfg_kw: dict[str, Any]) -> None:
-    from did_cli.train import TrainConfig, train as run_train
+    from did_cli.train import train as run_train
 
     cfg = TrainConfig(**cfg_kw)
     try:
@@ -101,35 +124,35 @@ def _run(cfg_kw: dict[str, Any]) -> None:
 def train(
     data: Path = typer.Option(..., "--data", help=_h("data")),
     out: Path = typer.Option(..., "--out", help=_h("out")),
-    preset: str = typer.Option("tiny", "--preset", help=_h("preset")),
-    block_sizes: str = typer.Option("4,L", "--block-sizes", help=_h("block_sizes", "Comma-separated, e.g. 4,L or 4,1024.")),
+    preset: str = _opt("preset"),
+    block_sizes: str = _opt("block_sizes", "Comma-separated, e.g. 4,L or 4,1024."),
     block_weights: Optional[str] = typer.Option(None, "--block-weights", help=_h("block_weights", "Default: 0.9,0.1 for the default 4,L; equal otherwise.")),
-    steps: int = typer.Option(1000, "--steps", help=_h("steps")),
-    batch_size: int = typer.Option(16, "--batch-size", help=_h("batch_size")),
-    grad_accum: int = typer.Option(1, "--grad-accum", help=_h("grad_accum")),
-    lr: float = typer.Option(3e-4, "--lr", help=_h("lr")),
-    warmup: int = typer.Option(2500, "--warmup", help=_h("warmup")),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help=_h("weight_decay")),
-    betas: str = typer.Option("0.9,0.999", "--betas", help=_h("betas")),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help=_h("grad_clip")),
-    ema: float = typer.Option(0.9999, "--ema", help=_h("ema")),
-    eval_every: int = typer.Option(500, "--eval-every", help=_h("eval_every")),
-    eval_batches: int = typer.Option(8, "--eval-batches", help=_h("eval_batches")),
-    save_every: int = typer.Option(1000, "--save-every", help=_h("save_every")),
-    keep_last: int = typer.Option(3, "--keep-last", help=_h("keep_last")),
-    log_every: int = typer.Option(10, "--log-every", help=_h("log_every")),
-    seed: int = typer.Option(0, "--seed", help=_h("seed")),
-    resume: bool = typer.Option(False, "--resume", help=_h("resume")),
-    init: Optional[str] = typer.Option(None, "--init", help=_h("init")),
-    clip: Optional[str] = typer.Option(None, "--clip", help="t range: auto, none (= 0,1) or BETA,OMEGA. Default: 0,1, or the learned range stored with --init."),
-    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="no, bf16, fp16, or auto (bf16 on CUDA, else no)."),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help=_h("dropout")),
-    model_length: Optional[int] = typer.Option(None, "--model-length", help=_h("model_length")),
-    num_workers: int = typer.Option(0, "--num-workers", help=_h("num_workers")),
-    on_nonfinite: str = typer.Option("stop", "--on-nonfinite", help=_h("on_nonfinite")),
-    compile: bool = typer.Option(False, "--compile", help=_h("compile")),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", min=0, help=_h("time_limit", "In seconds.")),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    steps: int = _opt("steps"),
+    batch_size: int = _opt("batch_size"),
+    grad_accum: int = _opt("grad_accum"),
+    lr: float = _opt("lr"),
+    warmup: int = _opt("warmup"),
+    weight_decay: float = _opt("weight_decay"),
+    betas: str = _opt("betas"),
+    grad_clip: float = _opt("grad_clip"),
+    ema: float = _opt("ema"),
+    eval_every: int = _opt("eval_every"),
+    eval_batches: int = _opt("eval_batches"),
+    save_every: int = _opt("save_every"),
+    keep_last: int = _opt("keep_last"),
+    log_every: int = _opt("log_every"),
+    seed: int = _opt("seed"),
+    resume: bool = _opt("resume"),
+    init: Optional[str] = _opt("init"),
+    clip: Optional[str] = _clip_opt(),
+    mixed_precision: str = _mixed_precision_opt(),
+    dropout: Optional[float] = _opt("dropout"),
+    model_length: Optional[int] = _opt("model_length"),
+    num_workers: int = _opt("num_workers"),
+    on_nonfinite: str = _opt("on_nonfinite"),
+    compile: bool = _opt("compile"),
+    time_limit: Optional[float] = _opt("time_limit", "In seconds.", min=0),
+    quiet: bool = _quiet_opt(),
 ) -> None:
     """Train a block-diffusion model on prepared data over one or several block sizes."""
     kw = dict(locals())
@@ -137,8 +160,8 @@ def train(
     bw = kw.pop("block_weights")
     if bw is not None:
         weights = parse_float_list(bw, "--block-weights")
-    elif sizes == [4, "L"]:
-        weights = [0.9, 0.1]  # the DiD mix: drafting block most of the time, the global block 10%
+    elif sizes == _DEFAULTS.block_sizes:
+        weights = list(_DEFAULTS.block_weights)  # the DiD mix: drafting block most of the time, the global block 10%
     else:
         weights = None
     _run(_common(block_sizes=sizes, block_weights=weights, **kw))
@@ -153,29 +176,29 @@ def finetune_mixscale(
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: --budget-fraction x --baseline-steps)."),
     budget_fraction: float = typer.Option(0.26, "--budget-fraction", help="Fraction of the baseline fine-tuning budget (the paper: 26%)."),
     baseline_steps: int = typer.Option(150_000, "--baseline-steps", help="Baseline fine-tuning steps (BD3-LM: 150K)."),
-    batch_size: int = typer.Option(16, "--batch-size", help=_h("batch_size")),
-    grad_accum: int = typer.Option(1, "--grad-accum", help=_h("grad_accum")),
-    lr: float = typer.Option(3e-4, "--lr", help=_h("lr")),
-    warmup: int = typer.Option(2500, "--warmup", help=_h("warmup")),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help=_h("weight_decay")),
-    betas: str = typer.Option("0.9,0.999", "--betas", help=_h("betas")),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help=_h("grad_clip")),
-    ema: float = typer.Option(0.9999, "--ema", help=_h("ema")),
-    eval_every: int = typer.Option(500, "--eval-every", help=_h("eval_every")),
-    eval_batches: int = typer.Option(8, "--eval-batches", help=_h("eval_batches")),
-    save_every: int = typer.Option(1000, "--save-every", help=_h("save_every")),
-    keep_last: int = typer.Option(3, "--keep-last", help=_h("keep_last")),
-    log_every: int = typer.Option(10, "--log-every", help=_h("log_every")),
-    seed: int = typer.Option(0, "--seed", help=_h("seed")),
-    resume: bool = typer.Option(False, "--resume", help=_h("resume")),
-    clip: Optional[str] = typer.Option(None, "--clip", help="t range: auto, none (= 0,1) or BETA,OMEGA. Default: 0,1, or the learned range stored with --init."),
-    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="no, bf16, fp16, or auto (bf16 on CUDA, else no)."),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help=_h("dropout")),
-    num_workers: int = typer.Option(0, "--num-workers", help=_h("num_workers")),
-    on_nonfinite: str = typer.Option("stop", "--on-nonfinite", help=_h("on_nonfinite")),
-    compile: bool = typer.Option(False, "--compile", help=_h("compile")),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", min=0, help=_h("time_limit", "In seconds.")),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    batch_size: int = _opt("batch_size"),
+    grad_accum: int = _opt("grad_accum"),
+    lr: float = _opt("lr"),
+    warmup: int = _opt("warmup"),
+    weight_decay: float = _opt("weight_decay"),
+    betas: str = _opt("betas"),
+    grad_clip: float = _opt("grad_clip"),
+    ema: float = _opt("ema"),
+    eval_every: int = _opt("eval_every"),
+    eval_batches: int = _opt("eval_batches"),
+    save_every: int = _opt("save_every"),
+    keep_last: int = _opt("keep_last"),
+    log_every: int = _opt("log_every"),
+    seed: int = _opt("seed"),
+    resume: bool = _opt("resume"),
+    clip: Optional[str] = _clip_opt(),
+    mixed_precision: str = _mixed_precision_opt(),
+    dropout: Optional[float] = _opt("dropout"),
+    num_workers: int = _opt("num_workers"),
+    on_nonfinite: str = _opt("on_nonfinite"),
+    compile: bool = _opt("compile"),
+    time_limit: Optional[float] = _opt("time_limit", "In seconds.", min=0),
+    quiet: bool = _quiet_opt(),
 ) -> None:
     """Mix-scale fine-tune: block size --draft-block with weight 1-lambda, the global block L with lambda."""
     kw = dict(locals())
