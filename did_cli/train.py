@@ -25,9 +25,7 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from did_cli import checkpoint as ck
 from did_cli.config import ConfigError, DiffusionConfig, ModelConfig, check_block_sizes, preset, save_json
 from did_cli.errors import DidError
 from did_cli.init_checkpoint import fetch_init, init_clip_ranges, init_data_start
+from did_cli.train_console import Interrupt, TrainProgress, fmt_rate
 from did_cli.train_state import EMA, BlockSizeSampler, RowSchedule, rng_state, set_rng_state, step_seed  # noqa: F401
 from did_cli.validation import search_clip, val_nelbo  # noqa: F401 (val_nelbo: also imported from here)
 
@@ -221,72 +220,7 @@ def _with_dropout(model, dropout: float | None):
     return model
 
 
-# ------------------------------------------------------------------------------------ progress
-
-
-class _Progress:
-    """A rich bar on a terminal; plain lines every log_every steps otherwise (main process)."""
-
-    def __init__(self, enabled: bool, total: int, start: int, label: str):
-        self.enabled, self.total, self.label = enabled, total, label
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                TimeRemainingColumn(), console=Console(stderr=True), transient=False)
-            self.task = self.bar.add_task(label, total=total, completed=start, info="")
-            self.bar.start()
-
-    def update(self, step: int, info: str, line: bool) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-        elif line:
-            print(f"did {self.label}: step {step}/{self.total} {info}", file=sys.stderr, flush=True)
-
-    def note(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.console.print(msg)
-        else:
-            print(f"did {self.label}: {msg}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def _fmt_rate(x: float) -> str:
-    return f"{x / 1e3:.1f}K" if x >= 1e3 else f"{x:.0f}"
-
-
 # ---------------------------------------------------------------------------------------- train
-
-
-class _Interrupt:
-    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts now."""
-
-    def __init__(self):
-        self.flag = False
-        self.old = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        self.flag = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
-        return False
 
 
 def _make_accelerator(cfg: TrainConfig):
@@ -453,7 +387,7 @@ def train(cfg: TrainConfig) -> dict:
         val_batches = [torch.from_numpy(np.asarray(val_rows[val_idx[i:i + half]], dtype=np.int64)).to(device)
                        for i in range(0, len(val_idx), half)]
 
-    progress = _Progress(cfg.progress and main, cfg.steps, start_step, "finetune" if cfg.init else "train")
+    progress = TrainProgress(cfg.progress and main, cfg.steps, start_step, "finetune" if cfg.init else "train")
     if init_info.get("data_start") and start_step == 0:
         e, r = init_info["data_start"]
         progress.note(f"same data and seed as the --init run: reading on from epoch {e}, row {r} of its order")
@@ -549,7 +483,7 @@ def train(cfg: TrainConfig) -> dict:
     t_start = time.perf_counter()
     pending = batches_for(step) if step < cfg.steps else None
     try:
-        with _Interrupt() as intr:
+        with Interrupt() as intr:
             while step < cfg.steps:
                 block = sampler.draw()
                 dcfg = DiffusionConfig(clip=clip_ranges[block], antithetic=True)
@@ -607,10 +541,10 @@ def train(cfg: TrainConfig) -> dict:
                     lr_now = scheduler.get_last_lr()[0]
                     log({"event": "train", "step": step, "loss": last_loss, "block_size": block,
                          "tokens_per_s": tok_rate, "lr": lr_now, "time": time.time()})
-                    progress.update(step, f"loss {last_loss:.4f} | {_fmt_rate(tok_rate)} tok/s | block {block} | lr {lr_now:.2e}", True)
+                    progress.update(step, f"loss {last_loss:.4f} | {fmt_rate(tok_rate)} tok/s | block {block} | lr {lr_now:.2e}", True)
                     window_loss, window_n, window_t0, window_tokens = 0.0, 0, time.perf_counter(), 0
                 else:
-                    progress.update(step, f"loss {step_loss:.4f} | {_fmt_rate(tok_rate)} tok/s | block {block}", False)
+                    progress.update(step, f"loss {step_loss:.4f} | {fmt_rate(tok_rate)} tok/s | block {block}", False)
 
                 is_best = False
                 if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or last_step:
