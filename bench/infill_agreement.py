@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
-from did_cli.data import BUNDLED_CORPUS
+from did_cli.sources import BUNDLED_CORPUS
 
 
 def prepare_and_train(work: Path, steps: int, chars: int) -> Path:
     from did_cli.checkpoint import latest_checkpoint
     from did_cli.data import prepare
-    from did_cli.train import TrainConfig, train
+    from did_cli.training import TrainConfig, train
 
     run = work / "run"
     if run.is_dir() and latest_checkpoint(run, warn=False) is not None:
@@ -110,9 +110,9 @@ def mean_se(v: list[float]) -> str:
 def measure(run: Path, work: Path, samples: int, prompt_tokens: int, suffix_tokens: int, block: int, seed: int,
             scorer_spec: str | None, batch: int = 24) -> None:
     from did_cli import api
-    from did_cli.evaluate import gen_ppl
+    from did_cli.evaluation.gen_ppl import gen_ppl
     from did_cli.records import make_record
-    from did_cli.scorer import load_scorer
+    from did_cli.evaluation.scorer import load_scorer
 
     model, tok = api.load_model(run / "best" if (run / "best.json").exists() else run, device="cpu")
     L = model.config.model_length
@@ -122,16 +122,19 @@ def measure(run: Path, work: Path, samples: int, prompt_tokens: int, suffix_toke
     t0 = time.time()
     # one sample per row with its own prompt and suffix: the batch routine takes a prompt per
     # row (the public API shares one suffix across prompts)
-    from did_cli.sampling import DraftConfig, Prompt, _draft_batch, _Progress, _Sampling, make_generator, mix_seed
+    from did_cli.sampling import DraftConfig
+    from did_cli.sampling.core import make_generator, mix_seed
+    from did_cli.sampling.drafting import draft_batch
+    from did_cli.sampling.prompts import Prompt
 
     cfg = DraftConfig(n=1, length=L, block_size=block, seed=seed)
-    sp = _Sampling(cfg.sampler, None, None, cfg.top_p, model.config.mask_id)
+    sp = cfg.settings(model.config.mask_id)
     drafts = []
     for s0 in range(0, len(rows), batch):
         part = rows[s0:s0 + batch]
         prs = [Prompt(f"row{s0 + k}", r[1:1 + prompt_tokens], r[L - suffix_tokens:]) for k, r in enumerate(part)]
         gens = [make_generator(mix_seed(seed, p.id), "cpu") for p in prs]
-        for p, (toks, conf, nfe, secs) in zip(prs, _draft_batch(model, cfg, sp, L, prs, gens, torch.device("cpu"), _Progress(False, None, ""))):
+        for p, (toks, conf, nfe, secs) in zip(prs, draft_batch(model, cfg, sp, L, prs, gens, torch.device("cpu"))):
             drafts.append(make_record(toks, conf, id=p.id, tokenizer=tok, prompt_len=1 + prompt_tokens,
                                       suffix_len=suffix_tokens, nfe=nfe))
     print(f"drafted {len(drafts)} in {time.time() - t0:.0f} s", file=sys.stderr)

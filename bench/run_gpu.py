@@ -94,9 +94,9 @@ def section_draft(model, a, device) -> dict:
 
 
 def section_refine(model, a, device, want_ppl: bool) -> dict:
-    from did_cli.fast_draft import FastFirstHitting
+    from did_cli.sampling.fast import FastFirstHitting
     from did_cli.records import make_record
-    from did_cli.refinement import RefineConfig, refine
+    from did_cli.sampling import RefineConfig, refine
     from did_cli.tokenizer import load_tokenizer
 
     tok = load_tokenizer(getattr(model.config, "tokenizer", "gpt2"))
@@ -134,8 +134,8 @@ def section_refine(model, a, device, want_ppl: bool) -> dict:
         log(f"gen PPL: {res['gen_ppl']}")
         return res
     try:
-        from did_cli.evaluate import gen_ppl
-        from did_cli.scorer import load_scorer
+        from did_cli.evaluation.gen_ppl import gen_ppl
+        from did_cli.evaluation.scorer import load_scorer
 
         scorer = load_scorer(a.scorer, device=device)
         res["scorer"] = scorer.name
@@ -239,7 +239,7 @@ def main() -> int:
         try:
             if a.model:
                 from did_cli.checkpoint import resolve_checkpoint
-                from did_cli.model import load_model
+                from did_cli.checkpoint import load_model
 
                 model, _ = load_model(resolve_checkpoint(a.model), device=device)
                 a.length = min(a.length, model.config.model_length)

@@ -4,7 +4,7 @@
     python bench/sampling.py --model runs/x --device cuda --dtype bf16
 
 Two tables. The first runs the library (`did_cli.sampling.draft` / `refine`). The second is
-first-hitting drafting through `did_cli.fast_draft` (no host sync per call): the eager cached
+first-hitting drafting through `did_cli.sampling.fast` (no host sync per call): the eager cached
 step (`DiT.step`, the reference), the static-shape step run eagerly, and on CUDA its CUDA-graph
 replay (`GraphedStep`), with float32 weights under autocast and with a bf16 weight copy. Beside
 each: ms per model call, calls/s, generated tokens/s, peak memory per sample, KV-cache bytes, and
@@ -32,10 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from devinfo import peak_bytes, peaks, reset_peak  # noqa: E402
 
 from did_cli.config import PRESETS, preset  # noqa: E402
-from did_cli.fast_draft import FastFirstHitting, weight_bytes  # noqa: E402
-from did_cli.model import DiT, load_model  # noqa: E402
-from did_cli.refinement import RefineConfig, refine  # noqa: E402
-from did_cli.sampling import DraftConfig, draft, resolve_device  # noqa: E402
+from did_cli.sampling.fast import FastFirstHitting, weight_bytes  # noqa: E402
+from did_cli.checkpoint import load_model  # noqa: E402
+from did_cli.model import DiT  # noqa: E402
+from did_cli.sampling import RefineConfig, refine  # noqa: E402
+from did_cli.sampling import DraftConfig, draft  # noqa: E402
+from did_cli.util import resolve_device  # noqa: E402
 from did_cli.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -72,7 +74,7 @@ def timed(fn, device):
 def fast_draft_figures(model: DiT, length: int, block: int, batches: list[int], dtype: str, device: torch.device,
                        hbm_tbps: float | None = None, eager_length: int | None = None, variants: list[str] | None = None,
                        log=print) -> list[dict]:
-    """First-hitting drafting through did_cli.fast_draft, one row per (variant, batch).
+    """First-hitting drafting through did_cli.sampling.fast, one row per (variant, batch).
 
     Peak memory per sample: (peak allocated during the timed run - the model's weights) / batch,
     so it holds the KV cache, the CUDA-graph pool, activations and sampling buffers (and the
@@ -136,7 +138,7 @@ def main() -> None:
     ap.add_argument("--no-uncached", action="store_true", help="skip the (slow) recomputation runs")
     ap.add_argument("--hbm-tbps", type=float, default=None,
                     help="GPU memory bandwidth (TB/s) for the weight-read limit (default: by device name; H100 3.35, H200 4.8)")
-    ap.add_argument("--no-fast", action="store_true", help="skip the did_cli.fast_draft table")
+    ap.add_argument("--no-fast", action="store_true", help="skip the did_cli.sampling.fast table")
     ap.add_argument("--eager-length", type=int, default=None, help="tokens drafted by the eager fast-draft variants (default: all)")
     args = ap.parse_args()
 

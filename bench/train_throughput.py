@@ -44,7 +44,7 @@ def useful_flops(cfg, length: int, block: int) -> float:
     d, m = cfg.hidden_dim, cfg.mlp_ratio * cfg.hidden_dim
     per_layer = 4 * d * d + 2 * d * m  # qkv + out + mlp
     tokens = length if block >= length else 2 * length
-    return 6.0 * cfg.n_blocks * per_layer * tokens + 6.0 * cfg.vocab_size * d * length
+    return 6.0 * cfg.n_layers * per_layer * tokens + 6.0 * cfg.vocab_size * d * length
 
 
 def make_optimizer(model) -> torch.optim.Optimizer:

@@ -6,7 +6,7 @@
     refined = did.refine(model, drafts, stages=[(None, 0.25)])
     print(did.gen_ppl(refined)["summary"])
 
-These are thin layers over `did_cli.sampling.draft` / `refine` and `did_cli.evaluate.gen_ppl`,
+These are thin layers over `did_cli.sampling.draft` / `refine` and `did_cli.evaluation.gen_ppl`,
 the same functions `did draft`, `did refine` and `did eval-ppl` call, so a record made here is
 the record the CLI would write with the same settings. Records are plain dicts in the
 `did.sample/1` format (docs/formats.md).
@@ -18,11 +18,11 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from did_cli.config import ConfigError
+from did_cli.errors import UsageError
 
 if TYPE_CHECKING:  # heavy imports only for type checkers; `import did_cli` stays light
+    from did_cli.evaluation.scorer import Scorer
     from did_cli.model import DiT
-    from did_cli.scorer import Scorer
     from did_cli.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -36,19 +36,18 @@ def load_model(path: str | Path, device: str = "auto") -> tuple["DiT", "Tokenize
     'cpu', 'cuda', 'cuda:N'. Returns the model in eval mode and the tokenizer named in its
     config. The model maps token ids [batch, length] (int64) to logits [batch, length, vocab].
     """
-    from did_cli.checkpoint import resolve_checkpoint
+    from did_cli import checkpoint
     from did_cli.errors import DidError
-    from did_cli.model import load_model as _load, read_config
-    from did_cli.sampling import resolve_device
     from did_cli.tokenizer import load_tokenizer
+    from did_cli.util import resolve_device
 
     p = Path(path)
     if not p.exists() and p.name not in ("best", "latest"):
         raise DidError(f"{path}: no such folder")
-    ckpt = resolve_checkpoint(p)
-    tok = load_tokenizer(read_config(ckpt).tokenizer)
-    model, _ = _load(ckpt, device=resolve_device(device))
-    model.checkpoint_path = str(ckpt)  # written into records as model.path, as the CLI does
+    dev = resolve_device(device)
+    model, info = checkpoint.load_model(p, device=dev)
+    tok = load_tokenizer(model.config.tokenizer)
+    model.checkpoint_path = str(info["folder"])  # written into records as model.path, as the CLI does
     return model, tok
 
 
@@ -56,7 +55,7 @@ def _overrides(cls: type, cfg: Any, overrides: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} setting {unknown[0]!r} (known: {', '.join(sorted(names))})")
+        raise UsageError(f"unknown {cls.__name__} setting {unknown[0]!r} (known: {', '.join(sorted(names))})")
     return dataclasses.replace(cfg if cfg is not None else cls(), **overrides)
 
 
@@ -117,7 +116,7 @@ def refine(
     and the suffix; BOS, prompt and suffix are never re-masked. Returns refined records (same
     length as the inputs) in input order, with `draft_tokens` and one `stages` entry per stage.
     """
-    from did_cli.refinement import RefineConfig, parse_stages, refine as _refine
+    from did_cli.sampling import RefineConfig, parse_stages, refine as _refine
 
     if stages is not None:
         overrides["stages"] = parse_stages(stages) if isinstance(stages, str) else [tuple(s) for s in stages]
@@ -138,8 +137,8 @@ def gen_ppl(records: Sequence[dict], scorer: "str | Scorer | None" = None, devic
     pooled_ppl, median_ppl, mean_entropy, n, n_empty, scored_tokens, scorer}, "samples": [{id,
     ppl, nll, n_tokens, entropy}, ...]}`. The whole text is scored, prompt and suffix included.
     """
-    from did_cli.evaluate import gen_ppl as _gen_ppl
-    from did_cli.scorer import load_scorer
+    from did_cli.evaluation.gen_ppl import gen_ppl as _gen_ppl
+    from did_cli.evaluation.scorer import load_scorer
 
     sc = scorer if hasattr(scorer, "nll") else load_scorer(scorer, device=device)
     return _gen_ppl(list(records), sc, batch_size=batch_size)

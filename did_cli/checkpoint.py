@@ -1,4 +1,10 @@
-"""Run folders and training checkpoints: atomic writes, verification, resolution, pruning.
+"""Checkpoint folders: the model's weights and config, and a training run's numbered checkpoints.
+
+Model folder (ours, or a public BD3-LM / MDLM one)
+    config.json              model config (BD3-LM keys), + block sizes and clip ranges of ours
+    model.safetensors        tensors under BD3-LM's names (`backbone.` prefix), float32;
+                             `sampling_eps_min/max` scalars hold the learned clip range
+    Loading is strict: a missing, unexpected or mis-shaped tensor stops it with its name.
 
 Run folder
     RUN/config.json          resolved TrainConfig ("train") and ModelConfig ("model")
@@ -24,14 +30,18 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from did_cli.config import save_json
+from did_cli.config import ModelConfig
 from did_cli.errors import DidError
+from did_cli import util
+from did_cli.util import atomic_write, first_line, os_reason, save_json
+
+if TYPE_CHECKING:
+    from did_cli.model import DiT
 
 CKPT_DIR = "checkpoints"
 STATE_DIR = "train_state"
@@ -47,10 +57,6 @@ def checkpoint_name(step: int) -> str:
 def step_of(path: str | Path) -> int | None:
     m = _NAME.match(Path(path).name)
     return int(m.group(1)) if m else None
-
-
-def _warn(msg: str) -> None:
-    print(f"did: warning: {msg}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -96,12 +102,11 @@ def save_checkpoint(run_dir: str | Path, step: int, write_files: Callable[[Path]
         write_files(tmp)
         write_manifest(tmp)
         _fsync_tree(tmp)
-    except Exception as e:  # OSError or safetensors' own error type (e.g. a full disk)
+    except Exception as e:  # OSError, DidError or safetensors' own error type (e.g. a full disk)
         shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(e, OSError) and type(e).__name__ != "SafetensorError":
+        if not isinstance(e, (OSError, DidError)) and type(e).__name__ != "SafetensorError":
             raise
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DidError(f"cannot write checkpoint {root / name}: {e.strerror if isinstance(e, OSError) and e.strerror else msg}") from None
+        raise DidError(f"cannot write checkpoint {root / name}: {os_reason(e)}") from None
     final = root / name
     if final.exists():
         # same step saved twice (e.g. a best checkpoint at the last step): move the old one aside
@@ -127,8 +132,7 @@ def torch_load(path: str | Path) -> Any:
     except FileNotFoundError:
         raise DidError(f"{path}: missing") from None
     except Exception as e:  # unpickling errors name the offending type; keep one line
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DidError(f"{path}: cannot read training state ({msg})") from None
+        raise DidError(f"{path}: cannot read training state ({first_line(e)})") from None
 
 
 # ------------------------------------------------------------------------------- verification
@@ -178,7 +182,7 @@ def latest_checkpoint(run_dir: str | Path, warn: bool = True) -> Path | None:
         if reason is None:
             return ckpt
         if warn:
-            _warn(f"skipping damaged checkpoint {ckpt}: {reason}")
+            util.warn(f"skipping damaged checkpoint {ckpt}: {reason}")
     return None
 
 
@@ -219,7 +223,7 @@ def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
                 reason = verify_checkpoint(cand) if cand.is_dir() else "missing"
                 if reason is None:
                     return cand
-                _warn(f"best checkpoint {cand} unusable ({reason}); using the latest")
+                util.warn(f"best checkpoint {cand} unusable ({reason}); using the latest")
         found = latest_checkpoint(p)
         if found is not None:
             return found
@@ -246,3 +250,100 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
     for tmp in (run / CKPT_DIR).glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
     return deleted
+
+
+# ---------------------------------------------------------------------------------- model folders
+
+PREFIX = "backbone."
+CLIP_KEYS = ("sampling_eps_min", "sampling_eps_max")
+
+
+def export_state_dict(model: "DiT") -> dict[str, torch.Tensor]:
+    """The model's tensors under BD3-LM's public names (with the `backbone.` prefix)."""
+    return {PREFIX + k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def load_state_dict_strict(model: "DiT", tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, float]:
+    """Load BD3-LM-named tensors strictly: any missing, unexpected or mis-shaped tensor raises a
+    DidError naming it. Returns extra scalars found (the learned clip range), e.g.
+    {"sampling_eps_min": 0.45, "sampling_eps_max": 0.95}."""
+    extras = {k: float(tensors[k].float().reshape(-1)[0]) for k in CLIP_KEYS if k in tensors}
+    ours = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items() if k not in CLIP_KEYS}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(ours))
+    unexpected = sorted(set(ours) - set(expected))
+    if missing:
+        raise DidError(f"{source}: missing tensor {PREFIX}{missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise DidError(f"{source}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k, v in ours.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise DidError(f"{source}: tensor {PREFIX}{k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
+        if not v.is_floating_point():
+            raise DidError(f"{source}: tensor {PREFIX}{k} has dtype {v.dtype}, expected a floating-point dtype")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in ours.items()}, strict=True)
+    return extras
+
+
+def read_config(folder: str | Path) -> ModelConfig:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise DidError(f"{folder}: no config.json (not a checkpoint folder)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DidError(f"{path}: not valid JSON ({e.msg})") from None
+    return ModelConfig.from_dict(raw.get("model", raw))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple["DiT", dict[str, Any]]:
+    """Load a model for use: `path` is what `resolve_checkpoint` takes (a checkpoint folder,
+    ours or a public BD3-LM/MDLM one, a run folder, RUN/best or RUN/latest). Remote-code Python
+    files in the folder are ignored. Returns the model in eval mode and an info dict (the
+    checkpoint folder, the clip range when stored, the raw config)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from did_cli.model import DiT
+
+    folder = resolve_checkpoint(path)
+    cfg = read_config(folder)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise DidError(f"{folder}: missing model.safetensors")
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise DidError(f"{weights}: unreadable safetensors file ({e})") from None
+    model = DiT(cfg)
+    extras = load_state_dict_strict(model, tensors, source=str(weights))
+    model.to(device).eval()
+    raw = json.loads((folder / "config.json").read_text())
+    info: dict[str, Any] = {"raw_config": raw, "folder": folder}
+    if len(extras) == 2:
+        info["clip"] = (extras["sampling_eps_min"], extras["sampling_eps_max"])
+    return model, info
+
+
+def save_model(model: "DiT", folder: str | Path, extra_config: dict[str, Any] | None = None, clip: tuple[float, float] | None = None) -> None:
+    """Write `config.json` + `model.safetensors` into `folder` (created). Each file is written to
+    a temporary name and renamed, so a crash never leaves a half-written file under the real name."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.float().cpu() for k, v in export_state_dict(model).items()}
+    if clip is not None:
+        tensors["sampling_eps_min"] = torch.tensor(float(clip[0]))
+        tensors["sampling_eps_max"] = torch.tensor(float(clip[1]))
+    tmp = folder / "model.safetensors.tmp"
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        tmp.replace(folder / "model.safetensors")
+    except BaseException:  # e.g. a full disk: no half-written file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
+    cfg = model.config.to_dict()
+    cfg.update({"model_type": "did", "architectures": ["DiT"]})
+    cfg.update(extra_config or {})
+    atomic_write(folder / "config.json", json.dumps(cfg, indent=2) + "\n")

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import sys
 
 import typer
 
-from did_cli.config import ConfigError
 from did_cli.errors import DidError
 
 app = typer.Typer(
@@ -41,10 +39,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _not_implemented(name: str):
+def _help_only(name: str):
+    """A command that is listed (with its help line) but not imported: `main` imports only the
+    command being run, so `did eval-ppl` does not pay for importing the training stack."""
+
     def cmd() -> None:
-        typer.echo(f"did {name}: not implemented yet", err=True)
-        raise typer.Exit(2)
+        raise RuntimeError(f"did {name} was registered for --help only")
 
     return cmd
 
@@ -56,9 +56,6 @@ def _guarded(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ConfigError as e:
-            typer.echo(f"did: error: {e}", err=True)
-            raise typer.Exit(2) from None
         except DidError as e:
             typer.echo(f"did: error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
@@ -74,15 +71,14 @@ def _guarded(fn):
 
 
 def _register(only: str | None = None) -> None:
-    """Register the subcommands. With `only`, just that one is imported (the others stay as
-    help-text stubs), so `did eval-ppl` does not pay for importing the training stack."""
+    """Register the subcommands. With `only`, just that one is imported (the others are listed
+    for --help only); None imports all of them."""
     for name, (module, func, help_text) in COMMANDS.items():
-        fn = None
         if only is None or name == only:
-            # a missing module/function means "not built yet"; a broken one must fail loudly
-            if importlib.util.find_spec(f"did_cli.commands.{module}") is not None:
-                fn = getattr(importlib.import_module(f"did_cli.commands.{module}"), func, None)
-        app.command(name=name, help=help_text)(_guarded(fn) if fn else _not_implemented(name))
+            fn = _guarded(getattr(importlib.import_module(f"did_cli.commands.{module}"), func))
+        else:
+            fn = _help_only(name)
+        app.command(name=name, help=help_text)(fn)
 
 
 def main(argv: list[str] | None = None) -> None:

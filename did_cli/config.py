@@ -1,26 +1,25 @@
-"""Configuration dataclasses: the single source of truth for every stage.
+"""The model's configuration and presets, the diffusion schedule's settings, token ids, and the
+parsers of list-valued options.
 
-The CLI builds these from its options; a Python user builds them directly. Field names of
-`ModelConfig` follow the BD3-LM `config.json` so that public checkpoint folders read as-is.
+Each stage has its own settings dataclass beside its code (`training.TrainConfig`,
+`sampling.DraftConfig` / `RefineConfig`, `QuickstartConfig`); the CLI builds them from its
+options and a Python user builds them directly. `ModelConfig` reads and writes the BD3-LM
+`config.json` keys, so public checkpoint folders load as-is.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from did_cli.errors import UsageError
 
 # GPT-2 BPE has 50257 tokens; BD3-LM appends [MASK] as id 50257, so V = 50258.
 GPT2_VOCAB = 50257
 MASK_ID = 50257
 BOS_ID = 50256
 EOS_ID = 50256
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message names the offending option."""
 
 
 @dataclass
@@ -31,8 +30,8 @@ class ModelConfig:
     """Embedding rows, including the [MASK] token."""
     hidden_dim: int = 768
     """Model width."""
-    n_blocks: int = 12
-    """Transformer layers."""
+    n_layers: int = 12
+    """Transformer layers (`n_blocks` in BD3-LM's config.json, which is what we write)."""
     n_heads: int = 12
     """Attention heads; head dim = hidden_dim / n_heads (rotary uses all of it)."""
     cond_dim: int = 128
@@ -54,24 +53,29 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_dim % self.n_heads:
-            raise ConfigError(f"hidden_dim {self.hidden_dim} is not divisible by n_heads {self.n_heads}")
+            raise UsageError(f"hidden_dim {self.hidden_dim} is not divisible by n_heads {self.n_heads}")
         if (self.hidden_dim // self.n_heads) % 2:
-            raise ConfigError("head dim must be even for rotary embeddings")
+            raise UsageError("head dim must be even for rotary embeddings")
         if not 0 <= self.mask_id < self.vocab_size:
-            raise ConfigError(f"mask_id {self.mask_id} outside vocab_size {self.vocab_size}")
+            raise UsageError(f"mask_id {self.mask_id} outside vocab_size {self.vocab_size}")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_dim // self.n_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config.json form: BD3-LM's key names."""
+        d = dataclasses.asdict(self)
+        d[JSON_KEYS["n_layers"]] = d.pop("n_layers")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """Build from our config.json or a BD3-LM/MDLM one (unknown keys are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
+        renamed = {k: JSON_KEYS[k] for k in JSON_KEYS}
+        kw = {k: v for k, v in d.items() if k in names and k not in renamed}
+        kw.update({k: d[j] for k, j in renamed.items() if j in d})
         return cls(**kw)
 
     def n_params(self) -> int:
@@ -80,24 +84,27 @@ class ModelConfig:
         per_block = 2 * d + 3 * d * d + d * d + (d * m + m) + (m * d + d) + (6 * d * c + 6 * d)
         sigma = 256 * c + c + c * c + c
         out = d + (V * d + V) + (2 * d * c + 2 * d)
-        return V * d + sigma + self.n_blocks * per_block + out
+        return V * d + sigma + self.n_layers * per_block + out
 
+
+# attribute -> config.json key where BD3-LM's name would mislead here ("blocks" are diffusion blocks)
+JSON_KEYS = {"n_layers": "n_blocks"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the quickstart: most parameters are the two 50258-row embeddings.
-    "tiny": dict(hidden_dim=64, n_blocks=2, n_heads=2, cond_dim=32, model_length=128),
+    "tiny": dict(hidden_dim=64, n_layers=2, n_heads=2, cond_dim=32, model_length=128),
     # The quickstart: sized so that ~8 minutes on 2 CPU cores reach a useful validation NELBO.
-    "quick": dict(hidden_dim=128, n_blocks=4, n_heads=4, cond_dim=64, model_length=128),
+    "quick": dict(hidden_dim=128, n_layers=4, n_heads=4, cond_dim=64, model_length=128),
     # The paper's model: 12 x 768 x 12, ~169.6M parameters with untied embeddings.
-    "small": dict(hidden_dim=768, n_blocks=12, n_heads=12, cond_dim=128, model_length=1024),
-    "medium": dict(hidden_dim=1024, n_blocks=24, n_heads=16, cond_dim=128, model_length=1024),
+    "small": dict(hidden_dim=768, n_layers=12, n_heads=12, cond_dim=128, model_length=1024),
+    "medium": dict(hidden_dim=1024, n_layers=24, n_heads=16, cond_dim=128, model_length=1024),
 }
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """A `ModelConfig` from a named preset, with field overrides (e.g. model_length=256)."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown --preset {name!r}; choose from {', '.join(PRESETS)}")
+        raise UsageError(f"unknown --preset {name!r}; choose from {', '.join(PRESETS)}")
     kw = dict(PRESETS[name])
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return ModelConfig(**kw)
@@ -117,16 +124,16 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         lo, hi = self.clip
         if not (0.0 <= lo < hi <= 1.0):
-            raise ConfigError(f"--clip {lo},{hi}: need 0 <= beta < omega <= 1")
+            raise UsageError(f"--clip {lo},{hi}: need 0 <= beta < omega <= 1")
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:
     try:
         vals = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers") from None
+        raise UsageError(f"{flag} {text!r}: expected comma-separated integers") from None
     if not vals:
-        raise ConfigError(f"{flag}: empty list")
+        raise UsageError(f"{flag}: empty list")
     return vals
 
 
@@ -134,9 +141,9 @@ def parse_float_list(text: str, flag: str) -> list[float]:
     try:
         vals = [float(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"{flag} {text!r}: expected comma-separated numbers") from None
+        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers") from None
     if not vals:
-        raise ConfigError(f"{flag}: empty list")
+        raise UsageError(f"{flag}: empty list")
     return vals
 
 
@@ -146,33 +153,14 @@ def parse_clip(text: str | None, flag: str = "--clip") -> tuple[float, float] | 
         return None
     vals = parse_float_list(text, flag)
     if len(vals) != 2:
-        raise ConfigError(f"{flag} {text!r}: expected BETA,OMEGA")
+        raise UsageError(f"{flag} {text!r}: expected BETA,OMEGA")
     lo, hi = vals
     if not (0.0 <= lo < hi <= 1.0) or hi <= 0.0:
-        raise ConfigError(f"{flag} {text!r}: need 0 <= beta < omega <= 1 (a range inside (0, 1])")
+        raise UsageError(f"{flag} {text!r}: need 0 <= beta < omega <= 1 (a range inside (0, 1])")
     return lo, hi
 
 
 def check_block_sizes(block_sizes: list[int], length: int, flag: str = "--block-sizes") -> None:
     for b in block_sizes:
         if b <= 0 or length % b:
-            raise ConfigError(f"{flag}: block size {b} does not divide the sequence length {length}")
-
-
-def save_json(obj: Any, path: str | Path) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
-
-
-def _json_default(o: Any) -> Any:
-    if dataclasses.is_dataclass(o):
-        return dataclasses.asdict(o)
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
+            raise UsageError(f"{flag}: block size {b} does not divide the sequence length {length}")

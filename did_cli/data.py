@@ -1,14 +1,7 @@
 """`did prepare`: read text -> tokenise -> pack into fixed-length rows -> memory-mapped files.
 
 Sources
-    `.txt` files (each file is ONE document), `.jsonl` (one JSON object with a "text" field per
-    line), `.json` (a list of such objects, one object, or JSON lines), `.parquet` (a "text"
-    column), any of these compressed as `.gz`, `.xz` or `.bz2`, folders of them (searched
-    recursively, in sorted path order; other files are ignored), or a `datasets` hub name when
-    the string is not an existing path and the hub is reachable (its "train" split, "text"
-    column). No sources means the bundled corpus (Project Gutenberg books + Wikipedia intros).
-    Text that is not valid UTF-8 is decoded with undecodable bytes replaced by U+FFFD, and a
-    warning naming the file is printed once on stderr.
+    Files, folders, the bundled corpus or a `datasets` hub name: `did_cli.sources`.
 
 Row layout
     Each split is its own token stream: every document followed by EOS, documents in source
@@ -29,200 +22,22 @@ Output folder
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import hashlib
 import json
-import lzma
 import multiprocessing
 import os
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from did_cli.errors import DidError, UsageError
+from did_cli.sources import collect_sources, documents
+from did_cli.util import atomic_write, info
 
 FORMAT = "did.prepared/1"
 SPLITS = ("train", "validation")
-BUNDLED_CORPUS = Path(__file__).resolve().parent / "assets" / "corpus" / "corpus.jsonl.xz"
-BUNDLED_NAME = "bundled:corpus.jsonl.xz"
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-COMPRESSED = {".gz": gzip.decompress, ".xz": lzma.decompress, ".bz2": bz2.decompress}
 DEFAULT_VAL_FRACTION = 0.05
-
-
-def _warn(msg: str) -> None:
-    print(f"did: warning: {msg}", file=sys.stderr)
-
-
-def _info(msg: str) -> None:
-    print(f"did: {msg}", file=sys.stderr)
-
-
-# ---------------------------------------------------------------------------------- sources
-
-
-@dataclass
-class _Source:
-    label: str  # what meta.json and messages call it
-    kind: str  # "txt" | "jsonl" | "json" | "parquet" | "hub"
-    data: bytes | None = None  # decompressed file bytes
-    dataset: Any = None  # a datasets.Dataset for hub sources
-
-    def hash_into(self, h: Any) -> None:
-        h.update(f"{self.kind}\0".encode())
-        if self.data is not None:
-            h.update(len(self.data).to_bytes(8, "little"))
-            h.update(self.data)
-        else:
-            h.update(str(getattr(self.dataset, "_fingerprint", self.label)).encode())
-
-
-def _file_kind(path: Path) -> tuple[str, Any] | None:
-    """(kind, decompressor) for a supported file name, else None."""
-    suffixes = [s.lower() for s in path.suffixes]
-    decompress = None
-    if suffixes and suffixes[-1] in COMPRESSED:
-        decompress = COMPRESSED[suffixes[-1]]
-        suffixes = suffixes[:-1]
-    if suffixes and suffixes[-1] in TEXT_SUFFIXES:
-        return suffixes[-1][1:], decompress
-    return None
-
-
-def _read_file(path: Path, label: str) -> _Source:
-    kind = _file_kind(path)
-    if kind is None:
-        raise UsageError(f"{label}: unsupported file type (use .txt, .jsonl, .json or .parquet, optionally .gz/.xz/.bz2)")
-    try:
-        raw = path.read_bytes()
-        data = kind[1](raw) if kind[1] else raw
-    except OSError as e:
-        raise DidError(f"cannot read {label}: {e.strerror or e}") from None
-    except (EOFError, lzma.LZMAError, gzip.BadGzipFile, ValueError) as e:
-        raise DidError(f"cannot decompress {label}: {e}") from None
-    return _Source(label, kind[0], data)
-
-
-def _collect(sources: list[str] | None) -> list[_Source]:
-    if not sources:
-        return [_read_file(BUNDLED_CORPUS, BUNDLED_NAME)]
-    out: list[_Source] = []
-    for s in sources:
-        p = Path(s).expanduser()
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and _file_kind(f) and not f.name.startswith("."))
-            if not files:
-                raise UsageError(f"source folder {s} holds no .txt/.jsonl/.json/.parquet files")
-            out += [_read_file(f, str(f)) for f in files]
-        elif p.is_file():
-            out.append(_read_file(p, s))
-        elif p.exists():  # a FIFO or device would block or never end
-            raise UsageError(f"source {s} is not a regular file or folder")
-        elif _file_kind(p) or s.startswith((".", "/", "~")) or s.count("/") >= 2:
-            raise UsageError(f"source {s} does not exist")
-        else:
-            out.append(_hub_source(s))
-    return out
-
-
-def _hub_unreachable() -> str | None:
-    """A reason when the hub's host cannot even be resolved (saves minutes of retries)."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
-        return None  # offline mode: datasets answers from its local cache
-    try:
-        from huggingface_hub import constants
-
-        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-        socket.getaddrinfo(host, 443)
-    except OSError as e:
-        return f"hub not reachable: {e}"
-    except Exception:
-        return None
-    return None
-
-
-def _hub_source(name: str) -> _Source:
-    reason = _hub_unreachable()
-    if reason:
-        raise UsageError(f"source {name!r} is neither an existing file/folder nor a reachable dataset ({reason})")
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as e:  # offline, unknown name, bad config...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"source {name!r} is neither an existing file/folder nor a reachable dataset ({reason})") from None
-    if "text" not in ds.column_names:
-        raise DidError(f"dataset {name!r} has no 'text' column (columns: {', '.join(ds.column_names)})")
-    return _Source(name, "hub", dataset=ds)
-
-
-def _decode(src: _Source) -> str:
-    assert src.data is not None
-    try:
-        return src.data.decode("utf-8")
-    except UnicodeDecodeError:
-        _warn(f"{src.label} is not valid UTF-8; undecodable bytes were replaced with U+FFFD")
-        return src.data.decode("utf-8", errors="replace")
-
-
-def _text_of(obj: Any, where: str) -> str:
-    if not isinstance(obj, dict) or "text" not in obj:
-        raise DidError(f"{where}: expected a JSON object with a \"text\" field")
-    t = obj["text"]
-    if t is None:
-        return ""
-    if not isinstance(t, str):
-        raise DidError(f"{where}: \"text\" is not a string")
-    return t
-
-
-def _jsonl_docs(text: str, label: str) -> Iterator[str]:
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DidError(f"{label}:{n}: not valid JSON ({e.msg})") from None
-            yield _text_of(obj, f"{label}:{n}")
-
-
-def _documents(src: _Source) -> Iterator[str]:
-    """The documents of one source (possibly empty strings; the caller drops blank ones)."""
-    if src.kind == "hub":
-        yield from (t or "" for t in src.dataset["text"])
-    elif src.kind == "txt":
-        yield _decode(src)
-    elif src.kind == "jsonl":
-        yield from _jsonl_docs(_decode(src), src.label)
-    elif src.kind == "json":
-        text = _decode(src)
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError:
-            yield from _jsonl_docs(text, src.label)  # JSON lines saved as .json
-            return
-        items = obj if isinstance(obj, list) else [obj]
-        for i, item in enumerate(items):
-            yield _text_of(item, f"{src.label}[{i}]")
-    elif src.kind == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(pa.BufferReader(src.data))
-        except Exception as e:
-            raise DidError(f"cannot read parquet file {src.label}: {e}") from None
-        if "text" not in table.column_names:
-            raise DidError(f"{src.label}: no 'text' column (columns: {', '.join(table.column_names)})")
-        yield from (t or "" for t in table.column("text").to_pylist())
 
 
 # ------------------------------------------------------------------------------ tokenising
@@ -302,20 +117,6 @@ def _pack(doc_ids: list[np.ndarray], seq_len: int, bos: int, eos: int, dtype: np
     return rows
 
 
-def _write_atomic(path: Path, data: bytes | np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            # f.write (not ndarray.tofile) so a full disk reports its errno
-            f.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DidError(f"cannot write {path}: {e.strerror or e}") from None
-
-
 def _dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
 
@@ -341,24 +142,13 @@ def prepare(
     """
     from did_cli.tokenizer import load_tokenizer
 
-    if seq_len < 2:
-        raise UsageError(f"--seq-len {seq_len}: must be at least 2 (BOS plus one token)")
-    if val_docs is not None and val_fraction is not None:
-        raise UsageError("--val-docs and --val-fraction are mutually exclusive; give one of them")
-    if val_docs is not None and val_docs < 0:
-        raise UsageError(f"--val-docs {val_docs}: must be >= 0")
-    if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
-        raise UsageError(f"--val-fraction {val_fraction}: must be in [0, 1)")
-    if num_proc < 1:
-        raise UsageError(f"--num-proc {num_proc}: must be >= 1")
-    if val_docs is None and val_fraction is None:
-        val_fraction = DEFAULT_VAL_FRACTION
+    val_fraction = _check_settings(seq_len, val_docs, val_fraction, num_proc)
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
     tok = load_tokenizer(tokenizer)
-    srcs = _collect(sources)
+    srcs = collect_sources(sources)
 
     h = hashlib.sha256()
     settings = dict(format=FORMAT, tokenizer=tok.name, fingerprint=tok.fingerprint, seq_len=seq_len,
@@ -370,10 +160,10 @@ def prepare(
 
     old = _reusable(out, content_hash)
     if old is not None:
-        _info(f"reusing prepared data in {out} (same sources and settings)")
+        info(f"reusing prepared data in {out} (same sources and settings)")
         return {**old, "reused": True}
 
-    docs = [d for s in srcs for d in _documents(s) if d.strip()]
+    docs = [d for s in srcs for d in documents(s) if d.strip()]
     if not docs:
         raise DidError(f"no text found in {', '.join(s.label for s in srcs)}")
     n_val = val_docs if val_docs is not None else int(round(val_fraction * len(docs)))
@@ -381,18 +171,8 @@ def prepare(
         raise UsageError(f"validation takes {n_val} of {len(docs)} documents, leaving none to train on; "
                          "use a smaller --val-docs or --val-fraction")
 
-    ids = _tokenize(docs, tok, num_proc, progress)
     dtype = _dtype_for(tok.vocab_size)
-    parts = {"train": ids[: len(ids) - n_val], "validation": ids[len(ids) - n_val:]}
-    rows, splits = {}, {}
-    for name, part in parts.items():
-        rows[name] = _pack(part, seq_len, tok.bos_id, tok.eos_id, dtype)
-        tokens = int(sum(len(x) + 1 for x in part))
-        if len(rows[name]) == 0 and part:
-            flag = "--seq-len" if name == "train" else "--seq-len or a larger --val-fraction/--val-docs"
-            raise UsageError(f"the {name} split ({len(part)} documents, {tokens} tokens) is too small for one row of "
-                             f"{seq_len} tokens; use a smaller {flag}")
-        splits[name] = {"rows": int(len(rows[name])), "docs": len(part), "tokens": tokens}
+    rows, splits = _split_rows(_tokenize(docs, tok, num_proc, progress), n_val, seq_len, tok, dtype)
 
     meta = {
         "format": FORMAT,
@@ -411,15 +191,52 @@ def prepare(
         "val_fraction": val_fraction,
         "content_hash": content_hash,
     }
+    _write_folder(out, rows, meta)
+    return {**meta, "reused": False}
+
+
+def _check_settings(seq_len: int, val_docs: int | None, val_fraction: float | None, num_proc: int) -> float | None:
+    """Eager checks of prepare's settings; returns the validation fraction to use."""
+    if seq_len < 2:
+        raise UsageError(f"--seq-len {seq_len}: must be at least 2 (BOS plus one token)")
+    if val_docs is not None and val_fraction is not None:
+        raise UsageError("--val-docs and --val-fraction are mutually exclusive; give one of them")
+    if val_docs is not None and val_docs < 0:
+        raise UsageError(f"--val-docs {val_docs}: must be >= 0")
+    if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
+        raise UsageError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if num_proc < 1:
+        raise UsageError(f"--num-proc {num_proc}: must be >= 1")
+    if val_docs is None and val_fraction is None:
+        return DEFAULT_VAL_FRACTION
+    return val_fraction
+
+
+def _split_rows(ids: list[np.ndarray], n_val: int, seq_len: int, tok: Any, dtype: np.dtype) -> tuple[dict, dict]:
+    """Rows and counts per split: the last `n_val` documents are the validation split."""
+    parts = {"train": ids[: len(ids) - n_val], "validation": ids[len(ids) - n_val:]}
+    rows, splits = {}, {}
+    for name, part in parts.items():
+        rows[name] = _pack(part, seq_len, tok.bos_id, tok.eos_id, dtype)
+        tokens = int(sum(len(x) + 1 for x in part))
+        if len(rows[name]) == 0 and part:
+            flag = "--seq-len" if name == "train" else "--seq-len or a larger --val-fraction/--val-docs"
+            raise UsageError(f"the {name} split ({len(part)} documents, {tokens} tokens) is too small for one row of "
+                             f"{seq_len} tokens; use a smaller {flag}")
+        splits[name] = {"rows": int(len(rows[name])), "docs": len(part), "tokens": tokens}
+    return rows, splits
+
+
+def _write_folder(out: Path, rows: dict, meta: dict) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DidError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
     (out / "meta.json").unlink(missing_ok=True)  # the folder is incomplete until meta.json is back
     for name in SPLITS:
-        _write_atomic(out / f"{name}.bin", rows[name])
-    _write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
-    return {**meta, "reused": False}
+        # fsync: a folder whose meta.json exists must hold complete files after a power cut
+        atomic_write(out / f"{name}.bin", np.ascontiguousarray(rows[name]).reshape(-1).view(np.uint8), fsync=True)
+    atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n", fsync=True)
 
 
 def _reusable(out: Path, content_hash: str) -> dict | None:

@@ -7,7 +7,9 @@ class DidError(Exception):
     exit_code = 1
 
 
-class UsageError(DidError):
-    """Bad command-line input: the message names the flag (exit 2)."""
+class UsageError(DidError, ValueError):
+    """Bad input from the user (an option, a setting): the message names the flag (exit 2).
+
+    Also a ValueError, so library callers that pass a bad setting get the conventional type."""
 
     exit_code = 2

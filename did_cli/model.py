@@ -1,7 +1,7 @@
 """The DiT backbone of BD3-LM, weight-compatible with its public checkpoints.
 
 Read top to bottom: rotary embeddings, norms, one transformer block, the model, then its three
-forward passes and checkpoint I/O.
+forward passes. Loading and saving weights is `did_cli.checkpoint`.
 
 - `forward(xt, block_size, x0=x0, select=mask)`: the vectorised `[x_t ; x_0]` training pass,
   logits of the noisy half only, and only at `select`ed positions (the 50258-wide output layer is
@@ -17,9 +17,7 @@ constant, computed once per forward as a [1, ...] tensor that broadcasts over th
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -169,8 +167,8 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, device: torch.device, dtype: torch.dtype):
         shape = (batch, cfg.n_heads, capacity, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_blocks)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_blocks)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.length = 0
         self.capacity = capacity
         # the committed length as a device scalar too, for the static-shape step (CUDA graphs)
@@ -192,7 +190,7 @@ class DiT(nn.Module):
         self.vocab_embed = EmbeddingLayer(cfg.vocab_size, cfg.hidden_dim)
         self.sigma_map = TimestepEmbedder(cfg.cond_dim)
         self.rotary_emb = Rotary(cfg.head_dim)
-        self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.n_blocks)])
+        self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.n_layers)])
         self.output_layer = FinalLayer(cfg)
 
     # -- conditioning -------------------------------------------------------------------------
@@ -302,7 +300,7 @@ class DiT(nn.Module):
         `cache.start`, keys/values are written with `index_copy_`, and attention runs over the
         whole cache capacity with a validity mask. No host synchronisation and no shape that
         depends on progress, so the call can be captured once in a CUDA graph and replayed
-        (see `did_cli.fast_step`). Does not commit; returns logits [B, n, V]."""
+        (see `did_cli.sampling.graph`). Does not commit; returns logits [B, n, V]."""
         n, cap = x.shape[1], cache.capacity
         pos = cache.start + torch.arange(n, device=x.device)
         cos_all, sin_all = self.rotary_emb.cos_sin(0, cap, x.device)
@@ -317,97 +315,3 @@ class DiT(nn.Module):
             att = F.scaled_dot_product_attention(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), attn_mask=visible)
             h = blk.finish(h, att, mod)
         return self.logits(h)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint I/O (safetensors only)
-# ---------------------------------------------------------------------------------------------
-
-PREFIX = "backbone."
-CLIP_KEYS = ("sampling_eps_min", "sampling_eps_max")
-
-
-def export_state_dict(model: DiT) -> dict[str, torch.Tensor]:
-    """The model's tensors under BD3-LM's public names (with the `backbone.` prefix)."""
-    return {PREFIX + k: v.detach().contiguous() for k, v in model.state_dict().items()}
-
-
-def load_state_dict_strict(model: DiT, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, float]:
-    """Load BD3-LM-named tensors strictly: any missing, unexpected or mis-shaped tensor raises a
-    DidError naming it. Returns extra scalars found (the learned clip range), e.g.
-    {"sampling_eps_min": 0.45, "sampling_eps_max": 0.95}."""
-    extras = {k: float(tensors[k].float().reshape(-1)[0]) for k in CLIP_KEYS if k in tensors}
-    ours = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items() if k not in CLIP_KEYS}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(ours))
-    unexpected = sorted(set(ours) - set(expected))
-    if missing:
-        raise DidError(f"{source}: missing tensor {PREFIX}{missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if unexpected:
-        raise DidError(f"{source}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    for k, v in ours.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise DidError(f"{source}: tensor {PREFIX}{k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
-        if not v.is_floating_point():
-            raise DidError(f"{source}: tensor {PREFIX}{k} has dtype {v.dtype}, expected a floating-point dtype")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in ours.items()}, strict=True)
-    return extras
-
-
-def read_config(folder: str | Path) -> ModelConfig:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise DidError(f"{folder}: no config.json (not a checkpoint folder)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DidError(f"{path}: not valid JSON ({e.msg})") from None
-    return ModelConfig.from_dict(raw.get("model", raw))
-
-
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[DiT, dict[str, Any]]:
-    """Load a checkpoint folder (ours, or a public BD3-LM/MDLM one): `config.json` +
-    `model.safetensors`. Remote-code Python files in the folder are ignored. Returns the model in
-    eval mode and an info dict (clip range when stored, the raw config)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    cfg = read_config(folder)
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise DidError(f"{folder}: missing model.safetensors")
-    try:
-        tensors = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError) as e:
-        raise DidError(f"{weights}: unreadable safetensors file ({e})") from None
-    model = DiT(cfg)
-    extras = load_state_dict_strict(model, tensors, source=str(weights))
-    model.to(device).eval()
-    raw = json.loads((folder / "config.json").read_text())
-    info: dict[str, Any] = {"raw_config": raw}
-    if len(extras) == 2:
-        info["clip"] = (extras["sampling_eps_min"], extras["sampling_eps_max"])
-    return model, info
-
-
-def save_model(model: DiT, folder: str | Path, extra_config: dict[str, Any] | None = None, clip: tuple[float, float] | None = None) -> None:
-    """Write `config.json` + `model.safetensors` into `folder` (created). Each file is written to
-    a temporary name and renamed, so a crash never leaves a half-written file under the real name."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.float().cpu() for k, v in export_state_dict(model).items()}
-    if clip is not None:
-        tensors["sampling_eps_min"] = torch.tensor(float(clip[0]))
-        tensors["sampling_eps_max"] = torch.tensor(float(clip[1]))
-    tmp = folder / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(folder / "model.safetensors")
-    cfg = model.config.to_dict()
-    cfg.update({"model_type": "did", "architectures": ["DiT"]})
-    cfg.update(extra_config or {})
-    tmpj = folder / "config.json.tmp"
-    tmpj.write_text(json.dumps(cfg, indent=2) + "\n")
-    tmpj.replace(folder / "config.json")

@@ -59,16 +59,16 @@ class QuickstartConfig:
     """Seed of training, drafting and refinement."""
 
     def check(self) -> None:
-        from did_cli.config import ConfigError
+        from did_cli.errors import UsageError
 
         if self.minutes <= 0:
-            raise ConfigError(f"--minutes must be positive (got {self.minutes})")
+            raise UsageError(f"--minutes must be positive (got {self.minutes})")
         if self.samples < 2:
-            raise ConfigError(f"--samples must be at least 2 (got {self.samples})")
+            raise UsageError(f"--samples must be at least 2 (got {self.samples})")
         if self.seq_len % self.draft_block:
-            raise ConfigError(f"--draft-block {self.draft_block} does not divide --seq-len {self.seq_len}")
+            raise UsageError(f"--draft-block {self.draft_block} does not divide --seq-len {self.seq_len}")
         if not 0.0 < self.ratio <= 1.0:
-            raise ConfigError(f"--ratio {self.ratio} outside (0, 1]")
+            raise UsageError(f"--ratio {self.ratio} outside (0, 1]")
 
 
 def _say(msg: str) -> None:
@@ -78,12 +78,12 @@ def _say(msg: str) -> None:
 def pick_scorer(spec: str | None, device: str) -> Any:
     """The best scorer available: `spec` when given; else gpt2-large (the paper's scorer) when
     the hub is reachable or it is cached; else the SmolLM2 GGUF found on disk."""
-    from did_cli.data import _hub_unreachable
-    from did_cli.scorer import load_scorer
+    from did_cli.evaluation.scorer import load_scorer
+    from did_cli.util import hub_unreachable
 
     if spec:
         return load_scorer(spec, device=device)
-    if _hub_unreachable() is None:
+    if hub_unreachable() is None:
         try:
             return load_scorer("gpt2-large", device=device)
         except DidError:
@@ -93,8 +93,8 @@ def pick_scorer(spec: str | None, device: str) -> Any:
 
 def check_scorer_available(spec: str | None) -> None:
     """Fail before training when no scorer can possibly be loaded."""
-    from did_cli.data import _hub_unreachable
-    from did_cli.scorer import GGUF_INSTALL, default_gguf_path
+    from did_cli.evaluation.scorer import GGUF_INSTALL, default_gguf_path
+    from did_cli.util import hub_unreachable
 
     if spec is None and default_gguf_path() is not None:
         import importlib.util
@@ -106,7 +106,7 @@ def check_scorer_available(spec: str | None) -> None:
         if (p.suffix.lower() == ".gguf" or p.is_absolute() or spec.startswith(".")) and not p.exists():
             raise DidError(f"--scorer {spec}: no such file or folder")
         return
-    if default_gguf_path() is None and _hub_unreachable() is not None:
+    if default_gguf_path() is None and hub_unreachable() is not None:
         try:  # gpt2-large may still sit in the local cache
             from huggingface_hub import try_to_load_from_cache
 
@@ -117,81 +117,87 @@ def check_scorer_available(spec: str | None) -> None:
         raise DidError(f"no scorer available offline: install the on-disk scorer with `{GGUF_INSTALL}` or pass --scorer")
 
 
-def ngram_copy_rate(samples: list[list[int]], train_rows: Any, n: int = 8, max_train_tokens: int = 20_000_000) -> float | None:
-    """Share of the samples' n-grams that also occur in the training split (memorisation check:
-    a model that copies its training data gets a flattering gen PPL)."""
-    import numpy as np
+class _Timer:
+    """Wall time per stage, said on stderr as each one ends."""
 
-    def hashes(arr: "np.ndarray") -> "np.ndarray":
-        arr = arr.astype(np.uint64)
-        if len(arr) < n:
-            return np.empty(0, np.uint64)
-        h = np.zeros(len(arr) - n + 1, np.uint64)
-        with np.errstate(over="ignore"):
-            for j in range(n):
-                h = h * np.uint64(1_000_003) + arr[j : len(arr) - n + 1 + j]
-        return h
+    def __init__(self, budget: float):
+        self.t0, self.budget, self.timings = time.perf_counter(), budget, {}
 
-    flat = np.asarray(train_rows[: max(1, max_train_tokens // train_rows.shape[1])]).reshape(-1)
-    table = np.unique(hashes(flat))
-    got = [hashes(np.asarray(s[1:], dtype=np.int64)) for s in samples if len(s) > n]
-    got = [g for g in got if len(g)]
-    if not got:
-        return None
-    allh = np.concatenate(got)
-    return float(np.isin(allh, table).mean())
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
 
-
-def draft_ppl_at_entropy(a: tuple[float, float], b: tuple[float, float], entropy: float) -> float | None:
-    """Mean gen PPL the drafts would have at `entropy`, read off the line through two draft
-    settings (entropy, PPL) in log-PPL (linear inside or near their range; None if the two
-    settings have the same entropy)."""
-    (e1, p1), (e2, p2) = a, b
-    if None in (e1, p1, e2, p2) or abs(e1 - e2) < 1e-6 or p1 <= 0 or p2 <= 0:
-        return None
-    w = (entropy - e1) / (e2 - e1)
-    return math.exp(math.log(p1) + w * (math.log(p2) - math.log(p1)))
+    def stage(self, name: str, t: float) -> None:
+        self.timings[name] = round(time.perf_counter() - t, 1)
+        _say(f"{name} done in {self.timings[name]:.0f}s ({self.elapsed():.0f}s of {self.budget:.0f}s)")
 
 
 def run(cfg: QuickstartConfig) -> dict:
     """Run the pipeline; returns the results dict also written to OUT/results.json."""
-    import torch
-
-    from did_cli import evaluate, report
-    from did_cli.checkpoint import resolve_checkpoint
+    from did_cli.checkpoint import load_model
     from did_cli.data import PreparedData, prepare
-    from did_cli.model import load_model
-    from did_cli.refinement import RefineConfig, refine
-    from did_cli.sampling import DraftConfig, draft
+    from did_cli.evaluation import report
     from did_cli.tokenizer import load_tokenizer
-    from did_cli.train import TrainConfig, train
+    from did_cli.util import atomic_write, resolve_device
 
     cfg.check()
     check_scorer_available(cfg.scorer)
-    t0 = time.perf_counter()
-    budget = cfg.minutes * 60.0
+    timer = _Timer(cfg.minutes * 60.0)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(cfg.seed)
-    timings: dict[str, float] = {}
+    device = resolve_device(cfg.device).type
 
-    def stage(name: str, t: float) -> None:
-        timings[name] = round(time.perf_counter() - t, 1)
-        _say(f"{name} done in {timings[name]:.0f}s ({time.perf_counter() - t0:.0f}s of {budget:.0f}s)")
-
-    # 1. data
     t = time.perf_counter()
     _say("[1/5] preparing the bundled corpus")
     prepare(None, out / "data", seq_len=cfg.seq_len, progress=False)
     data = PreparedData(out / "data")
-    stage("prepare", t)
+    timer.stage("prepare", t)
 
-    # 2. train: whatever the budget leaves after the sampling and scoring stages; on a CPU those
-    # take about 45% of a 15-minute run, and they scale with the number of samples
+    trained = _train(cfg, out, device, timer)
+    model, info = load_model(out / "run" / "best", device=device)
+    ckpt = info["folder"]
+    tok = load_tokenizer(model.config.tokenizer)
+    drafts, control, refined = _sample(cfg, out, model, tok, str(ckpt), timer)
+
+    t = time.perf_counter()
+    _say("[5/5] scoring with an autoregressive model")
+    scorer = pick_scorer(cfg.scorer, device)
+    _say(f"scorer: {scorer.name}")
+    from did_cli.evaluation.gen_ppl import gen_ppl
+
+    res = {"draft": gen_ppl(drafts, scorer), "refined": gen_ppl(refined, scorer), "control": gen_ppl(control, scorer)}
+    timer.stage("score", t)
+
+    results = _results(cfg, res, data, drafts, refined, scorer.name)
+    results.update({
+        "training": {k: v for k, v in trained.items() if isinstance(v, (int, float, str, list, dict)) or v is None},
+        "checkpoint": str(ckpt), "config": dataclasses.asdict(cfg), "device": device, "torch": _torch_version(),
+        "timings_s": timer.timings, "total_s": round(timer.elapsed(), 1),
+    })
+    report.write_report(out, results, out / "run", drafts, refined)
+    atomic_write(out / "results.json", json.dumps(_finite(results), indent=2) + "\n")
+    d, r = results["draft"], results["refined"]
+    _say(f"draft gen PPL {d['mean_ppl']:.2f} (entropy {d['mean_entropy']:.3f}) -> refined {r['mean_ppl']:.2f} "
+         f"(entropy {r['mean_entropy']:.3f}); report: {out / 'report.md'}")
+    return results
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _train(cfg: QuickstartConfig, out: Path, device: str, timer: _Timer) -> dict:
+    """Mix-scale training for whatever the budget leaves after the sampling and scoring stages;
+    on a CPU those take about 45% of a 15-minute run, and they scale with the number of samples."""
+    import torch
+
+    from did_cli.training import TrainConfig, train
+
+    torch.manual_seed(cfg.seed)
     t = time.perf_counter()
     rest = 90.0 + cfg.samples * (1.6 if device == "cpu" else 0.2)
-    limit = max(30.0, budget - (time.perf_counter() - t0) - rest)
+    limit = max(30.0, timer.budget - timer.elapsed() - rest)
     _say(f"[2/5] training preset {cfg.preset!r} on blocks {cfg.draft_block} and {cfg.seq_len} for {limit / 60:.1f} min")
     run_dir = out / "run"
     tcfg = TrainConfig(
@@ -200,54 +206,49 @@ def run(cfg: QuickstartConfig) -> dict:
         steps=1_000_000, batch_size=cfg.batch_size, lr=cfg.lr, warmup=100, ema=0.999,
         eval_every=100, eval_batches=4, save_every=100, keep_last=1, log_every=20, seed=cfg.seed,
         time_limit=limit, mixed_precision=None, progress=True,
+        resume=(run_dir / "checkpoints").is_dir(),  # a re-run continues the same model for another budget
     )
-    if (run_dir / "checkpoints").is_dir():
-        tcfg.resume = True  # a re-run continues the same model for another budget
     trained = train(tcfg)
-    stage("train", t)
+    timer.stage("train", t)
+    return trained
 
-    ckpt = resolve_checkpoint(run_dir, which="best")
-    model, _ = load_model(ckpt, device=device)
-    tok = load_tokenizer(model.config.tokenizer)
 
-    # 3. draft
+def _sample(cfg: QuickstartConfig, out: Path, model: Any, tok: Any, ckpt: str, timer: _Timer) -> tuple[list, list, list]:
+    """Drafts, the entropy-control drafts, and the refined drafts (each also written as JSONL)."""
+    from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
+
     t = time.perf_counter()
     _say(f"[3/5] drafting {cfg.samples} samples of {cfg.seq_len} tokens (block {cfg.draft_block}, first-hitting)")
     dcfg = DraftConfig(n=cfg.samples, length=cfg.seq_len, block_size=cfg.draft_block, batch_size=32, seed=cfg.seed)
-    drafts = _save(out / "draft.jsonl", draft(model, dcfg, tokenizer=tok, model_path=str(ckpt)))
-    stage("draft", t)
+    drafts = _save(out / "draft.jsonl", draft(model, dcfg, tokenizer=tok, model_path=ckpt))
+    timer.stage("draft", t)
 
     # a control for entropy: refinement tends to lower entropy, and lower entropy alone lowers
     # gen PPL, so drafts at a lower nucleus mass give the draft's PPL-entropy trade-off
     t = time.perf_counter()
     ccfg = dataclasses.replace(dcfg, top_p=cfg.control_top_p)
-    control = _save(out / f"draft_top_p{cfg.control_top_p}.jsonl", draft(model, ccfg, tokenizer=tok, model_path=str(ckpt)))
-    stage("control draft", t)
+    control = _save(out / f"draft_top_p{cfg.control_top_p}.jsonl", draft(model, ccfg, tokenizer=tok, model_path=ckpt))
+    timer.stage("control draft", t)
 
-    # 4. refine
     t = time.perf_counter()
     _say(f"[4/5] global refinement of the {cfg.ratio:.0%} least confident tokens")
     rcfg = RefineConfig(stages=[(None, cfg.ratio)], confidence="snapshot", batch_size=32, seed=cfg.seed)
-    refined = _save(out / "refined.jsonl", refine(model, drafts, rcfg, tokenizer=tok, model_path=str(ckpt)))
-    stage("refine", t)
+    refined = _save(out / "refined.jsonl", refine(model, drafts, rcfg, tokenizer=tok, model_path=ckpt))
+    timer.stage("refine", t)
+    return drafts, control, refined
 
-    # 5. score
-    t = time.perf_counter()
-    _say("[5/5] scoring with an autoregressive model")
-    scorer = pick_scorer(cfg.scorer, device)
-    _say(f"scorer: {scorer.name}")
-    res = {"draft": evaluate.gen_ppl(drafts, scorer), "refined": evaluate.gen_ppl(refined, scorer),
-           "control": evaluate.gen_ppl(control, scorer)}
-    stage("score", t)
+
+def _results(cfg: QuickstartConfig, res: dict, data: Any, drafts: list, refined: list, scorer: str) -> dict:
+    """The comparison of drafts and refined samples, read against the entropy control."""
+    from did_cli.evaluation.report import draft_ppl_at_entropy, ngram_copy_rate
 
     train_rows = data.rows("train")
-    d, r = res["draft"]["summary"], res["refined"]["summary"]
+    d, r, c = res["draft"]["summary"], res["refined"]["summary"], res["control"]["summary"]
     rel_ppl = (r["mean_ppl"] - d["mean_ppl"]) / d["mean_ppl"] if d["mean_ppl"] else None
     rel_ent = (r["mean_entropy"] - d["mean_entropy"]) / d["mean_entropy"] if d["mean_entropy"] else None
-    c = res["control"]["summary"]
     matched = draft_ppl_at_entropy((d["mean_entropy"], d["mean_ppl"]), (c["mean_entropy"], c["mean_ppl"]), r["mean_entropy"])
-    results = {
-        "scorer": scorer.name,
+    return {
+        "scorer": scorer,
         "draft": {**d, "copy_rate_8gram": ngram_copy_rate([x["tokens"] for x in drafts], train_rows)},
         "refined": {**r, "copy_rate_8gram": ngram_copy_rate([x["tokens"] for x in refined], train_rows)},
         "draft_mean_gen_ppl": d["mean_ppl"],
@@ -265,19 +266,7 @@ def run(cfg: QuickstartConfig) -> dict:
         # the stricter test: better than drafts sampled more conservatively to the same entropy
         "refinement_beats_entropy_control": None if matched is None else bool(r["mean_ppl"] < matched),
         "per_sample": {"draft": res["draft"]["samples"], "refined": res["refined"]["samples"]},
-        "training": {k: v for k, v in trained.items() if isinstance(v, (int, float, str, list, dict)) or v is None},
-        "checkpoint": str(ckpt),
-        "config": dataclasses.asdict(cfg),
-        "device": device,
-        "torch": torch.__version__,
-        "timings_s": timings,
-        "total_s": round(time.perf_counter() - t0, 1),
     }
-    report.write_report(out, results, run_dir, drafts, refined)
-    (out / "results.json").write_text(json.dumps(_finite(results), indent=2) + "\n")
-    _say(f"draft gen PPL {d['mean_ppl']:.2f} (entropy {d['mean_entropy']:.3f}) -> refined {r['mean_ppl']:.2f} "
-         f"(entropy {r['mean_entropy']:.3f}); report: {out / 'report.md'}")
-    return results
 
 
 def _save(path: Path, records: Any) -> list[dict]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from did_cli.errors import DidError
+from did_cli.util import first_line
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 GPT2_DIR = ASSETS / "gpt2"
@@ -150,6 +151,6 @@ def _load(name: str) -> Tokenizer:
     try:
         hf = AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
     except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DidError(f"cannot load tokenizer {name!r} (not a bundled name, a tokenizer folder, or a reachable hub name): {reason}") from None
+        raise DidError(f"cannot load tokenizer {name!r} (not a bundled name, a tokenizer folder, or a reachable hub name): "
+                       f"{first_line(e)}") from None
     return Tokenizer(hf, name)

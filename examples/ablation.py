@@ -41,14 +41,14 @@ def main() -> None:
 
     import torch
 
-    from did_cli import evaluate
+    from did_cli.evaluation import gen_ppl as evaluate
     from did_cli.checkpoint import read_best, resolve_checkpoint
-    from did_cli.model import load_model
+    from did_cli.checkpoint import load_model
     from did_cli.records import RecordWriter
-    from did_cli.refinement import RefineConfig, refine
+    from did_cli.sampling import RefineConfig, refine
     from did_cli.sampling import DraftConfig, draft
-    from did_cli.scorer import load_scorer
-    from did_cli.train import TrainConfig, train
+    from did_cli.evaluation.scorer import load_scorer
+    from did_cli.training import TrainConfig, train
 
     qs, out = Path(args.quickstart), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import did_cli
-from did_cli.config import ConfigError
-from did_cli.model import save_model
+from did_cli.errors import UsageError
+from did_cli.checkpoint import save_model
 from did_cli.sampling import DraftConfig, draft
 
 from conftest import REPO, tiny_model
@@ -73,5 +73,5 @@ def test_api_equals_library(ckpt):
     assert a[0]["model"]["path"] == str(ckpt)
     # a list of ints is one prompt, a list of strings several
     assert len(did_cli.draft(model, n=1, prompt=["A", "B"], tokenizer=tok, **kw)) == 2
-    with pytest.raises(ConfigError, match="unknown DraftConfig setting 'blocksize'"):
+    with pytest.raises(UsageError, match="unknown DraftConfig setting 'blocksize'"):
         did_cli.draft(model, n=1, blocksize=4)

@@ -13,8 +13,8 @@ import torch
 from did_cli import checkpoint as ck
 from did_cli.data import prepare
 from did_cli.errors import DidError
-from did_cli.model import load_model
-from did_cli.train import TrainConfig, train
+from did_cli.checkpoint import load_model
+from did_cli.training import TrainConfig, train
 
 from test_train import corpus_slice
 

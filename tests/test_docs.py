@@ -265,7 +265,7 @@ def _text_slice(folder: Path, docs: int = 30) -> Path:
     """The first documents of the bundled corpus as a small .jsonl source for `did prepare`."""
     import lzma
 
-    from did_cli.data import BUNDLED_CORPUS
+    from did_cli.sources import BUNDLED_CORPUS
 
     folder.mkdir(parents=True, exist_ok=True)
     with lzma.open(BUNDLED_CORPUS, "rt", encoding="utf-8") as f:

@@ -15,10 +15,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # never reach a model hub from the tests
 
 import torch  # noqa: E402
 
-from did_cli import evaluate  # noqa: E402
+from did_cli.evaluation import gen_ppl as evaluate  # noqa: E402
+from did_cli import util  # noqa: E402
 from did_cli.errors import DidError  # noqa: E402
 from did_cli.records import RecordWriter, make_record  # noqa: E402
-from did_cli.scorer import default_gguf_path, load_scorer  # noqa: E402
+from did_cli.evaluation.scorer import default_gguf_path, load_scorer  # noqa: E402
 
 CTX = 64
 EOT = 50256
@@ -110,14 +111,14 @@ def test_long_sample_uses_sliding_window(scorer, raw):
 
 def test_unigram_entropy_hand_worked():
     a, b, c = 7, 8, 9
-    assert evaluate.unigram_entropy([a, a, b, b]) == pytest.approx(math.log(2))
-    assert evaluate.unigram_entropy([a, b, c, 10]) == pytest.approx(math.log(4))
+    assert util.unigram_entropy([a, a, b, b]) == pytest.approx(math.log(2))
+    assert util.unigram_entropy([a, b, c, 10]) == pytest.approx(math.log(4))
     # p = (3/4, 1/4): -(0.75 ln 0.75 + 0.25 ln 0.25) = 0.562335...
-    assert evaluate.unigram_entropy([a, a, a, b]) == pytest.approx(0.5623351446188083)
-    assert evaluate.unigram_entropy([a]) == 0.0 and evaluate.unigram_entropy([]) == 0.0
+    assert util.unigram_entropy([a, a, a, b]) == pytest.approx(0.5623351446188083)
+    assert util.unigram_entropy([a]) == 0.0 and util.unigram_entropy([]) == 0.0
     # the record's BOS and leftover [MASK] are not counted
     rec = {"tokens": [EOT, a, a, 50257, b, b], "model": {"mask_id": 50257}}
-    assert evaluate.unigram_entropy(evaluate.sample_tokens(rec)) == pytest.approx(math.log(2))
+    assert util.unigram_entropy(evaluate.sample_tokens(rec)) == pytest.approx(math.log(2))
 
 
 def _records(tok, texts):
@@ -137,7 +138,7 @@ def test_gen_ppl_summary(scorer, raw, tok):
     for r, s in zip(recs, res["samples"]):
         ref_nll, ref_n = _direct_nll(model, _ids(raw_tok, r["text"]))
         assert s["ppl"] == pytest.approx(math.exp(ref_nll / ref_n), rel=1e-5)
-        assert s["entropy"] == pytest.approx(evaluate.unigram_entropy(r["tokens"][1:]))
+        assert s["entropy"] == pytest.approx(util.unigram_entropy(r["tokens"][1:]))
         ppls.append(s["ppl"])
     summ = res["summary"]
     assert summ["n"] == 4 and summ["scorer"] == str(scorer.name)
@@ -195,9 +196,8 @@ def test_cli_bad_input_line(scorer_dir, tmp_path):
                        + "\n\nthis is not json\n")
     r = _cli(str(garbage), "--scorer", str(scorer_dir))
     assert r.returncode == 1 and f"line 3 of {garbage}: not JSON" in r.stderr and "Traceback" not in r.stderr
-    if not hasattr(evaluate, "test_ppl"):
-        r = _cli("--model", str(tmp_path), "--data", str(tmp_path))
-        assert r.returncode == 1 and "test perplexity is not available yet" in r.stderr
+    r = _cli("--model", str(tmp_path), "--data", str(tmp_path))
+    assert r.returncode == 1 and f"no checkpoint in {tmp_path}" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bad_inputs_library(tmp_path):
@@ -230,7 +230,7 @@ def test_gguf_without_gguf_package(tmp_path):
     code = (
         "import sys; sys.modules['gguf'] = None\n"
         "from did_cli.errors import DidError\n"
-        "from did_cli.scorer import load_scorer\n"
+        "from did_cli.evaluation.scorer import load_scorer\n"
         f"try:\n    load_scorer({str(f)!r}, device='cpu')\nexcept DidError as e:\n    print(e)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from did_cli.data import prepare
-from did_cli.train import BlockSizeSampler, TrainConfig, train
-from did_cli.train_state import RowSchedule
+from did_cli.training import TrainConfig, train
+from did_cli.training.state import BlockSizeSampler, RowSchedule
 
 from test_train import corpus_slice, events
 

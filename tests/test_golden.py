@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from did_cli import attention
-from did_cli.model import load_model
+from did_cli.checkpoint import load_model
 
 TOL = 1e-4
 

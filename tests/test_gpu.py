@@ -21,8 +21,9 @@ from conftest import tiny_model
 from did_cli import attention
 from did_cli.config import DiffusionConfig
 from did_cli.diffusion import nelbo
-from did_cli.fast_draft import FastFirstHitting
-from did_cli.sampling import DraftConfig, draft, make_generator, mix_seed
+from did_cli.sampling.fast import FastFirstHitting
+from did_cli.sampling import DraftConfig, draft
+from did_cli.sampling.core import make_generator, mix_seed
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -155,7 +156,7 @@ def test_cuda_graph_step_equals_eager_step_cuda(batch):
 @gpu
 def test_cuda_graph_step_logits_bf16_cuda():
     """Under bf16 autocast the replayed graph gives the logits of the same step run eagerly."""
-    from did_cli.fast_step import GraphedStep
+    from did_cli.sampling.graph import GraphedStep
 
     model = tiny_model(64).cuda()
     x = torch.randint(0, model.config.mask_id, (2, 4), device="cuda")

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 from did_cli.config import ModelConfig, preset
 from did_cli.errors import DidError
-from did_cli.model import DiT, export_state_dict, load_model, load_state_dict_strict, save_model
+from did_cli.checkpoint import export_state_dict, load_model, load_state_dict_strict, save_model
+from did_cli.model import DiT
 
 from conftest import tiny_model
 
@@ -53,7 +54,7 @@ def bd3lm_state_dict(d: int, n_blocks: int, cond: int, vocab: int) -> dict[str, 
 
 def test_bd3lm_state_dict_loads_strictly_and_runs():
     # 2 heads of dim 16: inv_freq has head_dim / 2 = 8 entries = d / 4
-    cfg = ModelConfig(hidden_dim=32, n_blocks=2, n_heads=2, cond_dim=16, model_length=32)
+    cfg = ModelConfig(hidden_dim=32, n_layers=2, n_heads=2, cond_dim=16, model_length=32)
     model = DiT(cfg)
     sd = bd3lm_state_dict(32, 2, 16, cfg.vocab_size)
     extras = load_state_dict_strict(model, sd)
@@ -67,7 +68,7 @@ def test_bd3lm_state_dict_loads_strictly_and_runs():
 
 @pytest.mark.parametrize("fault", ["missing", "unexpected", "shape"])
 def test_strict_loading_names_the_bad_tensor(fault):
-    cfg = ModelConfig(hidden_dim=32, n_blocks=2, n_heads=2, cond_dim=16, model_length=32)
+    cfg = ModelConfig(hidden_dim=32, n_layers=2, n_heads=2, cond_dim=16, model_length=32)
     sd = bd3lm_state_dict(32, 2, 16, cfg.vocab_size)
     name = "backbone.blocks.1.attn_out.weight"
     if fault == "missing":
@@ -98,7 +99,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_loading_errors_are_one_line(tmp_path):
-    with pytest.raises(DidError, match="no config.json"):
+    with pytest.raises(DidError, match="no checkpoint in"):
         load_model(tmp_path)
     model = tiny_model(length=32)
     save_model(model, tmp_path / "ck")
@@ -121,7 +122,7 @@ def test_cached_step_equals_uncached_pass(tiny):
 
 
 def test_static_step_and_graph_wrapper_equal_dynamic_step(tiny):
-    from did_cli.fast_step import GraphedStep
+    from did_cli.sampling.graph import GraphedStep
 
     x = torch.randint(0, 50257, (2, 64))
     with torch.no_grad():

@@ -88,9 +88,9 @@ def test_two_cpu_processes_split_the_data_and_follow_one_process(tmp_path):
         assert abs(a["loss"] - b["loss"]) < 0.05 * b["loss"], (a, b)
     # the final (EMA) models, scored on the same rows with the same t draws (the logged val NELBO
     # is not comparable: eval batches are per process, so their shapes and t draws differ)
+    from did_cli.checkpoint import load_model
     from did_cli.data import PreparedData
-    from did_cli.model import load_model
-    from did_cli.train import val_nelbo
+    from did_cli.training.val_nelbo import val_nelbo
 
     rows = torch.from_numpy(np.asarray(PreparedData(tmp_path / "data").rows("validation")[:16], dtype=np.int64))
     vm, vs = (val_nelbo(load_model(tmp_path / r / "checkpoints/step-00000006")[0], [rows], 4, 50257, seed=0)

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from did_cli import cli
 from did_cli.commands import sample
-from did_cli.config import ConfigError
-from did_cli.model import save_model
+from did_cli.errors import UsageError
+from did_cli.checkpoint import save_model
 from did_cli.records import validate
-from did_cli.refinement import RefineConfig, refine
+from did_cli.sampling import RefineConfig, refine
 from did_cli.sampling import DraftConfig, draft
 
 from conftest import tiny_model
@@ -141,7 +141,7 @@ def test_var_length_ignores_eos_in_the_prompt(model, tok):
 
 def test_library_errors(model, tok):
     def err(**kw):
-        with pytest.raises(ConfigError) as e:
+        with pytest.raises(UsageError) as e:
             run_draft(model, tok, n=1, block_size=4, **kw)
         return str(e.value)
 

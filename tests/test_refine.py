@@ -18,9 +18,9 @@ import typer
 from did_cli import cli
 from did_cli.commands import sample
 from did_cli.errors import DidError
-from did_cli.model import save_model
+from did_cli.checkpoint import save_model
 from did_cli.records import validate
-from did_cli.refinement import RefineConfig, parse_stages, refine
+from did_cli.sampling import RefineConfig, parse_stages, refine
 from did_cli.sampling import DraftConfig, draft
 
 from conftest import tiny_model
@@ -158,10 +158,10 @@ def test_library_rejects_bad_records(model, tok, drafts):
 
 def test_parse_stages():
     assert parse_stages("64:0.3,L:0.2") == [(64, 0.3), (None, 0.2)]
-    from did_cli.config import ConfigError
+    from did_cli.errors import UsageError
 
     for bad in ("64", "x:0.2", "", "4:y"):
-        with pytest.raises(ConfigError, match="--stages"):
+        with pytest.raises(UsageError, match="--stages"):
             parse_stages(bad)
 
 

@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 
 from did_cli import checkpoint as ck
 from did_cli.data import PreparedData, prepare
-from did_cli.model import export_state_dict, load_model, save_model
+from did_cli.checkpoint import export_state_dict, load_model, save_model
 from did_cli.records import make_record
 from did_cli.tokenizer import load_tokenizer
-from did_cli.train import RowSchedule
+from did_cli.training.state import RowSchedule
 
 from conftest import tiny_model
 from test_train import corpus_slice

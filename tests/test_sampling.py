@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from did_cli.config import ConfigError
+from did_cli.errors import UsageError
 from did_cli.records import validate
-from did_cli.sampling import DraftConfig, draft, gumbel_argmax, nucleus, token_probs, unigram_entropy
+from did_cli.sampling import DraftConfig, draft
+from did_cli.sampling.core import gumbel_argmax, nucleus, token_probs
+from did_cli.util import unigram_entropy
 
 from conftest import tiny_model
 
@@ -174,7 +176,7 @@ def test_unigram_entropy():
     ],
 )
 def test_config_errors(model, tok, kw, flag):
-    with pytest.raises(ConfigError, match=flag):
+    with pytest.raises(UsageError, match=flag):
         run(model, tok, **kw)
 
 

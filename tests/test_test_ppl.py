@@ -11,8 +11,9 @@ import pytest
 
 from did_cli.config import preset
 from did_cli.data import prepare
-from did_cli.model import DiT, save_model
-from did_cli.train import TrainConfig, train
+from did_cli.checkpoint import save_model
+from did_cli.model import DiT
+from did_cli.training import TrainConfig, train
 
 from test_train import corpus_slice
 

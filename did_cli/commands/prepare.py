@@ -1,37 +1,33 @@
-"""`did prepare`: options -> did_cli.data.prepare."""
+"""`did prepare`: options -> did_cli.data.prepare (whose keyword defaults are the options')."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Any
 
 import typer
 
+from did_cli.commands.options import Opt, command
+from did_cli.data import prepare as run_prepare
 
-def prepare(
-    sources: Annotated[
-        Optional[list[str]],
-        typer.Argument(
-            help="Text sources: .txt (one document per file), .jsonl/.json ('text' field), .parquet "
-            "('text' column), optionally .gz/.xz/.bz2, folders of these, or a datasets hub name. "
-            "None: the bundled corpus.",
-            show_default=False,
-        ),
-    ] = None,
-    out: Annotated[Path, typer.Option("--out", help="Output folder for train.bin, validation.bin and meta.json.")] = ...,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per row, BOS included (the model length L).")] = 1024,
-    tokenizer: Annotated[str, typer.Option("--tokenizer", help="'gpt2' (bundled, offline), a tokenizer folder, or a hub name.")] = "gpt2",
-    val_docs: Annotated[Optional[int], typer.Option("--val-docs", help="Hold out the last N documents for validation.")] = None,
-    val_fraction: Annotated[
-        Optional[float],
-        typer.Option("--val-fraction", help="Hold out the last fraction of documents for validation (0.05 when --val-docs is not given)."),
-    ] = None,
-    num_proc: Annotated[int, typer.Option("--num-proc", help="Tokenizer worker processes (with 1, the bundled fast tokenizer already uses every core).")] = 1,
-) -> None:
+
+def _prepare(sources: list[str] | None, out: Path, **kw: Any) -> None:
     """Tokenise text into memory-mapped rows of --seq-len tokens, each starting with BOS."""
-    from did_cli.data import prepare as run_prepare
-
-    meta = run_prepare(sources, out, seq_len=seq_len, tokenizer=tokenizer, val_docs=val_docs,
-                       val_fraction=val_fraction, num_proc=num_proc)
+    meta = run_prepare(sources, out, **kw)
     parts = [f"{name} {s['rows']} rows / {s['tokens']} tokens / {s['docs']} docs" for name, s in meta["splits"].items()]
     typer.echo(f"did prepare: {'; '.join(parts)} (seq_len {meta['seq_len']}) -> {out}", err=True)
+
+
+prepare = command(_prepare, [
+    Opt("sources", type=list[str], default=None, argument=True,
+        help="Text sources: .txt (one document per file), .jsonl/.json ('text' field), .parquet ('text' column), "
+             "optionally .gz/.xz/.bz2, folders of these, or a datasets hub name. None: the bundled corpus."),
+    Opt("out", type=Path, default=..., help="Output folder for train.bin, validation.bin and meta.json."),
+    Opt("seq_len", run_prepare, type=int, help="Tokens per row, BOS included (the model length L)."),
+    Opt("tokenizer", run_prepare, type=str, help="'gpt2' (bundled, offline), a tokenizer folder, or a hub name."),
+    Opt("val_docs", run_prepare, type=int, help="Hold out the last N documents for validation."),
+    Opt("val_fraction", run_prepare, type=float,
+        help="Hold out the last fraction of documents for validation (0.05 when --val-docs is not given)."),
+    Opt("num_proc", run_prepare, type=int,
+        help="Tokenizer worker processes (with 1, the bundled fast tokenizer already uses every core)."),
+], name="prepare")

@@ -1,4 +1,4 @@
-"""`did draft` and `did refine`: thin wrappers over did_cli.sampling and did_cli.refinement.
+"""`did draft` and `did refine`: thin wrappers over did_cli.sampling.
 
 Records go to stdout (or -o FILE), one whole line each, flushed as soon as a record is done;
 progress and per-sample figures go to stderr. Options and inputs are checked against the
@@ -8,11 +8,11 @@ model's config.json before the weights are loaded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
-import typer
-
-from did_cli.errors import DidError
+from did_cli.commands.options import Opt, command, fields_of
+from did_cli.errors import DidError, UsageError
+from did_cli.sampling.config import DraftConfig, RefineConfig, SamplerConfig
 
 MODEL_HELP = "Checkpoint folder, or a run folder (its latest complete checkpoint)."
 
@@ -45,56 +45,35 @@ def _console():
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def draft(
-    model: str = typer.Option(..., "--model", help=MODEL_HELP),
-    n: int = typer.Option(16, "-n", "--n", help="Number of samples."),
-    length: Optional[int] = typer.Option(None, "--length", help="Tokens per sample incl. BOS (default: the model's length)."),
-    block_size: int = typer.Option(4, "--block-size", help="Drafting block size (divides the length)."),
-    sampler: str = typer.Option("first-hitting", "--sampler", help="first-hitting (one token per call) or parallel."),
-    tokens_per_step: Optional[int] = typer.Option(None, "--tokens-per-step", help="parallel: commit the K most confident positions per call."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="parallel: commit positions whose token probability is >= P."),
-    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus mass (1 = off)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Samples drafted together."),
-    seed: int = typer.Option(0, "--seed", help="Run seed (sample i uses its own generator from (seed, i))."),
-    var_length: bool = typer.Option(False, "--var-length", help="End each sample at its first generated EOS."),
-    min_entropy: Optional[float] = typer.Option(None, "--min-entropy", help="Redraw samples whose last 256 tokens have unigram entropy (nats) below this, e.g. 4.0."),
-    max_retries: int = typer.Option(10, "--max-retries", help="Redraws per sample under --min-entropy."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole prefix every call (slow; same tokens)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, or bf16/fp16 autocast for the model calls."),
-    allow_longer: bool = typer.Option(False, "--allow-longer", help="Allow --length above the model's trained length."),
-    output: str = typer.Option("-", "-o", "--output", help="Output JSONL file ('-' = stdout)."),
-    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Prompt text (repeatable); -n samples per prompt continue it after BOS."),
-    prompts: Optional[str] = typer.Option(None, "--prompts", help='JSONL file of {"id", "prompt"} lines (\'-\' = stdin); -n samples per prompt.'),
-    suffix: Optional[str] = typer.Option(None, "--suffix", help="Fixed last tokens of every sample (infilling)."),
-) -> None:
+MODEL = Opt("model", type=str, default=..., help=MODEL_HELP)
+OUTPUT = Opt("output", flags=("-o", "--output"), default="-", help="Output JSONL file ('-' = stdout).")
+SAMPLER = fields_of(SamplerConfig, "sampler", "tokens_per_step", "threshold", "top_p", "batch_size", "seed")
+PLACEMENT = fields_of(SamplerConfig, "device", "dtype", "allow_longer")
+
+
+def _draft(**kw: Any) -> None:
     """Draft samples with block diffusion; records (with snapshot confidence) as JSONL."""
     from did_cli import sampling
-    from did_cli.errors import UsageError
-    from did_cli.model import read_config
+    from did_cli.checkpoint import load_model, read_config
+    from did_cli.records import RecordWriter
+    from did_cli.sampling.prompts import resolve_prompts
+    from did_cli.tokenizer import load_tokenizer
+    from did_cli.util import resolve_device
 
+    model, output, prompt, prompts = kw.pop("model"), kw.pop("output"), kw.pop("prompt"), kw.pop("prompts")
     if prompt is not None and prompts is not None:
         raise UsageError("--prompt and --prompts exclude each other")
-    cfg = sampling.DraftConfig(
-        n=n, length=length, block_size=block_size, sampler=sampler, tokens_per_step=tokens_per_step,
-        threshold=threshold, top_p=top_p, batch_size=batch_size, seed=seed, var_length=var_length,
-        min_entropy=min_entropy, max_retries=max_retries, use_cache=not no_cache, device=device,
-        dtype=dtype, allow_longer=allow_longer, prompts=list(prompt) if prompt else None, suffix=suffix,
-    )
+    kw["use_cache"] = not kw.pop("no_cache")
+    cfg = DraftConfig(prompts=list(prompt) if prompt else None, **kw)
     path = _checkpoint(model)
     mcfg = read_config(path)
     length = cfg.check(mcfg.model_length)
-    dev = sampling.resolve_device(device)
+    dev = resolve_device(cfg.device)
     _check_output(output)
     if prompts is not None:
         cfg.prompt_ids, cfg.prompts = sampling.read_prompts(prompts)
-
-    from did_cli.model import load_model
-    from did_cli.records import RecordWriter
-    from did_cli.tokenizer import load_tokenizer
-
     tok = load_tokenizer(mcfg.tokenizer)
-    sampling.resolve_prompts(cfg, tok, length)  # a prompt that does not fit fails before the weights load
+    resolve_prompts(cfg, tok, length)  # a prompt that does not fit fails before the weights load
     net, _ = load_model(path, device=dev)
     err = _console()
     with RecordWriter(output) as w:
@@ -104,55 +83,54 @@ def draft(
             err.print(f"{rec['id']}: {len(rec['tokens'])} tokens, {rec['nfe']} NFEs, {rec['seconds']:.2f} s{rej}")
 
 
-def refine(
-    input: str = typer.Argument("-", help="Draft records (JSONL); '-' reads stdin."),
-    model: str = typer.Option(..., "--model", help=MODEL_HELP),
-    stages: str = typer.Option("L:0.25", "--stages", help="BLOCK:RATIO,... in order; BLOCK 'L' (or >= the length) = global pass. E.g. 1024:0.25 or 64:0.3,L:0.2."),
-    confidence: str = typer.Option("snapshot", "--confidence", help="snapshot, posthoc or random: which tokens to re-mask."),
-    sampler: str = typer.Option("first-hitting", "--sampler", help="first-hitting or parallel."),
-    tokens_per_step: Optional[int] = typer.Option(None, "--tokens-per-step", help="parallel: K positions per call."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="parallel: probability threshold."),
-    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus mass (1 = off)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Records refined together."),
-    seed: int = typer.Option(0, "--seed", help="Run seed (record r uses a generator from (seed, r's id))."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, or bf16/fp16 autocast."),
-    allow_longer: bool = typer.Option(False, "--allow-longer", help="Accept records longer than the model's length."),
-    output: str = typer.Option("-", "-o", "--output", help="Output JSONL file ('-' = stdout)."),
-) -> None:
-    """Re-mask the least confident tokens of drafts and regenerate them (global refine)."""
-    from did_cli import refinement, sampling
-    from did_cli.model import read_config
-    from did_cli.records import read_records
+draft = command(_draft, [
+    MODEL, Opt("n", DraftConfig, flags=("-n", "--n")), *fields_of(DraftConfig, "length", "block_size"), *SAMPLER,
+    *fields_of(DraftConfig, "var_length", "min_entropy", "max_retries"),
+    Opt("no_cache", default=False, help="Recompute the whole prefix every call (slow; same tokens)."),
+    *PLACEMENT, OUTPUT,
+    Opt("prompt", type=list[str], default=None, help="Prompt text (repeatable); -n samples per prompt continue it after BOS."),
+    Opt("prompts", type=str, default=None, help='JSONL file of {"id", "prompt"} lines (\'-\' = stdin); -n samples per prompt.'),
+    Opt("suffix", DraftConfig, type=str),
+], name="draft")
 
-    cfg = refinement.RefineConfig(
-        stages=refinement.parse_stages(stages), confidence=confidence, sampler=sampler,
-        tokens_per_step=tokens_per_step, threshold=threshold, top_p=top_p, seed=seed,
-        batch_size=batch_size, device=device, dtype=dtype, allow_longer=allow_longer,
-    )
+
+def _refine(**kw: Any) -> None:
+    """Re-mask the least confident tokens of drafts and regenerate them (global refine)."""
+    from did_cli import sampling
+    from did_cli.checkpoint import load_model, read_config
+    from did_cli.records import RecordWriter, read_records
+    from did_cli.tokenizer import load_tokenizer
+    from did_cli.util import resolve_device
+
+    source, model, output = kw.pop("input"), kw.pop("model"), kw.pop("output")
+    cfg = RefineConfig(**dict(kw, stages=sampling.parse_stages(kw["stages"])))
     path = _checkpoint(model)
     mcfg = read_config(path)
     cfg.check(mcfg.model_length)
-    dev = sampling.resolve_device(device)
+    dev = resolve_device(cfg.device)
     _check_output(output)
 
-    from did_cli.model import load_model
-    from did_cli.records import RecordWriter
-    from did_cli.tokenizer import load_tokenizer
-
     tok = load_tokenizer(mcfg.tokenizer)
-    need = ("id", "tokens", "confidence") if confidence == "snapshot" else ("id", "tokens")
-    records = read_records(input, vocab_size=mcfg.vocab_size, need=need)
-    if input != "-":
+    need = ("id", "tokens", "confidence") if cfg.confidence == "snapshot" else ("id", "tokens")
+    records = read_records(source, vocab_size=mcfg.vocab_size, need=need)
+    if source != "-":
         # a file is checked whole before the weights load; stdin streams record by record
         records = list(records)
         for k, rec in enumerate(records, 1):
-            refinement.check_record(rec, f"record {k} (id {rec.get('id')!r})", mcfg, tok, cfg)
+            sampling.check_record(rec, f"record {k} (id {rec.get('id')!r})", mcfg, tok, cfg)
     net, _ = load_model(path, device=dev)
     err = _console()
     with RecordWriter(output) as w:
-        for rec in refinement.refine(net, records, cfg, tokenizer=tok, model_path=str(path)):
+        for rec in sampling.refine(net, records, cfg, tokenizer=tok, model_path=str(path)):
             w.write(rec)
             st = rec["stages"][-len(cfg.stages):]
             figs = ", ".join(f"B={s['block_size']} re-masked {len(s['remasked'])} changed {s['changed']}" for s in st)
             err.print(f"{rec['id']}: {figs}; {sum(s['nfe'] for s in st)} NFEs, {sum(s['seconds'] for s in st):.2f} s")
+
+
+refine = command(_refine, [
+    Opt("input", default="-", argument=True, help="Draft records (JSONL); '-' reads stdin."), MODEL,
+    Opt("stages", RefineConfig, type=str, default="L:0.25",
+        extra="As text: BLOCK:RATIO,... in order; BLOCK 'L' (or >= the length) = global pass. E.g. 1024:0.25 or 64:0.3,L:0.2."),
+    Opt("confidence", RefineConfig), *SAMPLER, *PLACEMENT, OUTPUT,
+], name="refine")

@@ -1,50 +1,30 @@
-"""`did train` and `did finetune-mixscale`: options -> TrainConfig -> did_cli.train.train."""
+"""`did train` and `did finetune-mixscale`: options -> TrainConfig -> did_cli.training.train.
+
+Both commands share the options of the training loop (declared once below); their defaults and
+--help texts are the TrainConfig field defaults and docstrings.
+"""
 
 from __future__ import annotations
 
-import ast
-import inspect
 from pathlib import Path
 from typing import Any, Optional
 
-import typer
+from did_cli.commands.options import Opt, command, fields_of
+from did_cli.config import parse_clip, parse_float_list
+from did_cli.errors import DidError, UsageError
+from did_cli.training.config import LENGTH_WORDS, MixScaleConfig, TrainConfig
 
-from did_cli.config import ConfigError, parse_clip, parse_float_list
-from did_cli.errors import UsageError
-from did_cli.train import LENGTH_WORDS, TrainConfig
-
-
-def _field_docs() -> dict[str, str]:
-    """TrainConfig field docstrings (the string literal under each field) for --help texts."""
-    src = inspect.getsource(TrainConfig)
-    body = ast.parse(src).body[0].body
-    docs = {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant):
-            docs[a.target.id] = " ".join(str(b.value.value).split())
-    return docs
-
-
-try:
-    _DOCS = _field_docs()
-except (OSError, TypeError):  # no source available (frozen installs)
-    _DOCS = {}
-
-
-_DEFAULTS = TrainConfig()
-
-
-def _h(name: str, extra: str = "") -> str:
-    return (_DOCS.get(name, "") + (" " + extra if extra else "")).strip()
-
-
-def _opt(name: str, extra: str = "", **kw: Any) -> Any:
-    """The option --NAME of TrainConfig field `name`: its default and --help text come from the
-    dataclass, so the two commands and the library cannot drift apart."""
-    default = getattr(_DEFAULTS, name)
-    if isinstance(default, (list, tuple)):  # typed as text on the command line: 4,L and 0.9,0.999
-        default = ",".join(map(str, default))
-    return typer.Option(default, "--" + name.replace("_", "-"), help=_h(name, extra), **kw)
+LOOP = fields_of(TrainConfig, "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "betas", "grad_clip", "ema",
+                 "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "seed", "resume")
+CLIP = Opt("clip", type=str, default=None,
+           help="t range: auto, none (= 0,1) or BETA,OMEGA. Default: 0,1, or the learned range stored with --init.")
+MIXED_PRECISION = Opt("mixed_precision", default="auto", help="no, bf16, fp16, or auto (bf16 on CUDA, else no).")
+RUNTIME = fields_of(TrainConfig, "dropout", "num_workers", "on_nonfinite", "compile") + [
+    Opt("time_limit", TrainConfig, extra="In seconds.", kw={"min": 0}),
+    Opt("quiet", flags=("--quiet", "-q"), default=False, help="No progress output."),
+]
+DATA = Opt("data", TrainConfig, type=Path, default=...)
+OUT = Opt("out", TrainConfig, type=Path, default=...)
 
 
 def _block_sizes(text: str) -> list[Any]:
@@ -59,9 +39,9 @@ def _block_sizes(text: str) -> list[Any]:
         try:
             out.append(int(part))
         except ValueError:
-            raise ConfigError(f"--block-sizes {text!r}: expected integers or L, comma-separated") from None
+            raise UsageError(f"--block-sizes {text!r}: expected integers or L, comma-separated") from None
     if not out:
-        raise ConfigError("--block-sizes: empty list")
+        raise UsageError("--block-sizes: empty list")
     return out
 
 
@@ -79,25 +59,12 @@ def _clip(text: Optional[str]) -> Any:
 def _betas(text: str) -> tuple[float, float]:
     vals = parse_float_list(text, "--betas")
     if len(vals) != 2 or not all(0.0 <= v < 1.0 for v in vals):
-        raise ConfigError(f"--betas {text!r}: expected two numbers in [0, 1)")
+        raise UsageError(f"--betas {text!r}: expected two numbers in [0, 1)")
     return vals[0], vals[1]
 
 
-# Options whose command-line form differs from the TrainConfig field (text parsed by _common).
-def _clip_opt() -> Any:
-    return typer.Option(None, "--clip", help="t range: auto, none (= 0,1) or BETA,OMEGA. Default: 0,1, or the learned range stored with --init.")
-
-
-def _mixed_precision_opt() -> Any:
-    return typer.Option("auto", "--mixed-precision", help="no, bf16, fp16, or auto (bf16 on CUDA, else no).")
-
-
-def _quiet_opt() -> Any:
-    return typer.Option(False, "--quiet", "-q", help="No progress output.")
-
-
-# Values of the options shared by both commands -> TrainConfig keywords.
-def _common(**kw: Any) -> dict[str, Any]:
+def _config(kw: dict[str, Any]) -> TrainConfig:
+    """Option values of either command -> TrainConfig."""
     kw["clip"] = _clip(kw["clip"])
     kw["betas"] = _betas(kw["betas"])
     if kw.get("mixed_precision") == "auto":
@@ -106,110 +73,53 @@ def _common(**kw: Any) -> dict[str, Any]:
     if kw.get("init") is not None:
         kw["init"] = str(kw["init"])
     kw["progress"] = not kw.pop("quiet")
-    return kw
+    return TrainConfig(**kw)
 
 
-def _run(cfg_kw: dict[str, Any]) -> None:
-    from did_cli.train import train as run_train
+def _run(cfg: TrainConfig) -> None:
+    from did_cli.training import train
 
-    cfg = TrainConfig(**cfg_kw)
     try:
-        run_train(cfg)
+        train(cfg)
     except OSError as e:  # run folder not creatable, metrics not writable, full disk...
-        from did_cli.errors import DidError
-
         raise DidError(f"cannot write {e.filename or cfg.out}: {e.strerror or e}") from None
 
 
-def train(
-    data: Path = typer.Option(..., "--data", help=_h("data")),
-    out: Path = typer.Option(..., "--out", help=_h("out")),
-    preset: str = _opt("preset"),
-    block_sizes: str = _opt("block_sizes", "Comma-separated, e.g. 4,L or 4,1024."),
-    block_weights: Optional[str] = typer.Option(None, "--block-weights", help=_h("block_weights", "Default: 0.9,0.1 for the default 4,L; equal otherwise.")),
-    steps: int = _opt("steps"),
-    batch_size: int = _opt("batch_size"),
-    grad_accum: int = _opt("grad_accum"),
-    lr: float = _opt("lr"),
-    warmup: int = _opt("warmup"),
-    weight_decay: float = _opt("weight_decay"),
-    betas: str = _opt("betas"),
-    grad_clip: float = _opt("grad_clip"),
-    ema: float = _opt("ema"),
-    eval_every: int = _opt("eval_every"),
-    eval_batches: int = _opt("eval_batches"),
-    save_every: int = _opt("save_every"),
-    keep_last: int = _opt("keep_last"),
-    log_every: int = _opt("log_every"),
-    seed: int = _opt("seed"),
-    resume: bool = _opt("resume"),
-    init: Optional[str] = _opt("init"),
-    clip: Optional[str] = _clip_opt(),
-    mixed_precision: str = _mixed_precision_opt(),
-    dropout: Optional[float] = _opt("dropout"),
-    model_length: Optional[int] = _opt("model_length"),
-    num_workers: int = _opt("num_workers"),
-    on_nonfinite: str = _opt("on_nonfinite"),
-    compile: bool = _opt("compile"),
-    time_limit: Optional[float] = _opt("time_limit", "In seconds.", min=0),
-    quiet: bool = _quiet_opt(),
-) -> None:
+def _train(**kw: Any) -> None:
     """Train a block-diffusion model on prepared data over one or several block sizes."""
-    kw = dict(locals())
     sizes = _block_sizes(kw.pop("block_sizes"))
     bw = kw.pop("block_weights")
+    defaults = TrainConfig()
     if bw is not None:
         weights = parse_float_list(bw, "--block-weights")
-    elif sizes == _DEFAULTS.block_sizes:
-        weights = list(_DEFAULTS.block_weights)  # the DiD mix: drafting block most of the time, the global block 10%
+    elif sizes == defaults.block_sizes:
+        weights = list(defaults.block_weights)  # the DiD mix: drafting block most of the time, the global block 10%
     else:
         weights = None
-    _run(_common(block_sizes=sizes, block_weights=weights, **kw))
+    _run(_config(dict(kw, block_sizes=sizes, block_weights=weights)))
 
 
-def finetune_mixscale(
-    init: str = typer.Option(..., "--init", help=_h("init")),
-    data: Path = typer.Option(..., "--data", help=_h("data")),
-    out: Path = typer.Option(..., "--out", help=_h("out")),
-    draft_block: int = typer.Option(4, "--draft-block", help="The small drafting block size (weight 1 - lambda)."),
-    global_weight: float = typer.Option(0.1, "--global-weight", help="lambda: probability of the global block L per step."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: --budget-fraction x --baseline-steps)."),
-    budget_fraction: float = typer.Option(0.26, "--budget-fraction", help="Fraction of the baseline fine-tuning budget (the paper: 26%)."),
-    baseline_steps: int = typer.Option(150_000, "--baseline-steps", help="Baseline fine-tuning steps (BD3-LM: 150K)."),
-    batch_size: int = _opt("batch_size"),
-    grad_accum: int = _opt("grad_accum"),
-    lr: float = _opt("lr"),
-    warmup: int = _opt("warmup"),
-    weight_decay: float = _opt("weight_decay"),
-    betas: str = _opt("betas"),
-    grad_clip: float = _opt("grad_clip"),
-    ema: float = _opt("ema"),
-    eval_every: int = _opt("eval_every"),
-    eval_batches: int = _opt("eval_batches"),
-    save_every: int = _opt("save_every"),
-    keep_last: int = _opt("keep_last"),
-    log_every: int = _opt("log_every"),
-    seed: int = _opt("seed"),
-    resume: bool = _opt("resume"),
-    clip: Optional[str] = _clip_opt(),
-    mixed_precision: str = _mixed_precision_opt(),
-    dropout: Optional[float] = _opt("dropout"),
-    num_workers: int = _opt("num_workers"),
-    on_nonfinite: str = _opt("on_nonfinite"),
-    compile: bool = _opt("compile"),
-    time_limit: Optional[float] = _opt("time_limit", "In seconds.", min=0),
-    quiet: bool = _quiet_opt(),
-) -> None:
+train = command(_train, [
+    DATA, OUT, Opt("preset", TrainConfig),
+    Opt("block_sizes", TrainConfig, extra="Comma-separated, e.g. 4,L or 4,1024."),
+    Opt("block_weights", TrainConfig, type=str, default=None, extra="Default: 0.9,0.1 for the default 4,L; equal otherwise."),
+    Opt("steps", TrainConfig), *LOOP, Opt("init", TrainConfig), CLIP, MIXED_PRECISION,
+    *RUNTIME[:1], Opt("model_length", TrainConfig), *RUNTIME[1:],
+], name="train")
+
+
+def _finetune(**kw: Any) -> None:
     """Mix-scale fine-tune: block size --draft-block with weight 1-lambda, the global block L with lambda."""
-    kw = dict(locals())
-    draft = kw.pop("draft_block")
-    lam = kw.pop("global_weight")
-    frac, base = kw.pop("budget_fraction"), kw.pop("baseline_steps")
-    if not 0.0 <= lam <= 1.0:
-        raise UsageError(f"--global-weight {lam}: must be in [0, 1]")
-    if kw["steps"] is None:
-        if not frac > 0 or base < 1:
-            raise UsageError("--budget-fraction must be > 0 and --baseline-steps >= 1")
-        kw["steps"] = max(1, round(frac * base))
-    _run(_common(block_sizes=[draft, "L"], block_weights=[1.0 - lam, lam], preset="tiny", model_length=None, **kw))
+    mix = MixScaleConfig(**{k: kw.pop(k) for k in ("draft_block", "global_weight", "budget_fraction", "baseline_steps")})
+    steps = kw.pop("steps")
+    cfg = _config(dict(kw, preset="tiny", model_length=None))
+    _run(mix.apply(cfg, steps))
 
+
+finetune_mixscale = command(_finetune, [
+    Opt("init", TrainConfig, type=str, default=...), DATA, OUT,
+    *fields_of(MixScaleConfig, "draft_block", "global_weight"),
+    Opt("steps", type=int, default=None, help="Optimiser steps (default: --budget-fraction x --baseline-steps)."),
+    *fields_of(MixScaleConfig, "budget_fraction", "baseline_steps"),
+    *LOOP, CLIP, MIXED_PRECISION, *RUNTIME,
+], name="finetune_mixscale")

@@ -1,119 +1,49 @@
-"""Report folder of a pipeline run: plots (PNG) a person can look at, and report.md."""
+"""The quickstart's report: the figures that read a draft/refine comparison honestly (copied
+n-grams, the drafts' PPL at a matched entropy) and report.md with its plots."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
+from did_cli.evaluation.plots import plot_confidence, plot_ppl_pairs, plot_training
 
-def _plt():
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+def ngram_copy_rate(samples: list[list[int]], train_rows: Any, n: int = 8, max_train_tokens: int = 20_000_000) -> float | None:
+    """Share of the samples' n-grams that also occur in the training split (memorisation check:
+    a model that copies its training data gets a flattering gen PPL)."""
+    import numpy as np
+
+    def hashes(arr: "np.ndarray") -> "np.ndarray":
+        arr = arr.astype(np.uint64)
+        if len(arr) < n:
+            return np.empty(0, np.uint64)
+        h = np.zeros(len(arr) - n + 1, np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(n):
+                h = h * np.uint64(1_000_003) + arr[j : len(arr) - n + 1 + j]
+        return h
+
+    flat = np.asarray(train_rows[: max(1, max_train_tokens // train_rows.shape[1])]).reshape(-1)
+    table = np.unique(hashes(flat))
+    got = [hashes(np.asarray(s[1:], dtype=np.int64)) for s in samples if len(s) > n]
+    got = [g for g in got if len(g)]
+    if not got:
         return None
-    return plt
+    allh = np.concatenate(got)
+    return float(np.isin(allh, table).mean())
 
 
-def plot_training(run_dir: Path, path: Path) -> Path | None:
-    """Training loss and validation NELBO per block size against the step."""
-    plt = _plt()
-    mpath = Path(run_dir) / "metrics.jsonl"
-    if plt is None or not mpath.is_file():
+def draft_ppl_at_entropy(a: tuple[float, float], b: tuple[float, float], entropy: float) -> float | None:
+    """Mean gen PPL the drafts would have at `entropy`, read off the line through two draft
+    settings (entropy, PPL) in log-PPL (linear inside or near their range; None if the two
+    settings have the same entropy)."""
+    (e1, p1), (e2, p2) = a, b
+    if None in (e1, p1, e2, p2) or abs(e1 - e2) < 1e-6 or p1 <= 0 or p2 <= 0:
         return None
-    events = [json.loads(line) for line in mpath.read_text().splitlines() if line.strip()]
-    train = [e for e in events if e.get("event") == "train"]
-    evals = [e for e in events if e.get("event") == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot([e["step"] for e in train], [e["loss"] for e in train], color="0.7", lw=1, label="train loss (mixed blocks)")
-    keys = sorted({k for e in evals for k in e if k.startswith("val_nelbo_b")}, key=lambda k: int(k[len("val_nelbo_b"):]))
-    for k in keys:
-        pts = [(e["step"], e[k]) for e in evals if k in e]
-        ax.plot(*zip(*pts), marker="o", ms=3, label=f"validation NELBO, block {k[len('val_nelbo_b'):]}")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("nats per token")
-    ax.set_title("Training curve")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_ppl_pairs(results: dict, path: Path) -> Path | None:
-    """Per-sample gen PPL of each draft against its refined version (below the diagonal =
-    refinement helped that sample), with both distributions."""
-    plt = _plt()
-    if plt is None:
-        return None
-    d = {s["id"]: s["ppl"] for s in results["per_sample"]["draft"]}
-    pairs = [(d.get(s["id"].replace("refine", "draft")), s["ppl"]) for s in results["per_sample"]["refined"]]
-    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-    if not pairs:
-        dr = [s["ppl"] for s in results["per_sample"]["draft"]]
-        rf = [s["ppl"] for s in results["per_sample"]["refined"]]
-        pairs = [(a, b) for a, b in zip(dr, rf) if a is not None and b is not None]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.2))
-    xs, ys = zip(*pairs)
-    a1.scatter(xs, ys, s=10, alpha=0.6)
-    lo, hi = min(xs + ys), max(xs + ys)
-    a1.plot([lo, hi], [lo, hi], color="k", lw=1)
-    a1.set_xscale("log")
-    a1.set_yscale("log")
-    a1.set_xlabel("draft gen PPL")
-    a1.set_ylabel("refined gen PPL")
-    a1.set_title(f"Per sample ({sum(b < a for a, b in pairs)} of {len(pairs)} improved)")
-    bins = [math.exp(v) for v in _linspace(math.log(lo), math.log(hi), 30)]
-    a2.hist(xs, bins=bins, alpha=0.5, label=f"draft (mean {results['draft']['mean_ppl']:.1f})")
-    a2.hist(ys, bins=bins, alpha=0.5, label=f"refined (mean {results['refined']['mean_ppl']:.1f})")
-    a2.set_xscale("log")
-    a2.set_xlabel("gen PPL")
-    a2.set_title(f"Scorer: {results['scorer'].split(' (')[0]}")
-    a2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _linspace(a: float, b: float, n: int) -> list[float]:
-    return [a + (b - a) * i / (n - 1) for i in range(n)] if b > a else [a, a + 1e-6]
-
-
-def plot_confidence(drafts: list[dict], refined: list[dict], path: Path) -> Path | None:
-    """Snapshot confidence of the draft tokens that the refine stage re-masked vs those kept."""
-    plt = _plt()
-    if plt is None:
-        return None
-    remasked, kept = [], []
-    for d, r in zip(drafts, refined):
-        pos = set(r["stages"][0]["remasked"]) if r.get("stages") else set()
-        for i, c in enumerate(d["confidence"]):
-            if c is None:
-                continue
-            (remasked if i in pos else kept).append(c)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    # log-spaced bins: an undertrained model's confidences span several orders of magnitude
-    lo = max(1e-6, min(remasked + kept + [1.0]))
-    bins = [10 ** v for v in _linspace(math.log10(lo), 0.0, 41)]
-    ax.set_xscale("log")
-    for vals, name in ((kept, "kept"), (remasked, "re-masked")):
-        if vals:
-            ax.hist(vals, bins=bins, alpha=0.6, label=f"{name} ({len(vals)} tokens)", weights=[1.0 / len(vals)] * len(vals))
-    ax.set_xlabel("snapshot confidence at commit time")
-    ax.set_ylabel("share of tokens")
-    ax.set_title("Which draft tokens the global refine stage regenerates")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    w = (entropy - e1) / (e2 - e1)
+    return math.exp(math.log(p1) + w * (math.log(p2) - math.log(p1)))
 
 
 def _fmt(v: Any, digits: int = 2) -> str:

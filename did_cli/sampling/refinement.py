@@ -2,11 +2,11 @@
 them, in one or more stages (block size, ratio); a stage with the full length as its block is the
 global bidirectional pass of Diffusion in Diffusion.
 
-    from did_cli.refinement import RefineConfig, refine
+    from did_cli.sampling import RefineConfig, refine
     refined = list(refine(model, drafts, RefineConfig(stages=[(None, 0.25)])))
 
 Records in and out are `did.sample/1` (records.py). The sampler of each stage is drafting's
-(`did_cli.sampling._fill`): same nucleus, Gumbel-max and per-record generators, seeded from
+(`did_cli.sampling.core.fill`): same nucleus, Gumbel-max and per-record generators, seeded from
 (seed, record id), so a record's result does not depend on the batch it ran in.
 """
 
@@ -14,85 +14,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import torch
 
-from did_cli.config import ConfigError
 from did_cli.errors import DidError
-from did_cli.sampling import (CONFIDENCES, DTYPES, _autocast, _check_sampler, _EvalMode, _fill, _place,
-                              _Progress, _Sampling, _tokenizer_for, make_generator, mix_seed)
-
-
-@dataclass
-class RefineConfig:
-    """Settings of `did refine` (re-mask the least confident tokens and regenerate them)."""
-
-    stages: list[tuple[int | None, float]] = field(default_factory=lambda: [(None, 0.25)])
-    """(block size, ratio) per stage, in order; block None (or >= length) = global pass."""
-    confidence: str = "snapshot"
-    """Which tokens to re-mask: 'snapshot' (recorded at commit), 'posthoc' (one re-scoring pass
-    of the finished draft before stage 1), 'random' (uniform, seeded)."""
-    sampler: str = "first-hitting"
-    """'first-hitting' or 'parallel', as in drafting."""
-    tokens_per_step: int | None = None
-    """parallel: K positions per call."""
-    threshold: float | None = None
-    """parallel: probability threshold."""
-    top_p: float = 0.9
-    """Nucleus mass."""
-    seed: int = 0
-    """Run seed; each record draws from a generator seeded from (seed, record id)."""
-    batch_size: int = 8
-    """Records refined together (consecutive records of the same length)."""
-    device: str = "auto"
-    """As in DraftConfig."""
-    dtype: str = "fp32"
-    """As in DraftConfig."""
-    allow_longer: bool = False
-    """Accept records longer than the model's trained length."""
-
-    def check(self, model_length: int) -> None:
-        _check_sampler(self.sampler, self.tokens_per_step, self.threshold, self.top_p)
-        if self.confidence not in CONFIDENCES:
-            raise ConfigError(f"--confidence {self.confidence!r}: choose from {', '.join(CONFIDENCES)}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
-        if not self.stages:
-            raise ConfigError("--stages: at least one stage is needed")
-        for b, r in self.stages:
-            if not (0.0 <= r <= 1.0) or not math.isfinite(r):
-                raise ConfigError(f"--stages: ratio {r} outside [0, 1]")
-            if b is not None:
-                if b < 1:
-                    raise ConfigError(f"--stages: block size {b} must be positive")
-                if b < model_length and model_length % b:
-                    raise ConfigError(f"--stages: block size {b} does not divide the sequence length {model_length}")
-
-
-def parse_stages(text: str, flag: str = "--stages") -> list[tuple[int | None, float]]:
-    """'64:0.3,L:0.2' -> [(64, 0.3), (None, 0.2)]; a block of 'L' means the full length."""
-    stages: list[tuple[int | None, float]] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        b, sep, r = part.partition(":")
-        if not sep:
-            raise ConfigError(f"{flag} {part!r}: expected BLOCK:RATIO (e.g. 1024:0.25 or L:0.25)")
-        try:
-            block = None if b.strip().upper() == "L" else int(b)
-            ratio = float(r)
-        except ValueError:
-            raise ConfigError(f"{flag} {part!r}: expected BLOCK:RATIO (e.g. 1024:0.25 or L:0.25)") from None
-        stages.append((block, ratio))
-    if not stages:
-        raise ConfigError(f"{flag}: empty list")
-    return stages
-
+from did_cli.sampling.config import RefineConfig
+from did_cli.sampling.core import (DTYPES, EvalMode, Progress, SamplerSettings, autocast, fill, make_generator, mix_seed,
+                                   place, tokenizer_for)
 
 def check_record(rec: dict, where: str, mc: Any, tokenizer: Any, cfg: RefineConfig) -> None:
     """Raise DidError when a record cannot be refined by a model of config `mc` (a
@@ -149,10 +78,10 @@ def refine(
     runs (`check_record`); a bad record raises DidError after the earlier ones were yielded."""
     mc = model.config
     cfg.check(mc.model_length)
-    device = _place(model, cfg.device)
-    tok = _tokenizer_for(model, tokenizer)
-    sp = _Sampling(cfg.sampler, cfg.tokens_per_step, cfg.threshold, cfg.top_p, mc.mask_id)
-    bar = _Progress(progress, None, "refine")
+    device = place(model, cfg.device)
+    tok = tokenizer_for(model, tokenizer)
+    sp = cfg.settings(mc.mask_id)
+    bar = Progress(progress, None, "refine")
     batch: list[dict] = []
     done = 0
 
@@ -200,7 +129,7 @@ def _remask_positions(conf_row: list[float], lo: int, hi: int, k: int, mode: str
     return sorted(order[:k])
 
 
-def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: _Sampling, tok, device, model_path: str | None) -> list[dict]:
+def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: SamplerSettings, tok, device, model_path: str | None) -> list[dict]:
     mc = model.config
     b, n = len(recs), len(recs[0]["tokens"])
     ranges = [_gen_range(r) for r in recs]
@@ -211,7 +140,7 @@ def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: _Sampling, tok
     stages_out: list[list[dict]] = [[] for _ in recs]
     nfe_total = 0
     t_start = time.perf_counter()
-    with torch.inference_mode(), _EvalMode(model), _autocast(device, cfg.dtype):
+    with torch.inference_mode(), EvalMode(model), autocast(device, cfg.dtype):
         post_nfe = 0
         if cfg.confidence == "posthoc":
             # re-score the finished sequence: p(token | whole sequence), no masking
@@ -243,7 +172,7 @@ def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: _Sampling, tok
             if any(remask):
                 if B >= n:
                     # global bidirectional pass: full attention over the whole sequence
-                    calls += _fill(x, conf, 0, n, [len(p) for p in remask],
+                    calls += fill(x, conf, 0, n, [len(p) for p in remask],
                                    lambda s_, f_: model(x, None, select=s_), gens, sp)
                 else:
                     calls += _refine_blocks(model, x, conf, B, remask, gens, sp, cfg)
@@ -286,7 +215,7 @@ def _record_keep(tok, rec: dict, tokens: list[int], conf: list, lo: int, extra: 
     return r
 
 
-def _refine_blocks(model, x, conf, B: int, remask: list[list[int]], gens, sp: _Sampling, cfg: RefineConfig) -> int:
+def _refine_blocks(model, x, conf, B: int, remask: list[list[int]], gens, sp: SamplerSettings, cfg: RefineConfig) -> int:
     """Regenerate masked positions block by block, left to right, with the KV cache: each block
     sees the earlier (final) blocks and itself. Returns the number of model calls."""
     b, n = x.shape
@@ -301,12 +230,10 @@ def _refine_blocks(model, x, conf, B: int, remask: list[list[int]], gens, sp: _S
                 lg = model.step(x[:, s:e], cache)
                 return lg.reshape(-1, lg.shape[-1]).index_select(0, flat)
 
-            calls += _fill(x, conf, s, e, counts, logits_fn, gens, sp)
+            calls += fill(x, conf, s, e, counts, logits_fn, gens, sp)
         if e > last_masked:
             break  # nothing after this block changes
         model.step(x[:, s:e], cache, commit=True, need_logits=False)
         calls += 1
     return calls
 
-
-__all__ = ["RefineConfig", "refine", "parse_stages", "check_record"]

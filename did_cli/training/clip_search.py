@@ -1,5 +1,5 @@
-"""Validation during training: the NELBO of fixed batches at fixed noise, and BD3-LM's
-data-driven clipped schedule (the t range whose per-batch loss varies least)."""
+"""BD3-LM's data-driven clipped schedule (`--clip auto`): the t range whose per-batch training
+loss varies least over the validation batches."""
 
 from __future__ import annotations
 
@@ -11,21 +11,6 @@ from did_cli.config import DiffusionConfig
 CLIP_CANDIDATES: tuple[tuple[float, float], ...] = (
     (0.0, 1.0), (0.1, 0.9), (0.2, 0.8), (0.3, 0.8), (0.45, 0.95), (0.5, 1.0), (0.3, 1.0), (0.6, 0.9),
 )
-EVAL_T_RANGE = (1e-3, 1.0)
-
-
-@torch.no_grad()
-def val_nelbo(model, batches: list[torch.Tensor], block_size: int, mask_id: int, seed: int) -> float:
-    """NELBO (nats/token) of fixed validation batches with fixed-seed t ~ U[1e-3, 1]."""
-    from did_cli.diffusion import eval_nelbo
-
-    dev = batches[0].device
-    g = torch.Generator(device=dev).manual_seed(seed)
-    total, count = 0.0, 0
-    for x in batches:
-        s, n = eval_nelbo(model, x, block_size, mask_id, EVAL_T_RANGE, g)
-        total, count = total + s, count + n
-    return total / max(count, 1)
 
 
 @torch.no_grad()

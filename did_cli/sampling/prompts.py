@@ -7,11 +7,10 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from did_cli.config import ConfigError
-from did_cli.errors import DidError
+from did_cli.errors import DidError, UsageError
 
 if TYPE_CHECKING:
-    from did_cli.sampling import DraftConfig
+    from did_cli.sampling.config import DraftConfig
 
 
 def read_prompts(source: str | Any) -> tuple[list[str], list[str]]:
@@ -77,16 +76,16 @@ def _encode(item: Any, tok: Any, what: str) -> list[int]:
         return tok.encode(item) if item else []
     if isinstance(item, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
         return [int(t) for t in item]
-    raise ConfigError(f"{what}: expected text or a list of token ids, got {type(item).__name__}")
+    raise UsageError(f"{what}: expected text or a list of token ids, got {type(item).__name__}")
 
 
 def resolve_prompts(cfg: DraftConfig, tokenizer: Any, length: int) -> list[Prompt]:
     """Encode `cfg.prompts` / `cfg.suffix` and check that they fit `length` with at least one
-    position left to generate. No prompts gives one empty prompt (BOS only). Raises ConfigError
+    position left to generate. No prompts gives one empty prompt (BOS only). Raises UsageError
     with a one-line message; needs no weights, so the CLI runs it before loading the model."""
     suffix = [] if cfg.suffix is None else _encode(cfg.suffix, tokenizer, "--suffix")
     if cfg.suffix is not None and not suffix:
-        raise ConfigError("--suffix is empty (it encodes to no tokens)")
+        raise UsageError("--suffix is empty (it encodes to no tokens)")
     items = [[]] if cfg.prompts is None else list(cfg.prompts)
     ids = list(cfg.prompt_ids) if cfg.prompt_ids is not None else [f"p{k}" for k in range(len(items))]
     vocab = getattr(tokenizer, "vocab_size", None)
@@ -95,13 +94,13 @@ def resolve_prompts(cfg: DraftConfig, tokenizer: Any, length: int) -> list[Promp
     for pid, item in zip(ids, items):
         toks = _encode(item, tokenizer, f"prompt {pid!r}")
         if cfg.prompts is not None and not toks:
-            raise ConfigError(f"prompt {pid!r} is empty (it encodes to no tokens)")
+            raise UsageError(f"prompt {pid!r} is empty (it encodes to no tokens)")
         for t in toks + suffix:
             if (vocab is not None and not 0 <= t < vocab) or t in bad:
-                raise ConfigError(f"prompt {pid!r}: token id {t} is not a text token of the model's vocabulary")
+                raise UsageError(f"prompt {pid!r}: token id {t} is not a text token of the model's vocabulary")
         used = 1 + len(toks) + len(suffix)
         if used >= length:
             parts = f"BOS + {len(toks)} prompt tokens" + (f" + {len(suffix)} suffix tokens" if suffix else "")
-            raise ConfigError(f"prompt {pid!r}: {parts} = {used} leave no position to generate in --length {length}")
+            raise UsageError(f"prompt {pid!r}: {parts} = {used} leave no position to generate in --length {length}")
         out.append(Prompt(pid, toks, suffix))
     return out

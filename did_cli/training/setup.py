@@ -1,0 +1,167 @@
+"""What a training run starts from: the accelerator, the model (fresh, `--init`, or the run being
+resumed), the optimiser and its schedule, the validation batches, and the checks that a resumed
+run is the same run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from did_cli.checkpoint import load_model
+from did_cli.config import ModelConfig, preset
+from did_cli.errors import DidError, UsageError
+from did_cli.model import DiT
+from did_cli.training.config import TrainConfig
+from did_cli.training.init_source import fetch_init, init_clip_ranges, init_data_start
+from did_cli.training.state import step_seed
+from did_cli.util import atomic_write, first_line, warn
+
+# fields that must match when resuming (they define the data order, noise and model)
+RESUME_FIELDS = ("batch_size", "grad_accum", "seed", "lr", "warmup", "weight_decay", "betas", "ema")
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # repeated in-process runs (tests, notebooks) may change settings: start from a clean state,
+    # keeping the process group
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    mp = cfg.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
+    # Accelerate only sets up a CPU process group (gloo) when told to use the CPU; a launcher's
+    # environment (torchrun / `accelerate launch --multi_gpu`) on a machine without CUDA means that
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
+    except (RuntimeError, ValueError) as e:  # e.g. an FSDP config on a machine without GPUs
+        raise DidError(f"accelerate could not set up this run ({first_line(e)}); check the accelerate config "
+                       "(FSDP needs GPUs; on a CPU use plain or --multi_gpu launches)") from None
+
+
+def with_dropout(model: DiT, dropout: float | None) -> DiT:
+    if dropout is None:
+        return model
+    model.config = dataclasses.replace(model.config, dropout=dropout)
+    for blk in model.blocks:
+        blk.dropout = dropout
+    return model
+
+
+def build_model(cfg: TrainConfig, data: Any, run: Path, resume_ckpt: Path | None, accel: Any
+                ) -> tuple[DiT, dict[int, tuple[float, float]], dict[str, Any]]:
+    """The model to train: the resumed run's config, the --init weights, or a fresh preset.
+    Returns (model, clip ranges stored with --init, init info recorded in the run)."""
+    if resume_ckpt is not None:
+        model, _ = load_model(resume_ckpt)  # config; the trainer loads the raw weights over it
+        return with_dropout(model, cfg.dropout), {}, {}
+    if cfg.init:
+        with accel.main_process_first():
+            folder = fetch_init(cfg.init)
+        model, info = load_model(folder)
+        clip_from_init = init_clip_ranges(info["raw_config"], info.get("clip"))
+        init_info = {"init": str(folder), "init_clip": list(info["clip"]) if "clip" in info else None,
+                     "data_start": init_data_start(folder, data.meta, cfg.seed)}
+        return with_dropout(model, cfg.dropout), clip_from_init, init_info
+    mc = preset(cfg.preset, model_length=data.seq_len, vocab_size=data.vocab_size, dropout=cfg.dropout,
+                tokenizer=data.meta["tokenizer"], mask_id=data.meta.get("mask_id", data.vocab_size - 1),
+                bos_id=data.meta.get("bos_id"), eos_id=data.meta.get("eos_id"))
+    torch.manual_seed(step_seed(cfg.seed, 0, 0, 0, 7))  # same initial weights on every rank
+    return DiT(mc), {}, {}
+
+
+def check_model_fits_data(mc: ModelConfig, data: Any) -> None:
+    data.check_compatible(tokenizer=mc.tokenizer, vocab_size=mc.vocab_size, seq_len=mc.model_length)
+    if "mask_id" in data.meta and int(data.meta["mask_id"]) != mc.mask_id:
+        raise DidError(f"data in {data.path} uses [MASK] id {data.meta['mask_id']} but the model uses {mc.mask_id}")
+
+
+def make_optimizer(model: DiT, cfg: TrainConfig, device: torch.device):
+    """AdamW (fused where the device has the kernel) with linear warm-up, then constant."""
+    # fused AdamW: one kernel over all tensors (also on CPU, where the update of the two
+    # 50258-row embeddings is a large share of a small model's step)
+    fused = device.type in ("cuda", "cpu")
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    try:
+        optimizer = torch.optim.AdamW(model.parameters(), fused=fused or None, **kw)
+    except (RuntimeError, TypeError):  # a torch without the fused kernel for this device
+        optimizer = torch.optim.AdamW(model.parameters(), **kw)
+    warm = cfg.warmup
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    return optimizer, scheduler
+
+
+def compile_model(model: DiT) -> None:
+    """torch.compile the model's transformer blocks in place (`DiT.compile_blocks`): one graph
+    per block size, built at its first step. On a CPU inductor needs a C++ compiler and takes
+    a minute or more per graph, so it warns there."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        warn(f"--compile on {device.type}: the first step of each block size compiles for a "
+             "minute or more (it pays on CUDA)")
+    model.compile_blocks()
+
+
+def validation_batches(val_rows: np.ndarray, cfg: TrainConfig, device: torch.device) -> list[torch.Tensor]:
+    """Fixed rows evenly spread over the split, in batches of --batch-size."""
+    n_val = min(len(val_rows), cfg.eval_batches * cfg.batch_size)
+    idx = np.unique(np.linspace(0, len(val_rows) - 1, n_val).round().astype(np.int64)) if n_val else np.empty(0, np.int64)
+
+    def split(size: int) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.asarray(val_rows[idx[i:i + size]], dtype=np.int64)).to(device)
+                for i in range(0, len(idx), size)]
+
+    batches = split(cfg.batch_size)
+    if cfg.clip == "auto" and len(batches) < 2:
+        batches = split(max(1, len(idx) // 2))  # one batch gives no variance: split the rows more finely
+    return batches
+
+
+def check_resume(cfg: TrainConfig, saved: dict, sizes: list[int], weights: list[float], world: int) -> None:
+    old = saved.get("train", {})
+    for name in RESUME_FIELDS:
+        a, b = getattr(cfg, name), old.get(name)
+        if isinstance(a, tuple):
+            a = list(a)
+        if b is not None and a != b:
+            raise UsageError(f"--resume: --{name.replace('_', '-')} {a} differs from the run's {b}")
+    if saved.get("block_sizes") != sizes:
+        raise UsageError(f"--resume: --block-sizes {','.join(map(str, sizes))} differs from the run's "
+                         f"{','.join(map(str, saved.get('block_sizes', [])))}")
+    if not np.allclose(saved.get("block_weights", weights), weights):
+        raise UsageError(f"--resume: --block-weights differ from the run's {saved.get('block_weights')}")
+    if saved.get("world_size", world) != world:
+        print(f"did: warning: resuming with {world} processes instead of {saved['world_size']}: "
+              "the data order changes from here on", file=sys.stderr)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop events logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            continue
+    atomic_write(path, "".join(x + "\n" for x in keep))
+
+
+def broadcast(accel, obj):
+    """`obj` as rank 0 has it, on every rank."""
+    if accel.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]

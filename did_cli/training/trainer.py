@@ -1,0 +1,396 @@
+"""One training loop for `did train` and `did finetune-mixscale`: the `Trainer`.
+
+    from did_cli.training import TrainConfig, train
+    train(TrainConfig(data="data/", out="run/", block_sizes=[4, "L"], block_weights=[0.9, 0.1]))
+
+`Trainer(cfg)` reads in the order a run happens: `setup` (data, accelerator, model, optimiser;
+`resume` restores a checkpoint), `train_step` (one optimiser step), `evaluate` (validation
+NELBO, clip search), `save` (an atomic checkpoint), and `fit`, the loop around them.
+
+Choices worth knowing (docs/train.md has the long form): one block size per optimisation step,
+drawn by a seeded sampler every process advances identically (one mask per step, the same
+shapes on every rank); data order, noise and dropout depend only on (seed, step, process), so a
+resume continues bit for bit; the EMA weights are what validation scores and what
+`model.safetensors` holds; validation uses fixed-seed t, so evaluations are comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from did_cli import checkpoint as ck
+from did_cli.config import DiffusionConfig
+from did_cli.data import PreparedData
+from did_cli.diffusion import nelbo
+from did_cli.errors import DidError
+from did_cli.training import setup
+from did_cli.training.clip_search import search_clip
+from did_cli.training.config import FULL_RANGE, TrainConfig, check_train_config, normalise_weights, resolve_block_sizes
+from did_cli.training.console import Interrupt, LogWindow, TrainProgress, fmt_rate
+from did_cli.training.state import EMA, BlockSizeSampler, RowSchedule, TrainState, rng_state, set_rng_state, step_seed
+from did_cli.training.val_nelbo import val_nelbo
+from did_cli.util import save_json
+
+
+@dataclass
+class StepResult:
+    """What one optimiser step reports back to the loop (agreed on by every process)."""
+
+    block: int
+    loss: float
+    nonfinite: bool
+    interrupted: bool
+    out_of_time: bool
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        check_train_config(cfg)
+        if not Path(cfg.data).exists():
+            raise DidError(f"--data {cfg.data}: no such folder")
+        self.cfg = cfg
+        self.data = PreparedData(cfg.data)
+        self.length = self.data.seq_len
+        if cfg.model_length is not None and cfg.model_length != self.length:
+            raise DidError(f"--model-length {cfg.model_length} differs from the data's seq_len {self.length} in {cfg.data}")
+        self.sizes = resolve_block_sizes(list(cfg.block_sizes), self.length)
+        self.weights = normalise_weights(cfg.block_weights, len(self.sizes))
+        self.run = Path(cfg.out)
+        if self.run.exists() and not self.run.is_dir():
+            raise DidError(f"--out {self.run}: exists and is not a folder")
+        self.resume_ckpt: Path | None = None
+        if cfg.resume:
+            self.resume_ckpt = ck.latest_checkpoint(self.run)
+            if self.resume_ckpt is None:
+                raise DidError(f"--resume: no complete checkpoint in {self.run}")
+        elif ck.list_checkpoints(self.run):
+            raise DidError(f"{self.run} already holds checkpoints; pass --resume to continue it or choose another --out")
+        self.state = TrainState(seed=cfg.seed, block_sizes=self.sizes, block_weights=self.weights,
+                                clip_mode=_clip_mode(cfg.clip), data_hash=self.data.meta.get("content_hash"))
+        self.last_ckpt: Path | None = None
+        self.last_eval: dict = {}
+        self.pool: ThreadPoolExecutor | None = None
+
+    # ------------------------------------------------------------------------------- setup
+
+    def setup(self) -> "Trainer":
+        cfg, data = self.cfg, self.data
+        self.accel = accel = setup.make_accelerator(cfg)
+        self.device, self.rank, self.world, self.main = accel.device, accel.process_index, accel.num_processes, accel.is_main_process
+        if self.resume_ckpt is not None:
+            saved = json.loads((self.run / "config.json").read_text())
+            sm = saved.get("model", {})  # data from another tokenizer / length: say so, not "--block-sizes differ"
+            data.check_compatible(tokenizer=sm.get("tokenizer", "gpt2"), vocab_size=sm.get("vocab_size", data.vocab_size),
+                                  seq_len=sm.get("model_length"))
+            setup.check_resume(cfg, saved, self.sizes, self.weights, self.world)
+        model, clip_from_init, self.state.init_info = setup.build_model(cfg, data, self.run, self.resume_ckpt, accel)
+        setup.check_model_fits_data(model.config, data)
+        self.mask_id = model.config.mask_id
+
+        self.train_rows = data.rows("train")
+        val_rows = data.rows("validation") if "validation" in data.meta["splits"] else np.empty((0, self.length))
+        self.schedule = RowSchedule(len(self.train_rows), cfg.batch_size, cfg.grad_accum, self.world, cfg.seed)
+        if cfg.clip == "auto" and len(val_rows) < 2:
+            raise DidError(f"--clip auto needs a validation split with at least 2 rows; {cfg.data} has {len(val_rows)}")
+        if cfg.clip is None or cfg.clip == "auto":
+            self.clip_ranges = {b: clip_from_init.get(b, FULL_RANGE) for b in self.sizes}
+        else:
+            self.clip_ranges = {b: (float(cfg.clip[0]), float(cfg.clip[1])) for b in self.sizes}
+
+        model.to(self.device).train()
+        self.ema = EMA(model, cfg.ema, self.device)
+        self.optimizer, self.scheduler = setup.make_optimizer(model, cfg, self.device)
+        if cfg.compile:
+            setup.compile_model(model)
+        self.sampler = BlockSizeSampler(self.sizes, self.weights, cfg.seed)
+        self.model = model
+        if self.resume_ckpt is not None:
+            self.resume(self.resume_ckpt)
+        if self.state.init_info.get("data_start"):
+            self.schedule.start_at(*self.state.init_info["data_start"])
+        self.model, self.optimizer = accel.prepare(self.model, self.optimizer)
+        self._write_run_config()
+        self.val_batches = setup.validation_batches(val_rows, cfg, self.device)
+        return self
+
+    def resume(self, folder: Path) -> None:
+        """Restore everything a checkpoint holds: raw and EMA weights, optimiser, scheduler, RNG
+        states and the bookkeeping of `TrainState`."""
+        from safetensors.torch import load_file
+
+        st_dir = folder / ck.STATE_DIR
+        raw = load_file(str(st_dir / "raw_model.safetensors"))
+        ck.load_state_dict_strict(self.model, raw, source=str(st_dir / "raw_model.safetensors"))
+        ema_model, _ = ck.load_model(folder, device=self.device)
+        self.ema.model.load_state_dict(ema_model.state_dict())
+        self.optimizer.load_state_dict(ck.torch_load(st_dir / "optimizer.pt"))
+        self.scheduler.load_state_dict(ck.torch_load(st_dir / "scheduler.pt"))
+        set_rng_state(ck.torch_load(st_dir / "rng.pt"))
+        self.state = TrainState.load(st_dir / "state.json")
+        self.ema.num_updates = self.state.ema_updates
+        self.sampler.load_state_dict(self.state.block_sampler)
+        self.clip_ranges = self.state.clip_ranges_by_size()
+
+    def _write_run_config(self) -> None:
+        if not self.main:
+            return
+        self.run.mkdir(parents=True, exist_ok=True)
+        save_json({"train": dataclasses.asdict(self.cfg), "model": self.unwrapped.config.to_dict(), "block_sizes": self.sizes,
+                   "block_weights": self.weights, "world_size": self.world, "global_batch": self.schedule.rows_per_step,
+                   "data": self.data.meta, **self.state.init_info}, self.run / "config.json")
+        if self.resume_ckpt is not None:
+            setup.truncate_metrics(self.metrics_path, self.state.step)
+
+    @property
+    def unwrapped(self):
+        return self.accel.unwrap_model(self.model)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run / "metrics.jsonl"
+
+    def log(self, event: dict) -> None:
+        if self.main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(event) + "\n")
+
+    # ---------------------------------------------------------------------------- one step
+
+    def load_batch(self, step: int, micro: int) -> np.ndarray:
+        idx = self.schedule.indices(step, micro, self.rank)
+        debug_rows = os.environ.get("DID_DEBUG_ROWS")  # tests: which rows each rank reads
+        if debug_rows:
+            with open(f"{debug_rows}.rank{self.rank}", "a") as f:
+                f.write(json.dumps({"step": step + 1, "micro": micro, "rows": idx.tolist()}) + "\n")
+        return np.asarray(self.train_rows[idx], dtype=np.int64)
+
+    def prefetch(self, step: int) -> list | None:
+        """Futures of the micro-batches of `step` (background threads), or None without a pool."""
+        if self.pool is None or step >= self.cfg.steps:
+            return None
+        return [self.pool.submit(self.load_batch, step, m) for m in range(self.cfg.grad_accum)]
+
+    def train_step(self, step: int, futures: list | None, intr: Interrupt, t_start: float) -> StepResult:
+        """Forward and backward over the micro-batches of `step`, then one optimiser update (or
+        none when the loss is not finite)."""
+        cfg, accel = self.cfg, self.accel
+        block = self.sampler.draw()
+        dcfg = DiffusionConfig(clip=self.clip_ranges[block], antithetic=True)
+        torch.manual_seed(step_seed(cfg.seed, step, self.rank, 0, 1))  # dropout
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        for m in range(cfg.grad_accum):
+            rows = futures[m].result() if futures else self.load_batch(step, m)
+            x0 = torch.from_numpy(rows).to(self.device, non_blocking=True)
+            # same seed on every rank: the noise belongs to the global batch
+            g = torch.Generator(device=self.device).manual_seed(step_seed(cfg.seed, step, 0, m, 2))
+            with accel.accumulate(self.model):
+                with accel.autocast():
+                    loss = nelbo(self.model, x0, block, dcfg, self.mask_id, g, world=self.world, rank=self.rank).loss
+                accel.backward(loss)
+            loss_sum += loss.detach().double()
+        # one small all-reduce: loss, non-finite flag, Ctrl-C and the time limit agree on every rank
+        out_of_time = bool(cfg.time_limit) and time.perf_counter() - t_start > cfg.time_limit
+        flags = torch.tensor([0.0, 0.0, float(intr.flag), float(out_of_time)], device=self.device, dtype=torch.float64)
+        flags[0], flags[1] = loss_sum / cfg.grad_accum, (~torch.isfinite(loss_sum)).double()
+        if self.world > 1:
+            flags = accel.reduce(flags, reduction="sum")
+            flags[0] /= self.world
+        res = StepResult(block, float(flags[0]), bool(flags[1] > 0), bool(flags[2] > 0), bool(flags[3] > 0))
+        if not res.nonfinite and cfg.grad_clip > 0:
+            norm = accel.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if accel.scaler is None and not torch.isfinite(torch.as_tensor(norm)).item():
+                res.nonfinite = True
+        if res.nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.ema.update(self.unwrapped)
+        self.scheduler.step()
+        return res
+
+    # ---------------------------------------------------------------------- evaluate, save
+
+    def evaluate(self, step: int) -> dict:
+        """Validation NELBO of the EMA weights at every block size (and, with --clip auto, the
+        clip search); every rank gets rank 0's figures."""
+        ev: dict[str, Any] = {"event": "eval", "step": step, "time": time.time()}
+        if not self.val_batches:
+            return ev
+        seed = self.cfg.seed
+        with self.accel.autocast():
+            vals = {b: val_nelbo(self.ema.model, self.val_batches, b, self.mask_id, seed + 1_000_003) for b in self.sizes}
+            if self.cfg.clip == "auto":
+                chosen = {}
+                for b in self.sizes:
+                    chosen[b], ev[f"clip_variances_b{b}"] = search_clip(self.ema.model, self.val_batches, b, self.mask_id,
+                                                                        seed + 2_000_003)
+                # every rank must train with the same ranges: rank 0 decides
+                self.clip_ranges.update(setup.broadcast(self.accel, chosen))
+        vals = setup.broadcast(self.accel, vals)
+        for b, v in vals.items():
+            ev[f"val_nelbo_b{b}"] = v
+            ev[f"val_ppl_b{b}"] = math.exp(min(v, 700.0))
+        ev["val_nelbo"] = float(np.mean(list(vals.values())))
+        ev["val_ppl"] = math.exp(min(ev["val_nelbo"], 700.0))
+        ev["clip_ranges"] = {str(b): list(r) for b, r in self.clip_ranges.items()}
+        return ev
+
+    def save(self, step: int, is_best: bool) -> Path | None:
+        """An atomic checkpoint of everything a resume needs; returns its folder (main process)."""
+        raw_sd = self.accel.get_state_dict(self.model)  # collective under FSDP: every rank calls it
+        path = None
+        if self.main:
+            st = self.state
+            st.step, (st.epoch, st.position) = step, self.schedule.position(step)
+            st.rows_per_step, st.world_size, st.ema_updates = self.schedule.rows_per_step, self.world, self.ema.num_updates
+            st.block_sampler = self.sampler.state_dict()
+            st.seed, st.data_hash, st.block_sizes, st.block_weights = (self.cfg.seed, self.data.meta.get("content_hash"),
+                                                                       self.sizes, self.weights)
+            st.clip_ranges = {str(b): list(r) for b, r in self.clip_ranges.items()}
+            path = ck.save_checkpoint(self.run, step, lambda folder: self._write_checkpoint(folder, raw_sd))
+            if is_best:
+                ck.write_best(self.run, path, {"step": step, **{k: v for k, v in (st.best or {}).items() if k != "checkpoint"}})
+            ck.prune_checkpoints(self.run, self.cfg.keep_last)
+        self.accel.wait_for_everyone()
+        return path
+
+    def _write_checkpoint(self, folder: Path, raw_sd: dict) -> None:
+        from safetensors.torch import save_file
+
+        extra = {"block_sizes": self.sizes, "block_size": self.sizes[0], "clip_ranges": self.state.clip_ranges,
+                 "step": self.state.step}
+        ck.save_model(self.ema.model, folder, extra_config=extra, clip=self.clip_ranges[self.sizes[0]])
+        sd = folder / ck.STATE_DIR
+        sd.mkdir()
+        tensors = {"backbone." + k: v.detach().float().cpu().contiguous() for k, v in raw_sd.items()}
+        save_file(tensors, str(sd / "raw_model.safetensors"), metadata={"format": "pt"})
+        ck.torch_save(self.optimizer.state_dict(), sd / "optimizer.pt")
+        ck.torch_save(self.scheduler.state_dict(), sd / "scheduler.pt")
+        ck.torch_save(rng_state(), sd / "rng.pt")
+        self.state.save(sd / "state.json")
+
+    # --------------------------------------------------------------------------------- fit
+
+    def fit(self) -> dict:
+        """Train from the current step to `cfg.steps` (or the time limit, or Ctrl-C); evaluate,
+        checkpoint and log on the way. Returns the final metrics."""
+        cfg = self.cfg
+        self.progress = TrainProgress(cfg.progress and self.main, cfg.steps, self.state.step, "finetune" if cfg.init else "train")
+        start = self.state.init_info.get("data_start")
+        if start and self.state.step == 0:
+            self.progress.note(f"same data and seed as the --init run: reading on from epoch {start[0]}, row {start[1]} of its order")
+        if self.state.step == 0 and cfg.eval_every > 0 and self.val_batches:
+            self.last_eval = self.evaluate(0)
+            self.log(self.last_eval)
+            if "val_nelbo" in self.last_eval:
+                self.progress.note(f"step 0: val NELBO {self.last_eval['val_nelbo']:.4f}" + self._clip_note())
+        self.pool = ThreadPoolExecutor(max_workers=cfg.num_workers) if cfg.num_workers > 0 else None
+        window = LogWindow()
+        step = self.state.step
+        interrupted = False
+        t_start = time.perf_counter()
+        pending = self.prefetch(step)
+        try:
+            with Interrupt() as intr:
+                while step < cfg.steps:
+                    futures, pending = pending, self.prefetch(step + 1)
+                    res = self.train_step(step, futures, intr, t_start)
+                    step += 1
+                    last = step == cfg.steps or res.out_of_time
+                    self._account(step, res, window, last)
+                    is_best = self._maybe_evaluate(step, last)
+                    if is_best or (cfg.save_every > 0 and step % cfg.save_every == 0) or last or res.interrupted:
+                        self.last_ckpt = self.save(step, is_best) or self.last_ckpt
+                    if res.interrupted:
+                        interrupted = True
+                        break
+                    if last:
+                        break
+        finally:
+            self.progress.close()
+            if self.pool:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+        if interrupted:
+            if self.main:
+                print(f"did: interrupted at step {step}; saved {self.last_ckpt}", file=sys.stderr)
+            raise KeyboardInterrupt
+        return self._result(step, window)
+
+    def _account(self, step: int, res: StepResult, window: LogWindow, last: bool) -> None:
+        """Non-finite handling, the metrics line and the progress display after a step."""
+        cfg = self.cfg
+        if res.nonfinite:
+            if cfg.on_nonfinite == "stop":
+                where = f"; the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else ""
+                raise DidError(f"non-finite loss at step {step} (block size {res.block}){where}")
+            self.log({"event": "skip", "step": step, "block_size": res.block, "reason": "non-finite loss", "time": time.time()})
+            self.progress.note(f"step {step}: non-finite loss at block size {res.block}, step skipped")
+        else:
+            window.loss += res.loss
+            window.n += 1
+        window.tokens += cfg.batch_size * self.length * cfg.grad_accum * self.world
+        if step % cfg.log_every == 0 or last:
+            window.close()
+            lr = self.scheduler.get_last_lr()[0]
+            self.log({"event": "train", "step": step, "loss": window.last_loss, "block_size": res.block,
+                      "tokens_per_s": window.rate, "lr": lr, "time": time.time()})
+            self.progress.update(step, f"loss {window.last_loss:.4f} | {fmt_rate(window.rate)} tok/s | block {res.block} | lr {lr:.2e}", True)
+        else:
+            self.progress.update(step, f"loss {res.loss:.4f} | {fmt_rate(window.rate)} tok/s | block {res.block}", False)
+
+    def _maybe_evaluate(self, step: int, last: bool) -> bool:
+        """Evaluate when due; True when this step's EMA weights are the best so far."""
+        if not ((self.cfg.eval_every > 0 and step % self.cfg.eval_every == 0) or last):
+            return False
+        ev = self.last_eval = self.evaluate(step)
+        is_best = False
+        if "val_nelbo" in ev:
+            best = self.state.best
+            if best is None or ev["val_nelbo"] < best["val_nelbo"]:
+                self.state.best = {"step": step, "val_nelbo": ev["val_nelbo"],
+                                   **{f"val_nelbo_b{b}": ev[f"val_nelbo_b{b}"] for b in self.sizes}}
+                is_best = True
+            ev["best_step"] = self.state.best["step"]
+            per_block = ", ".join(f"b{b} {ev['val_nelbo_b' + str(b)]:.4f}" for b in self.sizes)
+            self.progress.note(f"step {step}: val NELBO {ev['val_nelbo']:.4f} ({per_block})" + self._clip_note())
+        self.log(ev)
+        return is_best
+
+    def _clip_note(self) -> str:
+        if self.cfg.clip != "auto":
+            return ""
+        return " | clip " + ", ".join(f"b{b} [{r[0]:g}, {r[1]:g}]" for b, r in self.clip_ranges.items())
+
+    def _result(self, step: int, window: LogWindow) -> dict:
+        result = {"step": step, "loss": window.last_loss, "tokens_per_s": window.rate,
+                  "checkpoint": str(self.last_ckpt) if self.last_ckpt else None, "best": self.state.best,
+                  "clip_ranges": {str(b): list(r) for b, r in self.clip_ranges.items()}, "block_sizes": self.sizes}
+        result.update({k: v for k, v in self.last_eval.items() if k.startswith("val_")})
+        if self.main:
+            msg = f"did: done at step {step}"
+            if "val_nelbo" in self.last_eval:
+                msg += f", val NELBO {self.last_eval['val_nelbo']:.4f}"
+            print(f"{msg}; checkpoint {self.last_ckpt}", file=sys.stderr)
+        return result
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or fine-tune, or resume) and return the final metrics."""
+    return Trainer(cfg).setup().fit()
+
+
+def _clip_mode(clip: Any) -> str:
+    return "auto" if clip == "auto" else ("init" if clip is None else "fixed")

@@ -1,0 +1,116 @@
+"""Small helpers every stage shares: error text, atomic files, devices, entropy."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+from did_cli.errors import DidError, UsageError
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def os_reason(e: BaseException) -> str:
+    """What went wrong in an OSError (its strerror), else the first line of the message."""
+    return getattr(e, "strerror", None) or first_line(e)
+
+
+def warn(msg: str) -> None:
+    print(f"did: warning: {msg}", file=sys.stderr)
+
+
+def info(msg: str) -> None:
+    print(f"did: {msg}", file=sys.stderr)
+
+
+def atomic_write(path: str | Path, data: Any, fsync: bool = False) -> None:
+    """Write `data` to `path` via a temporary file in the same folder and a rename, so a crash
+    never leaves a half-written file under the real name; the temporary file is removed on
+    failure. `data`: text, or anything with the buffer protocol (bytes, a uint8 numpy view).
+    Raises DidError naming `path`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        with open(tmp, "wb") as f:
+            f.write(raw)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DidError(f"cannot write {path}: {os_reason(e)}") from None
+
+
+def to_json(obj: Any) -> str:
+    """Indented JSON; dataclasses, paths and tuples are turned into plain values."""
+    return json.dumps(obj, indent=2, default=_json_default) + "\n"
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    atomic_write(path, to_json(obj))
+
+
+def _json_default(o: Any) -> Any:
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def resolve_device(name: Any, flag: str = "--device") -> Any:
+    """'auto' (or None) -> cuda when available, else cpu; otherwise the named torch device,
+    checked to exist here. Raises UsageError naming `flag`."""
+    import torch
+
+    if name is None or str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"{flag} {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{flag} {name}: CUDA is not available here")
+    return dev
+
+
+def unigram_entropy(tokens: Iterable[int]) -> float:
+    """Entropy in nats of the empirical token-id distribution (0.0 when empty)."""
+    counts = Counter(tokens)
+    n = sum(counts.values())
+    if n == 0:
+        return 0.0
+    return -sum(c / n * math.log(c / n) for c in counts.values())
+
+
+def hub_unreachable() -> str | None:
+    """A reason when the hub's host cannot even be resolved (saves minutes of retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
+        return None  # offline mode: datasets answers from its local cache
+    try:
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return f"hub not reachable: {e}"
+    except Exception:
+        return None
+    return None
