@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "draft": ("sample", "draft", "Draft samples with block diffusion and record snapshot confidence."),
     "refine": ("sample", "refine", "Re-mask low-confidence tokens and regenerate them (global refine)."),
     "eval-ppl": ("evaluate", "eval_ppl", "Generative perplexity of samples, or test perplexity of a checkpoint."),
+    "show": ("show", "show", "Write an HTML page showing drafts, refinements and confidences."),
     "quickstart": ("quickstart", "quickstart", "Run the whole pipeline on the bundled corpus and write a report."),
 }
 

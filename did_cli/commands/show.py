@@ -1,0 +1,49 @@
+"""`did show`: a thin wrapper over did_cli.evaluation.show (one self-contained HTML page)."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from did_cli.errors import DidError, UsageError
+
+
+def show(
+    inputs: list[str] = typer.Argument(..., help="SAMPLES.jsonl [REFINED.jsonl]: drafts and their refinements (paired by id), or one file alone; '-' reads stdin."),
+    output: str = typer.Option(..., "-o", "--output", help="HTML file to write ('-' = stdout)."),
+    scores: Optional[str] = typer.Option(None, "--scores", help="JSON written by `did eval-ppl --json`: per-sample gen PPL, matched by id."),
+    limit: int = typer.Option(50, "--limit", min=0, help="Samples shown (0 = all); the summary covers every sample."),
+    tokenizer: str = typer.Option("gpt2", "--tokenizer", help="Tokenizer that decodes the token ids: 'gpt2' (bundled), a folder or a hub name."),
+) -> None:
+    """Write one self-contained HTML page: each sample's tokens shaded by confidence, re-masked and
+    changed tokens marked, draft beside refined, entropy, gen PPL and the settings."""
+    from did_cli.evaluation.show import check_target, render_page, write_page
+    from did_cli.records import read_records
+    from did_cli.tokenizer import load_tokenizer
+
+    if len(inputs) > 2:
+        raise UsageError(f"at most two inputs (SAMPLES.jsonl [REFINED.jsonl]), got {len(inputs)}")
+    if inputs.count("-") > 1:
+        raise UsageError("stdin ('-') can be read only once")
+    check_target(output)
+    tok = load_tokenizer(tokenizer)
+    recs = [list(read_records(src, vocab_size=tok.vocab_size, need=("id", "tokens"))) for src in inputs]
+    evals = _load_scores(scores) if scores is not None else None
+    names = {"draft": inputs[0], "refined": inputs[1] if len(inputs) > 1 else None}
+    page = render_page(recs[0], recs[1] if len(recs) > 1 else None, scores=evals, tokenizer=tok,
+                       limit=limit, names=names)
+    write_page(page, output)
+    if output != "-":
+        typer.echo(f"wrote {output}", err=True)
+
+
+def _load_scores(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise DidError(f"cannot read {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DidError(f"{path}: not JSON ({getattr(e, 'msg', e)})") from None
