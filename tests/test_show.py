@@ -20,12 +20,12 @@ from typer.testing import CliRunner
 
 from did_cli import cli
 from did_cli.commands import evaluate, show
-from did_cli.evaluate import sample_tokens, unigram_entropy
+from did_cli.evaluation.gen_ppl import sample_tokens
+from did_cli.util import unigram_entropy
 from did_cli.evaluation.show import render_page
 from did_cli.evaluation.show_html import Pieces, palette
 from did_cli.records import RecordWriter
-from did_cli.refinement import RefineConfig, refine
-from did_cli.sampling import DraftConfig, draft
+from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
 
 from conftest import REPO, tiny_model
 

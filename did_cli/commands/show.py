@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 
+from did_cli.commands.options import Opt, command
 from did_cli.errors import DidError, UsageError
+from did_cli.evaluation.show import render_page
 
 
-def show(
-    inputs: list[str] = typer.Argument(..., help="SAMPLES.jsonl [REFINED.jsonl]: drafts and their refinements (paired by id), or one file alone; '-' reads stdin."),
-    output: str = typer.Option(..., "-o", "--output", help="HTML file to write ('-' = stdout)."),
-    scores: Optional[str] = typer.Option(None, "--scores", help="JSON written by `did eval-ppl --json`: per-sample gen PPL, matched by id."),
-    limit: int = typer.Option(50, "--limit", min=0, help="Samples shown (0 = all); the summary covers every sample."),
-    tokenizer: str = typer.Option("gpt2", "--tokenizer", help="Tokenizer that decodes the token ids: 'gpt2' (bundled), a folder or a hub name."),
-) -> None:
+def _show(inputs: list[str], output: str, scores: str | None, limit: int, tokenizer: str) -> None:
     """Write one self-contained HTML page: each sample's tokens shaded by confidence, re-masked and
     changed tokens marked, draft beside refined, entropy, gen PPL and the settings."""
-    from did_cli.evaluation.show import check_target, render_page, write_page
+    from did_cli.evaluation.show import check_target, write_page
     from did_cli.records import read_records
     from did_cli.tokenizer import load_tokenizer
 
@@ -47,3 +42,14 @@ def _load_scores(path: str) -> dict:
         raise DidError(f"cannot read {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DidError(f"{path}: not JSON ({getattr(e, 'msg', e)})") from None
+
+
+show = command(_show, [
+    Opt("inputs", type=list[str], default=..., argument=True,
+        help="SAMPLES.jsonl [REFINED.jsonl]: drafts and their refinements (paired by id), or one file alone; '-' reads stdin."),
+    Opt("output", flags=("-o", "--output"), type=str, default=..., help="HTML file to write ('-' = stdout)."),
+    Opt("scores", type=str, default=None, help="JSON written by `did eval-ppl --json`: per-sample gen PPL, matched by id."),
+    Opt("limit", render_page, type=int, kw={"min": 0}, help="Samples shown (0 = all); the summary covers every sample."),
+    Opt("tokenizer", type=str, default="gpt2",
+        help="Tokenizer that decodes the token ids: 'gpt2' (bundled), a folder or a hub name."),
+], name="show")

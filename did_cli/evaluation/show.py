@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from did_cli.errors import DidError
-from did_cli.evaluate import sample_tokens, unigram_entropy
+from did_cli.evaluation.gen_ppl import sample_tokens
+from did_cli.util import unigram_entropy
 from did_cli.evaluation.show_html import Pieces, column, css, esc, legend
 
 DOT = " \u00b7 "
