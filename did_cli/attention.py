@@ -5,6 +5,12 @@ from it: a dense boolean mask for `scaled_dot_product_attention` (CPU, and the f
 FlexAttention `BlockMask` on CUDA. Both are cached per (kind, block size, length, device), so a
 mix-scale run that switches block sizes every step builds each mask once.
 
+No block size or length reaches a compiled region as a Python number: the dense mask is a tensor
+input, and a BlockMask's mask function reads the block size from a 0-d tensor it captures, so
+one compiled graph per shape serves every block size (an int there would be a guarded constant:
+one recompile per block size, and past dynamo's recompile limit the unfused eager flex path that
+materialises the whole score matrix).
+
 Mask kinds
 - "train": the vectorised `[x_t ; x_0]` pass over 2n tokens (BD3-LM). A query sees a key when
   (a) both are in the same half and the same block; (b) the query is noisy, the key clean and the
@@ -45,8 +51,9 @@ except ImportError:
 # --------------------------------------------------------------------------------------------
 
 
-def train_predicate(q: torch.Tensor, k: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
-    """Block-diffusion training mask over `[x_t ; x_0]` (indices 0..2n-1)."""
+def train_predicate(q: torch.Tensor, k: torch.Tensor, block_size: "int | torch.Tensor", n: int) -> torch.Tensor:
+    """Block-diffusion training mask over `[x_t ; x_0]` (indices 0..2n-1); `block_size` an int or
+    a 0-d integer tensor."""
     q_clean, k_clean = q >= n, k >= n
     q_blk = torch.where(q_clean, q - n, q) // block_size
     k_blk = torch.where(k_clean, k - n, k) // block_size
@@ -56,7 +63,7 @@ def train_predicate(q: torch.Tensor, k: torch.Tensor, block_size: int, n: int) -
     return same_block | noisy_sees_earlier_clean | clean_causal
 
 
-def causal_predicate(q: torch.Tensor, k: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
+def causal_predicate(q: torch.Tensor, k: torch.Tensor, block_size: "int | torch.Tensor", n: int) -> torch.Tensor:
     """Block-causal mask over n tokens: a token sees its own and earlier blocks."""
     return (k // block_size) <= (q // block_size)
 
@@ -101,11 +108,13 @@ def dense_mask(kind: str, block_size: int, n: int, device: torch.device) -> torc
 
 @functools.lru_cache(maxsize=64)
 def flex_mask(kind: str, block_size: int, n: int, device: torch.device) -> "BlockMask":
-    """FlexAttention BlockMask from the same predicate (built once per key)."""
+    """FlexAttention BlockMask from the same predicate (built once per key). The block size is a
+    0-d tensor the mask function captures: compiled code reads it as an input, not a constant."""
     pred = PREDICATES[kind]
+    bs = torch.tensor(block_size, dtype=torch.int32, device=device)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return pred(q_idx, kv_idx, block_size, n)
+        return pred(q_idx, kv_idx, bs, n)
 
     s = 2 * n if kind == "train" else n
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=s, KV_LEN=s, device=str(device))
@@ -130,10 +139,20 @@ def get_backend() -> str:
     return _BACKEND
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex() -> Callable:
-    # flex_attention is only fast when compiled; dynamic=False keeps one graph per shape
-    return torch.compile(flex_attention, dynamic=False)
+def _flex_fixed(q, k, v, block_mask):
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def _flex_any(q, k, v, block_mask):
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+@functools.lru_cache(maxsize=2)
+def _compiled_flex(fixed: bool) -> Callable:
+    # flex_attention is only fast when compiled. Two functions, two dynamo caches: the training
+    # pass (one graph per shape, static) and the sampling passes, whose length follows the
+    # prefix (dynamic, so a new length reuses the graph instead of counting towards the limit)
+    return torch.compile(_flex_fixed, dynamic=False) if fixed else torch.compile(_flex_any, dynamic=True)
 
 
 def _use_flex(device: torch.device) -> bool:
@@ -159,15 +178,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec | N
            mask: "BlockMask | torch.Tensor | None" = None) -> torch.Tensor:
     """Scaled dot-product attention of [B, H, S, D] tensors under `spec` (None = unmasked).
     `mask`: the object `mask_for(spec, q.device)` returns (looked up here when not given)."""
-    if spec is None or spec.kind is None:
+    kind = None if spec is None else spec.kind
+    if kind is not None and mask is None:
+        mask = mask_for(spec, q.device)
+    return attend_kind(q, k, v, kind, mask)
+
+
+def attend_kind(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str | None,
+                mask: "BlockMask | torch.Tensor | None") -> torch.Tensor:
+    """`attend` given the mask kind and object only: what a compiled region calls, so that no
+    block size or length is among its arguments."""
+    if kind is None:
         if HAS_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             # flash-attn wants [B, S, H, D]
             out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             return out.transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v)
-    if mask is None:
-        mask = mask_for(spec, q.device)
     if HAS_FLEX and isinstance(mask, BlockMask):
-        fn = _compiled_flex() if q.is_cuda else flex_attention
-        return fn(q, k, v, block_mask=mask)
+        if not q.is_cuda or torch.compiler.is_compiling():  # a compiled caller fuses it already
+            return flex_attention(q, k, v, block_mask=mask)
+        return _compiled_flex(kind == "train")(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

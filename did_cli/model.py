@@ -18,13 +18,13 @@ constant, computed once per forward as a [1, ...] tensor that broadcasts over th
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from did_cli.attention import MaskSpec, attend, mask_for, mask_spec
+from did_cli.attention import MaskSpec, attend, attend_kind, mask_for, mask_spec
 from did_cli.config import ModelConfig
 from did_cli.errors import DidError
 
@@ -33,35 +33,59 @@ from did_cli.errors import DidError
 # ---------------------------------------------------------------------------------------------
 
 
+ROPE_CHUNK = 256  # table positions computed per piece (see Rotary.table)
+
+
 class Rotary(nn.Module):
-    """Rotary position embedding, base 10000, full head dim, rotate-half layout."""
+    """Rotary position embedding, base 10000, full head dim, rotate-half layout.
+
+    Tables hold the first half of cos/sin ([positions, head_dim / 2]): the two halves of the
+    rotate-half layout use the same frequencies. One table per device, grown by doubling; the
+    passes read slices of it. A caller that must keep a table alive on its own (a CUDA graph
+    replays raw addresses) takes a copy: `Rotary.table`."""
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
         # persistent: BD3-LM checkpoints carry it, and strict loading expects it
         self.register_buffer("inv_freq", inv_freq)
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new float32 (cos, sin) table [length, head_dim / 2] for positions 0..length-1. Built
+        in pieces of ROPE_CHUNK positions, so that a position's value does not depend on the
+        table's length (vectorised CPU kernels treat a tensor's tail elements differently)."""
+        inv = self.inv_freq.to(device=device, dtype=torch.float32)
+        cos, sin = [], []
+        for s in range(0, length, ROPE_CHUNK):
+            t = torch.arange(s, s + ROPE_CHUNK, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, inv)
+            cos.append(freqs.cos())
+            sin.append(freqs.sin())
+        return torch.cat(cos)[:length].contiguous(), torch.cat(sin)[:length].contiguous()
 
     def cos_sin(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [length, head_dim] for positions start..start+length-1 (float32)."""
-        key = (start, length, device)
-        if key not in self._cache:
-            t = torch.arange(start, start + length, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
-            emb = torch.cat([freqs, freqs], dim=-1)
-            if len(self._cache) > 256:
-                self._cache.clear()
-            self._cache[key] = (emb.cos(), emb.sin())
-        return self._cache[key]
+        """cos, sin [length, head_dim / 2] for positions start..start+length-1 (float32 views of
+        the shared table)."""
+        key, end = str(device), start + length
+        tab = self._tables.get(key)
+        if tab is None or tab[0].shape[0] < end:
+            size = max(end, 2 * tab[0].shape[0] if tab is not None else 0)
+            tab = self._tables[key] = self.table(-(-size // ROPE_CHUNK) * ROPE_CHUNK, torch.device(device))
+        return tab[0][start:end], tab[1][start:end]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, S, D]; cos/sin: [S, D]. Computed in float32, returned in x's dtype."""
+    """x: [B, H, S, D]; cos/sin: [S, D/2] (one half of the table). Computed in float32, returned
+    in x's dtype. Rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), on half-width
+    temporaries (the same arithmetic as rotating the full width)."""
     xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    x1, x2 = xf.chunk(2, dim=-1)
+    lo = x1 * cos
+    lo -= x2 * sin
+    hi = x2 * cos
+    hi += x1 * sin
+    return torch.cat([lo, hi], dim=-1).to(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -183,6 +207,18 @@ class KVCache:
         self.v = [t[rows] for t in self.v]
 
 
+class StepConstants(NamedTuple):
+    """Inputs of `DiT.step_static` that do not change between calls (`DiT.step_constants`)."""
+
+    cos: torch.Tensor
+    """[capacity, head_dim / 2] float32."""
+    sin: torch.Tensor
+    mods: list[tuple[torch.Tensor, ...]]
+    """Per block the six adaLN outputs at sigma = 0."""
+    final: tuple[torch.Tensor, torch.Tensor]
+    """Shift and scale of the output layer."""
+
+
 class DiT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -206,33 +242,49 @@ class DiT(nn.Module):
 
     # -- passes ---------------------------------------------------------------------------------
 
-    def _backbone(self, x: torch.Tensor, spec: MaskSpec | None, halves: int) -> torch.Tensor:
-        """Run all blocks on token ids x [B, S]; `halves` = 2 for `[x_t ; x_0]` (each half 0..n-1)."""
+    def _backbone(self, x: torch.Tensor, spec: MaskSpec | None, halves: int, run: Any = None) -> torch.Tensor:
+        """Run all blocks on token ids x [B, S]; `halves` = 2 for `[x_t ; x_0]` (each half 0..n-1).
+        `run`: a callable with the signature of `_blocks` to use instead (a compiled copy)."""
         n = x.shape[1] // halves
         cos, sin = self.rotary_emb.cos_sin(0, n, x.device)
         if halves == 2:
             cos, sin = cos.repeat(2, 1), sin.repeat(2, 1)
-        # cached tables and masks are looked up here, outside the region torch.compile may wrap
-        return self._blocks(x, cos, sin, spec, mask_for(spec, x.device))
+        # cached tables and masks are looked up here, outside the region torch.compile may wrap;
+        # only the mask kind and object go in (no block size: one graph serves every one)
+        kind = None if spec is None else spec.kind
+        return (run or self._blocks)(x, cos, sin, kind, mask_for(spec, x.device))
 
-    def _blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: MaskSpec | None, mask: Any) -> torch.Tensor:
+    def _blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kind: str | None, mask: Any) -> torch.Tensor:
         """Embedding and all transformer blocks: the region `compile_blocks` compiles."""
         h = self.vocab_embed(x)
         for blk, mod in zip(self.blocks, self._modulations()):
             q, k, v = blk.qkv(h, mod[0], mod[1])
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            h = blk.finish(h, attend(q, k, v, spec, mask), mod)
+            h = blk.finish(h, attend_kind(q, k, v, kind, mask), mod)
         return h
+
+    def compiled_blocks(self, **kwargs: Any) -> Any:
+        """`_blocks` under torch.compile (static shapes by default), not installed: one graph per
+        (shape, grad mode), whatever the block size, since masks come in as inputs."""
+        kwargs.setdefault("dynamic", False)
+        return torch.compile(self._blocks, **kwargs)
 
     def compile_blocks(self, **kwargs: Any) -> "DiT":
         """Wrap the embedding and transformer blocks with torch.compile (in place; returns self).
 
-        Static shapes (one graph per sequence shape and block size, built once and then reused:
-        switching block sizes after warm-up recompiles nothing). The boolean `select` gather and
-        the output layer stay outside: the gather has a data-dependent size."""
-        kwargs.setdefault("dynamic", False)
-        self._blocks = torch.compile(self._blocks, **kwargs)  # instance attribute shadows the method
+        Static shapes: one graph per (sequence shape, grad mode), built once and then reused;
+        switching block sizes recompiles nothing (the mask is an input, see `attention`). The
+        boolean `select` gather and the output layer stay outside: the gather has a
+        data-dependent size."""
+        self._blocks = self.compiled_blocks(**kwargs)  # instance attribute shadows the method
         return self
+
+    def hidden(self, x: torch.Tensor, block_size: int | None = None, run: Any = None) -> torch.Tensor:
+        """Hidden states [B, S, D] of the sampling pass (`forward(x, block_size)` without the
+        output layer); `run` as in `_backbone`."""
+        n = x.shape[1]
+        spec = None if block_size is None or block_size >= n else mask_spec("causal", block_size, n)
+        return self._backbone(x, spec, 1, run)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Output layer on hidden states [..., D] -> raw logits [..., V] ([MASK] not suppressed)."""
@@ -295,23 +347,37 @@ class DiT(nn.Module):
             cache.start.fill_(end)
         return self.logits(h) if need_logits else None
 
-    def step_static(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    @torch.no_grad()
+    def step_constants(self, capacity: int, device: torch.device | None = None) -> StepConstants:
+        """What every static step reads besides the cache and the weights, computed once (under
+        the caller's autocast, as `step` computes them per call): copies of the rotary table for
+        positions 0..capacity-1 and the sigma = 0 modulations. Held by the caller, so a replayed
+        CUDA graph reads memory nothing else can free."""
+        device = device or self.vocab_embed.embedding.device
+        cos, sin = (t.clone() for t in self.rotary_emb.cos_sin(0, capacity, device))
+        mods = [tuple(m) for m in self._modulations()]
+        shift, scale = self.output_layer.adaLN_modulation(self._cond())[0].chunk(2, dim=-1)
+        return StepConstants(cos, sin, mods, (shift, scale))
+
+    def step_static(self, x: torch.Tensor, cache: KVCache, consts: StepConstants | None = None) -> torch.Tensor:
         """The cached step with static shapes: positions come from the device scalar
         `cache.start`, keys/values are written with `index_copy_`, and attention runs over the
         whole cache capacity with a validity mask. No host synchronisation and no shape that
-        depends on progress, so the call can be captured once in a CUDA graph and replayed
-        (see `did_cli.sampling.graph`). Does not commit; returns logits [B, n, V]."""
+        depends on progress, so the call can be compiled and captured once in a CUDA graph and
+        replayed (see `did_cli.sampling.graph`). `consts`: `step_constants(cache.capacity)`
+        (computed here when not given). Does not commit; returns logits [B, n, V]."""
         n, cap = x.shape[1], cache.capacity
+        c = consts if consts is not None else self.step_constants(cap, x.device)
         pos = cache.start + torch.arange(n, device=x.device)
-        cos_all, sin_all = self.rotary_emb.cos_sin(0, cap, x.device)
-        cos, sin = cos_all.index_select(0, pos), sin_all.index_select(0, pos)
+        cos, sin = c.cos.index_select(0, pos), c.sin.index_select(0, pos)
         visible = (torch.arange(cap, device=x.device) < cache.start + n)[None, None, None, :]
         h = self.vocab_embed(x)
-        for i, (blk, mod) in enumerate(zip(self.blocks, self._modulations())):
+        for i, (blk, mod) in enumerate(zip(self.blocks, c.mods)):
             q, k, v = blk.qkv(h, mod[0], mod[1])
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             cache.k[i].index_copy_(2, pos, k.to(cache.k[i].dtype))
             cache.v[i].index_copy_(2, pos, v.to(cache.v[i].dtype))
             att = F.scaled_dot_product_attention(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), attn_mask=visible)
             h = blk.finish(h, att, mod)
-        return self.logits(h)
+        shift, scale = c.final
+        return self.output_layer.linear(modulate(self.output_layer.norm_final(h), shift, scale))

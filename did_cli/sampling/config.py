@@ -14,6 +14,7 @@ from did_cli.errors import UsageError
 
 SAMPLERS = ("first-hitting", "parallel")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
+FAST_PATHS = ("auto", "off", "static")
 ENTROPY_WINDOW = 256
 
 
@@ -39,6 +40,10 @@ class SamplerConfig:
     """'fp32', or 'bf16'/'fp16' autocast for the model calls (sampling stays float64)."""
     allow_longer: bool = False
     """Allow sequences longer than the model's trained length (rotary extrapolation)."""
+    fast_path: str = "auto"
+    """Model calls: 'auto' (on CUDA the cached step compiled and replayed as a CUDA graph, the
+    global refine pass compiled), 'off' (the eager reference path), or 'static' (the graph
+    path's static-shape step run eagerly, on any device). Records say which ran."""
 
     def check_sampling(self) -> None:
         check_sampler(self.sampler, self.tokens_per_step, self.threshold, self.top_p)
@@ -46,6 +51,8 @@ class SamplerConfig:
             raise UsageError(f"--batch-size must be at least 1 (got {self.batch_size})")
         if self.dtype not in DTYPE_NAMES:
             raise UsageError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPE_NAMES)}")
+        if self.fast_path not in FAST_PATHS:
+            raise UsageError(f"--fast-path {self.fast_path!r}: choose from {', '.join(FAST_PATHS)}")
 
     def settings(self, mask_id: int) -> Any:
         """The `core.SamplerSettings` of a model whose [MASK] id is `mask_id`."""

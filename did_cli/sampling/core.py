@@ -5,7 +5,10 @@ plumbing around a model call (device, dtype, eval mode, progress).
 How one model call turns into committed tokens (`fill`):
 - logits -> float64, [MASK] logit -> -inf, softmax, nucleus top-p (BD3-LM's convention: keep the
   tokens whose cumulative probability *including themselves* is <= p, the top token always),
-  renormalise; sample by Gumbel-max in float64.
+  renormalise; sample by Gumbel-max in float64 (`did_cli.sampling.nucleus`).
+- memory: rows are sampled in chunks of whole samples, so a call never holds more than a few
+  [chunk, V] float64 tensors however many positions are masked; a pass that returns hidden
+  states (`RowLogits`) computes the output layer chunk by chunk too.
 - first-hitting: one uniformly chosen masked position per sample per call. The position is
   drawn first and only its token is sampled: the same distribution as drawing candidates
   everywhere and keeping one, at a fraction of the cost.
@@ -21,14 +24,14 @@ sample's tokens do not depend on the batch it ran in, nor on the KV cache being 
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from did_cli.errors import DidError
+from did_cli.sampling.nucleus import gumbel_argmax, nucleus, sample_rows, token_probs  # noqa: F401 (the primitives, re-exported)
 from did_cli.util import resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,34 +52,6 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return g
 
 
-def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Top-p filter of probabilities [..., V] (BD3-LM): sort descending, keep tokens whose
-    cumulative probability including themselves is <= p (the token that crosses p is dropped),
-    always keep the top token, renormalise."""
-    if top_p >= 1.0:
-        return probs
-    sorted_p, idx = probs.sort(dim=-1, descending=True)
-    keep = sorted_p.cumsum(dim=-1) <= top_p
-    keep[..., 0] = True
-    out = torch.zeros_like(probs).scatter_(-1, idx, sorted_p * keep)
-    return out / out.sum(dim=-1, keepdim=True)
-
-
-def token_probs(logits: torch.Tensor, mask_id: int, top_p: float = 1.0) -> torch.Tensor:
-    """Raw logits [..., V] -> float64 probabilities with [MASK] suppressed, nucleus-filtered."""
-    lg = logits.to(torch.float64)
-    if lg.data_ptr() == logits.data_ptr():
-        lg = lg.clone()
-    lg[..., mask_id] = -math.inf
-    return nucleus(torch.softmax(lg, dim=-1), top_p)
-
-
-def gumbel_argmax(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """argmax(log p + Gumbel) with Gumbel = -log(-log u), all in float64."""
-    u = u.clamp_min(torch.finfo(torch.float64).tiny)
-    return (probs.log() - (-u.log()).log()).argmax(dim=-1)
-
-
 @dataclass
 class SamplerSettings:
     """How one model call's logits become committed tokens (shared by draft and refine)."""
@@ -88,7 +63,61 @@ class SamplerSettings:
     mask_id: int
 
 
-LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+class RowLogits(NamedTuple):
+    """Raw logits of N rows computed on demand: `head(h[lo:hi])` (the output layer is the
+    costliest matrix of a small model, and [N, V] logits of a whole batch do not fit)."""
+
+    h: torch.Tensor
+    head: Callable[[torch.Tensor], torch.Tensor]
+    vocab: int
+
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | RowLogits"]
+CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 1 << 25}
+"""Bytes of one [rows, V] float64 tensor per sampling chunk (several such are alive at once)."""
+PREFILTER_MIN_ROWS = 1024
+"""Calls with at least this many rows try the top-k nucleus first (it reads back which rows need
+the full sort: one host synchronisation per chunk); smaller ones sort, with no read-back."""
+
+
+def _chunks(groups: list[tuple[int, int]], rows_per_chunk: int) -> list[list[tuple[int, int]]]:
+    """Consecutive (sample, rows) groups packed into chunks of about `rows_per_chunk` rows; a
+    sample is never split, so its draws are one call of its generator whatever the batch."""
+    out: list[list[tuple[int, int]]] = [[]]
+    n = 0
+    for g in groups:
+        if out[-1] and n + g[1] > rows_per_chunk:
+            out.append([])
+            n = 0
+        out[-1].append(g)
+        n += g[1]
+    return out
+
+
+def draw(out: "torch.Tensor | RowLogits", groups: list[tuple[int, int]], gens: list,
+         sp: "SamplerSettings") -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of `out` ([N, V] logits or RowLogits); rows come in `groups`
+    (sample i, its row count) in order, and a group whose generator is None draws nothing (its
+    row is a placeholder). Returns token ids [N] and float64 probabilities [N]."""
+    lazy = isinstance(out, RowLogits)
+    vocab = out.vocab if lazy else out.shape[-1]
+    dev, total = out.h.device if lazy else out.device, sum(c for _, c in groups)
+    tok = torch.empty(total, dtype=torch.long, device=dev)
+    prob = torch.empty(total, dtype=torch.float64, device=dev)
+    per = max(1, CHUNK_BYTES.get(dev.type, CHUNK_BYTES["cuda"]) // (8 * vocab))
+    lo = 0
+    for chunk in _chunks(groups, per):
+        hi = lo + sum(c for _, c in chunk)
+        lg = out.head(out.h[lo:hi]) if lazy else out[lo:hi]
+        u = torch.zeros((hi - lo, vocab), dtype=torch.float64, device=dev)
+        off = 0
+        for i, c in chunk:
+            if gens[i] is not None:
+                torch.rand((c, vocab), generator=gens[i], out=u[off:off + c])
+            off += c
+        tok[lo:hi], prob[lo:hi] = sample_rows(lg, u, sp.mask_id, sp.top_p, prefilter=total >= PREFILTER_MIN_ROWS)
+        lo = hi
+    return tok, prob
 
 
 def fill(
@@ -98,13 +127,14 @@ def fill(
     e: int,
     counts: list[int],
     logits_fn: LogitsFn,
-    gens: list[torch.Generator],
+    gens: list,
     sp: SamplerSettings,
 ) -> int:
     """Commit every [MASK] of the window x[:, s:e] (in place, with snapshot confidences in
-    `conf`); `counts` holds each row's number of masks there. `logits_fn(sel, flat)` returns raw
-    logits at the selected window positions in row-major order: `sel` [b, n] bool, `flat` the
-    same positions as flat indices into the window. Returns the number of model calls."""
+    `conf`); `counts` holds each row's number of masks there (0 for a placeholder row, whose
+    generator may be None). `logits_fn(sel, flat)` returns raw logits (or `RowLogits`) at the
+    selected window positions in row-major order: `sel` [b, n] bool, `flat` the same positions
+    as flat indices into the window. Returns the number of model calls."""
     b, n = x.shape[0], e - s
     dev = x.device
     rows = torch.arange(b, device=dev)
@@ -123,44 +153,40 @@ def fill(
             # rows with no mask left pick a dummy position and commit nothing
             pos = torch.where(masked, u, -1.0).argmax(dim=1)
             sel = torch.zeros((b, n), dtype=torch.bool, device=dev).scatter_(1, pos[:, None], True)
-            probs = token_probs(logits_fn(sel, rows * n + pos), sp.mask_id, sp.top_p)  # [b, V]
-            g = torch.zeros_like(probs)
-            for i in active:
-                torch.rand(probs.shape[1:], generator=gens[i], out=g[i])
-            tok = gumbel_argmax(probs, g)
-            p = probs.gather(1, tok[:, None])
+            live = [g if c > 0 else None for g, c in zip(gens, counts)]
+            tok, p = draw(logits_fn(sel, rows * n + pos), [(i, 1) for i in range(b)], live, sp)
             commit = sel & masked
             x[:, s:e] = torch.where(commit, tok[:, None], win)
-            conf[:, s:e] = torch.where(commit, p, conf[:, s:e])
+            conf[:, s:e] = torch.where(commit, p[:, None], conf[:, s:e])
             for i in active:
                 counts[i] -= 1
         else:
-            total = sum(counts)
-            flat = torch.nonzero_static(masked.reshape(-1), size=total).reshape(-1)
-            probs = token_probs(logits_fn(masked, flat), sp.mask_id, sp.top_p)  # [N, V]
-            g = torch.empty_like(probs)
-            off = 0
-            for i, c in enumerate(counts):  # rows are contiguous in row-major order
-                if c > 0:
-                    torch.rand((c, probs.shape[1]), generator=gens[i], out=g[off:off + c])
-                    off += c
-            tok = gumbel_argmax(probs, g)
-            p = probs.gather(1, tok[:, None]).reshape(-1)
-            P = torch.full((b * n,), -1.0, dtype=torch.float64, device=dev).index_copy_(0, flat, p).view(b, n)
-            T = win.reshape(-1).clone().index_copy_(0, flat, tok).view(b, n)
-            if sp.k is not None:
-                top = P.topk(min(sp.k, n), dim=1).indices
-                commit = torch.zeros_like(masked).scatter_(1, top, True) & masked
-            else:
-                best = torch.zeros_like(masked).scatter_(1, P.argmax(dim=1, keepdim=True), True)
-                commit = masked & ((P >= sp.threshold) | best)
-            x[:, s:e] = torch.where(commit, T, win)
-            conf[:, s:e] = torch.where(commit, P, conf[:, s:e])
-            if sp.k is not None:
-                counts = [c - min(sp.k, c) for c in counts]
-            else:  # data-dependent: one host sync per call
-                counts = (x[:, s:e] == sp.mask_id).sum(dim=1).tolist()
+            counts = _parallel_step(x, conf, s, e, counts, masked, logits_fn, gens, sp)
         calls += 1
+
+
+def _parallel_step(x, conf, s: int, e: int, counts: list[int], masked: torch.Tensor, logits_fn: LogitsFn,
+                   gens: list, sp: SamplerSettings) -> list[int]:
+    """One call of the parallel sampler: candidates at every masked position, commit the K most
+    confident (or those above the threshold); returns the masks left per row."""
+    b, n = x.shape[0], e - s
+    dev, win = x.device, x[:, s:e]
+    total = sum(counts)
+    flat = torch.nonzero_static(masked.reshape(-1), size=total).reshape(-1)
+    tok, p = draw(logits_fn(masked, flat), [(i, c) for i, c in enumerate(counts) if c > 0], gens, sp)
+    P = torch.full((b * n,), -1.0, dtype=torch.float64, device=dev).index_copy_(0, flat, p).view(b, n)
+    T = win.reshape(-1).clone().index_copy_(0, flat, tok).view(b, n)
+    if sp.k is not None:
+        top = P.topk(min(sp.k, n), dim=1).indices
+        commit = torch.zeros_like(masked).scatter_(1, top, True) & masked
+    else:
+        best = torch.zeros_like(masked).scatter_(1, P.argmax(dim=1, keepdim=True), True)
+        commit = masked & ((P >= sp.threshold) | best)
+    x[:, s:e] = torch.where(commit, T, win)
+    conf[:, s:e] = torch.where(commit, P, conf[:, s:e])
+    if sp.k is not None:
+        return [c - min(sp.k, c) for c in counts]
+    return (x[:, s:e] == sp.mask_id).sum(dim=1).tolist()  # data-dependent: one host sync per call
 
 
 # ---------------------------------------------------------------------------------- plumbing
@@ -230,5 +256,8 @@ class EvalMode:
         self.model.train(self.was)
 
 
-def autocast(device: torch.device, dtype: str):
-    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+def autocast(device: torch.device, dtype: str, cache: bool = True):
+    """Autocast for the model calls. `cache=False` for compiled or graphed steps: a captured
+    graph must not point at cast copies the autocast cache frees later (and their weights are
+    cast already, see `fast.low_precision_copy`)."""
+    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32", cache_enabled=cache)

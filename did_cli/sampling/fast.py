@@ -1,17 +1,19 @@
-"""First-hitting drafting without host synchronisation: the fast path for benchmarks and batch jobs.
+"""The fast cached step of `did draft` / `did refine` (`cached_step`), its bf16 weights
+(`low_precision_copy`), and `FastFirstHitting`, a benchmark of it.
 
     from did_cli.sampling.fast import FastFirstHitting
     fh = FastFirstHitting(model, batch=64, length=1024, block_size=4, dtype="bf16")
     out = fh.run(torch.Generator("cuda").manual_seed(0))   # out.tokens [64, 1024], out.conf
 
-The same algorithm as `did_cli.sampling.drafting` (first-hitting, nucleus, Gumbel-max in float64,
-snapshot confidence), for drafts without prompts, suffix or early stopping, and with ONE
-generator for the whole batch: each call draws uniforms [b, block] for the position, then
-[b, V] for the token. Every step stays on the device (no `.tolist()`, no counts read back), so
-the host only queues work, and the model call is a CUDA-graph replay of `DiT.step_static`
-(`did_cli.sampling.graph.GraphedStep`). `reference=True` runs the eager cached step (`DiT.step`)
-with the same draws: both give the same tokens, which the tests check. At batch 1 the draws are
-those `sampling.drafting.draft` makes for sample 0 when given the generator of (seed, 0).
+`FastFirstHitting` is the algorithm of `did_cli.sampling.drafting` (first-hitting, nucleus,
+Gumbel-max in float64, snapshot confidence) for drafts without prompts, suffix or early
+stopping, with ONE generator for the whole batch: each call draws uniforms [b, block] for the
+position, then [b, V] for the token. Every step stays on the device (no `.tolist()`, no counts
+read back), so the host only queues work, and the model call is a CUDA-graph replay of the
+compiled `DiT.step_static` (`did_cli.sampling.graph.GraphedStep`). `reference=True` runs the
+eager cached step (`DiT.step`) with the same draws: both give the same tokens, which the tests
+check. At batch 1 the draws are those `sampling.drafting.draft` makes for sample 0 when given
+the generator of (seed, 0).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 from did_cli.model import DiT
-from did_cli.sampling.core import DTYPES, gumbel_argmax, token_probs
-from did_cli.sampling.graph import GraphedStep
+from did_cli.sampling.core import DTYPES, autocast
+from did_cli.sampling.graph import EagerStep, GraphedStep
+from did_cli.sampling.nucleus import sample_rows
 
 
 @dataclass
@@ -38,67 +42,81 @@ class FastDraftOut:
 
 
 def low_precision_copy(model: DiT, dtype: torch.dtype) -> DiT:
-    """A copy whose parameters (not buffers: rotary frequencies stay float32) are `dtype`. Under
-    autocast a call then reads each weight once in `dtype` instead of casting float32 weights
-    inside every call (the autocast cache cannot be used inside a CUDA graph). The residual
-    stream is then `dtype` too, so logits differ slightly from float32 weights under autocast."""
-    low = copy.deepcopy(model)
-    for p in low.parameters():
-        p.data = p.data.to(dtype)
-    return low.eval()
+    """A copy whose Linear weights and biases are `dtype`; every other tensor (the input
+    embedding, the norm weights, the rotary frequencies) is shared with `model`, not copied.
+    Autocast casts a float32 Linear's weight and bias to `dtype` anyway, so under autocast the
+    copy computes exactly what `model` does, without casting the weights inside every call
+    (the autocast cache cannot be used inside a CUDA graph). Norms and the residual stream stay
+    float32 as in `model`."""
+    memo: dict[int, object] = {}
+    linear = {id(t) for m in model.modules() if isinstance(m, nn.Linear) for t in m.parameters(recurse=False)}
+    for t in list(model.parameters()) + list(model.buffers()):
+        memo[id(t)] = nn.Parameter(t.detach().to(dtype), requires_grad=False) if id(t) in linear else t
+    return copy.deepcopy(model, memo).eval()
+
+
+def cached_step(model: DiT, batch: int, capacity: int, block: int, dtype: str = "fp32", mode: str = "auto",
+                applies: bool = True, net: DiT | None = None):
+    """The cached step a batch of drafting (or a block stage of refinement) runs, with its
+    `path`. `mode` 'auto': on CUDA the static step, compiled and replayed as a CUDA graph (a
+    failure of either falls back with one warning line), elsewhere `DiT.step`; 'off': `DiT.step`
+    (the reference); 'static': the static step without compile or graph (its arithmetic, on any
+    device). `applies` False forces the reference (e.g. rows leave the batch). `net`: the
+    `low_precision_copy` to run when dtype is not fp32 (made here when not given). Build and
+    call it under `core.autocast(device, dtype, cache=False)`."""
+    device = next(model.parameters()).device
+    kv = None if dtype == "fp32" else DTYPES[dtype]
+    if not applies or mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return EagerStep(model, model.new_cache(batch, capacity, dtype=kv))
+    if net is None:
+        net = model if dtype == "fp32" else low_precision_copy(model, DTYPES[dtype])
+    auto = mode == "auto"
+    return GraphedStep(net, net.new_cache(batch, capacity, dtype=kv), batch, block, use_graph=auto, compile=auto)
 
 
 class FastFirstHitting:
-    """First-hitting drafting of `batch` samples of `length` tokens with block size `block_size`.
+    """First-hitting drafting of `batch` samples of `length` tokens with block size `block_size`,
+    ONE generator for the whole batch (a benchmark of the step; `did draft` gives every sample
+    its own generator and runs the same step through `cached_step`).
 
-    Builds the KV cache (keys and values only) and, on CUDA, captures the step once; `run` can be
-    called repeatedly (each call drafts a fresh batch) without capturing again."""
+    Builds the KV cache (keys and values only) and, on CUDA, compiles and captures the step once;
+    `run` can be called repeatedly (each call drafts a fresh batch) without capturing again.
+    `low_precision_weights` None = when dtype is not fp32."""
 
     def __init__(self, model: DiT, batch: int, length: int | None = None, block_size: int = 4, top_p: float = 0.9,
-                 dtype: str = "fp32", use_graph: bool | None = None, low_precision_weights: bool = False,
-                 reference: bool = False):
+                 dtype: str = "fp32", use_graph: bool | None = None, low_precision_weights: bool | None = None,
+                 reference: bool = False, compile: bool | None = None):
         mc = model.config
         self.length = length or mc.model_length
         if self.length % block_size:
             raise ValueError(f"block size {block_size} does not divide length {self.length}")
         self.batch, self.block, self.top_p, self.dtype, self.reference = batch, block_size, top_p, dtype, reference
         amp = DTYPES[dtype]
-        if low_precision_weights and dtype != "fp32":
+        if low_precision_weights is None:
+            low_precision_weights = dtype != "fp32"
+        if low_precision_weights and dtype != "fp32" and not reference:
             model = low_precision_copy(model, amp)
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.cache = model.new_cache(batch, self.length, dtype=None if dtype == "fp32" else amp)
-        self.step = None
-        if not reference:
-            with self._autocast():
-                self.step = GraphedStep(model, self.cache, batch, block_size, use_graph=use_graph)
+        cache = model.new_cache(batch, self.length, dtype=None if dtype == "fp32" else amp)
+        with self._autocast():
+            self.step = (EagerStep(model, cache) if reference
+                         else GraphedStep(model, cache, batch, block_size, use_graph=use_graph, compile=compile))
+        self.cache = cache
 
     @property
     def graphed(self) -> bool:
-        return self.step is not None and self.step.graph is not None
+        return isinstance(self.step, GraphedStep) and self.step.graph is not None
 
     def _autocast(self):
         # no autocast cache: a captured graph must not point at cast copies freed later
-        return torch.autocast(self.device.type, dtype=DTYPES[self.dtype], enabled=self.dtype != "fp32", cache_enabled=False)
-
-    def _reset(self) -> None:
-        self.cache.length = 0
-        self.cache.start.zero_()  # stale keys beyond `start` are masked out by step_static
-
-    def _logits(self, win: torch.Tensor) -> torch.Tensor:
-        return self.model.step(win, self.cache) if self.reference else self.step(win)
-
-    def _commit(self, win: torch.Tensor) -> None:
-        if self.reference:
-            self.model.step(win, self.cache, commit=True, need_logits=False)
-        else:
-            self.step.commit(win)
+        return autocast(self.device, self.dtype, cache=False)
 
     @torch.no_grad()
     def run(self, generator: torch.Generator) -> FastDraftOut:
         mc = self.model.config
         b, L, B, dev = self.batch, self.length, self.block, self.device
-        self._reset()
+        self.step.reset()
         x = torch.full((b, L), mc.mask_id, dtype=torch.long, device=dev)
         x[:, 0] = mc.bos_id
         conf = torch.full((b, L), math.nan, dtype=torch.float64, device=dev)
@@ -114,17 +132,15 @@ class FastFirstHitting:
                     masked = win == mc.mask_id
                     u = torch.rand((b, B), generator=generator, dtype=torch.float64, device=dev)
                     pos = torch.where(masked, u, -1.0).argmax(dim=1)
-                    lg = self._logits(win)[rows, pos]  # [b, V]
-                    probs = token_probs(lg, mc.mask_id, self.top_p)
-                    g = torch.rand(probs.shape, generator=generator, dtype=torch.float64, device=dev)
-                    tok = gumbel_argmax(probs, g)
-                    p = probs.gather(1, tok[:, None])
+                    lg = self.step(win)[rows, pos]  # [b, V]
+                    g = torch.rand(lg.shape, generator=generator, dtype=torch.float64, device=dev)
+                    tok, p = sample_rows(lg, g, mc.mask_id, self.top_p)  # no prefilter: no read-back
                     commit = torch.zeros_like(masked).scatter_(1, pos[:, None], True) & masked
                     x[:, s:e] = torch.where(commit, tok[:, None], win)
-                    conf[:, s:e] = torch.where(commit, p, conf[:, s:e])
+                    conf[:, s:e] = torch.where(commit, p[:, None], conf[:, s:e])
                     calls += 1
                 if j < n_blocks - 1:
-                    self._commit(x[:, s:e])
+                    self.step.commit(x[:, s:e])
                     calls += 1
         return FastDraftOut(x, conf, calls)
 

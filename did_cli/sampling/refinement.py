@@ -20,8 +20,9 @@ import torch
 
 from did_cli.errors import DidError
 from did_cli.sampling.config import RefineConfig
-from did_cli.sampling.core import (DTYPES, EvalMode, Progress, SamplerSettings, autocast, fill, make_generator, mix_seed,
-                                   place, tokenizer_for)
+from did_cli.sampling.core import (EvalMode, Progress, RowLogits, SamplerSettings, autocast, fill, make_generator,
+                                   mix_seed, place, tokenizer_for)
+from did_cli.sampling.passes import RefinePasses
 
 def check_record(rec: dict, where: str, mc: Any, tokenizer: Any, cfg: RefineConfig) -> None:
     """Raise DidError when a record cannot be refined by a model of config `mc` (a
@@ -85,9 +86,11 @@ def refine(
     batch: list[dict] = []
     done = 0
 
+    passes = RefinePasses(model, cfg, device)
+
     def flush() -> Iterator[dict]:
         nonlocal batch, done
-        out, batch = _refine_batch(model, batch, cfg, sp, tok, device, model_path), []
+        out, batch = _refine_batch(model, batch, cfg, sp, tok, device, model_path, passes), []
         done += len(out)
         bar.advance(len(out), f"refine: {done} records")
         yield from out
@@ -129,8 +132,8 @@ def _remask_positions(conf_row: list[float], lo: int, hi: int, k: int, mode: str
     return sorted(order[:k])
 
 
-def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: SamplerSettings, tok, device, model_path: str | None) -> list[dict]:
-    mc = model.config
+def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: SamplerSettings, tok, device, model_path: str | None,
+                  passes: RefinePasses) -> list[dict]:
     b, n = len(recs), len(recs[0]["tokens"])
     ranges = [_gen_range(r) for r in recs]
     gens = [make_generator(mix_seed(cfg.seed, r["id"]), device) for r in recs]
@@ -140,49 +143,38 @@ def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: SamplerSetting
     stages_out: list[list[dict]] = [[] for _ in recs]
     nfe_total = 0
     t_start = time.perf_counter()
-    with torch.inference_mode(), EvalMode(model), autocast(device, cfg.dtype):
+    with torch.inference_mode(), EvalMode(model), autocast(device, cfg.dtype, cache=passes.autocast_cache):
         post_nfe = 0
         if cfg.confidence == "posthoc":
-            # re-score the finished sequence: p(token | whole sequence), no masking
-            logits = model(x)
-            conf = torch.empty((b, n), dtype=torch.float64, device=device)
-            for i in range(b):  # row by row: a float64 [n, V] copy at a time
-                lg = logits[i].to(torch.float64)
-                lg[:, mc.mask_id] = -math.inf
-                conf[i] = (lg.gather(1, x[i, :, None])[:, 0] - lg.logsumexp(dim=1)).exp()
-            del logits
+            conf = _posthoc(x, passes, model.config.mask_id)
             post_nfe = 1
         for si, (block, ratio) in enumerate(cfg.stages):
             t0 = time.perf_counter()
             before = x.clone()
-            conf_h = conf.tolist()
-            remask: list[list[int]] = []
-            for i, (lo, hi) in enumerate(ranges):
-                k = math.ceil(ratio * (hi - lo) - 1e-9)
-                rg = make_generator(mix_seed(cfg.seed, recs[i]["id"], "remask", si), "cpu") if cfg.confidence == "random" else None
-                remask.append(_remask_positions(conf_h[i], lo, hi, k, cfg.confidence, rg))
-            sel = torch.zeros((b, n), dtype=torch.bool)
-            for i, ps in enumerate(remask):
-                sel[i, ps] = True
-            sel = sel.to(device)
-            x[sel] = mc.mask_id
-            conf[sel] = math.nan
+            remask = _remask(x, conf, ranges, recs, ratio, si, cfg, model.config.mask_id)
             calls = post_nfe if si == 0 else 0
             B = n if block is None or block >= n else block
+            path = "eager"
             if any(remask):
                 if B >= n:
                     # global bidirectional pass: full attention over the whole sequence
-                    calls += fill(x, conf, 0, n, [len(p) for p in remask],
-                                   lambda s_, f_: model(x, None, select=s_), gens, sp)
+                    def logits_fn(s_, f_):
+                        h, logits_fn.path = passes.global_hidden(x)
+                        return RowLogits(h[s_], passes.head, model.config.vocab_size)
+
+                    calls += fill(x, conf, 0, n, [len(p) for p in remask], logits_fn, gens, sp)
+                    path = logits_fn.path
                 else:
-                    calls += _refine_blocks(model, x, conf, B, remask, gens, sp, cfg)
+                    step = passes.block_step(b, n, B)
+                    calls += _refine_blocks(step, x, conf, B, remask, gens, sp)
+                    path = step.path
             nfe_total += calls
             changed = (x != before).sum(dim=1).tolist()
             secs = time.perf_counter() - t0
             for i in range(b):
                 entry = {"block_size": B, "ratio": ratio, "confidence": cfg.confidence, "remasked": remask[i],
                          "changed": int(changed[i]), "nfe": calls, "seconds": round(secs, 4), "sampler": cfg.sampler,
-                         "top_p": cfg.top_p, "seed": cfg.seed}
+                         "top_p": cfg.top_p, "seed": cfg.seed, "path": path}
                 if cfg.tokens_per_step is not None:
                     entry["tokens_per_step"] = cfg.tokens_per_step
                 if cfg.threshold is not None:
@@ -206,6 +198,37 @@ def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: SamplerSetting
     return out
 
 
+def _posthoc(x: torch.Tensor, passes: RefinePasses, mask_id: int) -> torch.Tensor:
+    """p(token | whole sequence), no masking: one global pass, the output layer row by row (a
+    float64 [n, V] copy at a time)."""
+    h, _ = passes.global_hidden(x)
+    b, n = x.shape
+    conf = torch.empty((b, n), dtype=torch.float64, device=x.device)
+    for i in range(b):
+        lg = passes.head(h[i]).to(torch.float64)
+        lg[:, mask_id] = -math.inf
+        conf[i] = (lg.gather(1, x[i, :, None])[:, 0] - lg.logsumexp(dim=1)).exp()
+    return conf
+
+
+def _remask(x, conf, ranges, recs, ratio: float, si: int, cfg: RefineConfig, mask_id: int) -> list[list[int]]:
+    """Choose each record's positions to re-mask in stage `si` and mask them (in place)."""
+    b, n = x.shape
+    conf_h = conf.tolist()
+    remask: list[list[int]] = []
+    for i, (lo, hi) in enumerate(ranges):
+        k = math.ceil(ratio * (hi - lo) - 1e-9)
+        rg = make_generator(mix_seed(cfg.seed, recs[i]["id"], "remask", si), "cpu") if cfg.confidence == "random" else None
+        remask.append(_remask_positions(conf_h[i], lo, hi, k, cfg.confidence, rg))
+    sel = torch.zeros((b, n), dtype=torch.bool)
+    for i, ps in enumerate(remask):
+        sel[i, ps] = True
+    sel = sel.to(x.device)
+    x[sel] = mask_id
+    conf[sel] = math.nan
+    return remask
+
+
 def _record_keep(tok, rec: dict, tokens: list[int], conf: list, lo: int, extra: dict) -> dict:
     from did_cli.records import make_record
 
@@ -215,11 +238,11 @@ def _record_keep(tok, rec: dict, tokens: list[int], conf: list, lo: int, extra: 
     return r
 
 
-def _refine_blocks(model, x, conf, B: int, remask: list[list[int]], gens, sp: SamplerSettings, cfg: RefineConfig) -> int:
-    """Regenerate masked positions block by block, left to right, with the KV cache: each block
-    sees the earlier (final) blocks and itself. Returns the number of model calls."""
+def _refine_blocks(step, x, conf, B: int, remask: list[list[int]], gens, sp: SamplerSettings) -> int:
+    """Regenerate masked positions block by block, left to right, with the KV cache of `step`
+    (`passes.RefinePasses.block_step`): each block sees the earlier (final) blocks and itself.
+    Returns the number of model calls."""
     b, n = x.shape
-    cache = model.new_cache(b, n, dtype=None if cfg.dtype == "fp32" else DTYPES[cfg.dtype])
     last_masked = max(max(p) for p in remask if p)
     calls = 0
     for s in range(0, n, B):
@@ -227,13 +250,12 @@ def _refine_blocks(model, x, conf, B: int, remask: list[list[int]], gens, sp: Sa
         counts = [sum(1 for p in ps if s <= p < e) for ps in remask]
         if any(counts):
             def logits_fn(sel, flat, s=s, e=e):
-                lg = model.step(x[:, s:e], cache)
+                lg = step(x[:, s:e])
                 return lg.reshape(-1, lg.shape[-1]).index_select(0, flat)
 
             calls += fill(x, conf, s, e, counts, logits_fn, gens, sp)
         if e > last_masked:
             break  # nothing after this block changes
-        model.step(x[:, s:e], cache, commit=True, need_logits=False)
+        step.commit(x[:, s:e])
         calls += 1
     return calls
-
