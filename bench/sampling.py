@@ -73,7 +73,7 @@ def timed(fn, device):
 
 def fast_draft_figures(model: DiT, length: int, block: int, batches: list[int], dtype: str, device: torch.device,
                        hbm_tbps: float | None = None, eager_length: int | None = None, variants: list[str] | None = None,
-                       log=print) -> list[dict]:
+                       log=print, time_left=None, rows: list | None = None) -> list[dict]:
     """First-hitting drafting through did_cli.sampling.fast, one row per (variant, batch).
 
     Peak memory per sample: (peak allocated during the timed run - the model's weights) / batch,
@@ -82,7 +82,9 @@ def fast_draft_figures(model: DiT, length: int, block: int, batches: list[int], 
     Variants: 'eager-step' (DiT.step, the reference), 'eager-static' (step_static, no graph),
     'graph' (CUDA graph, float32 weights under autocast), 'graph-bf16w' (CUDA graph, bf16 weight
     copy). The eager variants draft `eager_length` tokens (default: all): their cost per call
-    does not depend on the position, and a full sample takes long."""
+    does not depend on the position, and a full sample takes long. `time_left()`: seconds to the
+    caller's deadline (rows that would start after it are skipped); `rows`: a list the rows are
+    appended to as they are measured (a caller cut short keeps them)."""
     if hbm_tbps is None:
         hbm_tbps = peaks(device)[1]
     if variants is None:
@@ -92,15 +94,18 @@ def fast_draft_figures(model: DiT, length: int, block: int, batches: list[int], 
     wb = {v: weight_bytes(model, "bf16" if v == "graph-bf16w" else "fp32") for v in variants}
     log(f"{'fast first-hitting':<18}{'batch':>6}{'tokens':>7}{'tok/s':>10}{'calls/s':>9}{'ms/call':>9}"
         f"{'limit ms':>9}{'MiB/smp':>9}{'KV MiB':>8}")
-    rows = []
+    rows = [] if rows is None else rows
     for v in variants:
         for b in batches:
+            if time_left is not None and time_left() <= 0:
+                log(f"{v:<18}{b:>6}  skipped: deadline")
+                continue
             L = length if v.startswith("graph") or not eager_length else min(length, eager_length)
             L -= L % block
             reset_peak(device)
             base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # the model's weights
-            fh = FastFirstHitting(model, b, L, block, dtype=dtype, reference=v == "eager-step",
-                                  use_graph=v.startswith("graph"), low_precision_weights=v == "graph-bf16w")
+            fh = FastFirstHitting(model, b, L, block, dtype=dtype, reference=v == "eager-step", use_graph=v.startswith("graph"),
+                                  compile=v.startswith("graph"), low_precision_weights=v == "graph-bf16w")
             fh.run(torch.Generator(device=device).manual_seed(0))  # warm-up: kernels, allocator, tables
             g = torch.Generator(device=device).manual_seed(1)
             out, secs, _ = timed(lambda: fh.run(g), device)
@@ -109,7 +114,8 @@ def fast_draft_figures(model: DiT, length: int, block: int, batches: list[int], 
             row = {"variant": v, "batch": b, "length": L, "seconds": secs, "calls": out.calls,
                    "tokens_per_s": b * (L - 1) / secs, "calls_per_s": out.calls / secs, "ms_per_call": secs / out.calls * 1e3,
                    "weight_read_ms": limit, "weight_bytes": wb[v], "peak_mib_per_sample": (pk - base) / b / 2**20 if pk is not None else None,
-                   "kv_cache_bytes": fh.cache.nbytes(), "graphed": fh.graphed}
+                   "kv_cache_bytes": fh.cache.nbytes(), "graphed": fh.graphed,
+                   "compiled": bool(getattr(fh.step, "compiled", False))}
             rows.append(row)
             log(f"{v:<18}{b:>6}{L:>7}{row['tokens_per_s']:>10.1f}{row['calls_per_s']:>9.1f}{row['ms_per_call']:>9.3f}"
                 f"{_fmt(limit, 3):>9}{_fmt(row['peak_mib_per_sample'], 1):>9}{fh.cache.nbytes() / 2**20:>8.1f}")

@@ -5,9 +5,11 @@
 
 In ONE run, side by side: block --block-size (the 2L `[x_t ; x_0]` pass) vs the global block L
 (the 1L pass); on CUDA the flex back-end vs dense-mask SDPA; eager vs torch.compile'd blocks
-(--compile, default on CUDA only: inductor on a CPU compiles for minutes); a step that
-alternates block sizes B and L after warm-up vs the fixed sizes, with the dynamo graph count
-and mask-cache misses during the alternation (both should not move). Prints tokens/s (data
+(--compile, default on CUDA only: inductor on a CPU compiles for minutes); steps that alternate
+block sizes after warm-up (B and L: two shapes; B and 16: one shape, two masks) vs the fixed
+sizes, with the dynamo graph count and mask-cache misses during the alternation (both should
+not move); and `did train`'s own step (`Trainer.train_step`: loss, backward, clip, fused AdamW,
+EMA) on prepared data, compiled as `did train` compiles by default. Prints tokens/s (data
 tokens: batch x L per step), ms/step, peak memory and MFU against the device's dense bf16 peak
 (detected by name; --peak-tflops overrides). Figures only: nothing passes or fails on time.
 
@@ -89,8 +91,10 @@ def _mask_misses() -> int:
 def train_figures(preset_name: str = "tiny", seq_len: int = 128, batch: int = 8, block: int = 4, steps: int = 10,
                   warmup: int = 3, device: str | torch.device = "cpu", dtype: str = "fp32",
                   peak_tflops: float | None = None, compile: bool | None = None, backends: list[str] | None = None,
-                  log=print) -> dict:
-    """Run every training measurement; returns {"rows": [...], "ratios": {...}, ...} and logs lines."""
+                  log=print, time_left=None, rows: list | None = None) -> dict:
+    """Run every training measurement; returns {"rows": [...], "ratios": {...}, ...} and logs lines.
+    `time_left()`: seconds before the caller's deadline; rows that would start after it are
+    skipped (and listed under "skipped"); `rows`: a list the rows are appended to as measured."""
     device = torch.device(device)
     amp = DTYPES[dtype]
     if compile is None:
@@ -113,7 +117,7 @@ def train_figures(preset_name: str = "tiny", seq_len: int = 128, batch: int = 8,
     log(f"preset {preset_name}: {params / 1e6:.1f}M params, L={L}, batch {batch}, {dtype} on {info['device']} "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads); useful {info['useful_tflop_per_seq'][str(B)]:.3f} "
         f"TFLOP/seq at block {B}, {info['useful_tflop_per_seq'][str(L)]:.3f} at block L")
-    rows: list[dict] = []
+    rows = [] if rows is None else rows
 
     def record(name: str, backend: str, blocks: list[int], compiled: bool, s: float, extra: dict | None = None) -> dict:
         flops = statistics.fmean(useful_flops(cfg, L, b) for b in blocks) * batch
@@ -132,7 +136,13 @@ def train_figures(preset_name: str = "tiny", seq_len: int = 128, batch: int = 8,
         log(line)
         return row
 
+    skipped: list[str] = []
+
     def measure(m, o, name, backend, blocks, compiled):
+        if time_left is not None and time_left() <= 0:
+            skipped.append(name)
+            log(f"{name:<28} skipped: deadline")
+            return None
         attention.set_backend(backend)
         try:
             reset_peak(device)
@@ -149,24 +159,34 @@ def train_figures(preset_name: str = "tiny", seq_len: int = 128, batch: int = 8,
 
     backends = backends or (["flex", "sdpa"] if device.type == "cuda" else ["auto"])
     first = backends[0]
+    mid = 16 if B < 16 < L and L % 16 == 0 else None  # a second masked size: same shape, another mask
     res: dict = {}
-    for backend in backends:
-        res[(backend, B, False)] = measure(model, opt, f"[{backend}] block {B}", backend, [B], False)
-    if B != L:
-        res[(first, L, False)] = measure(model, opt, f"[{first}] block L (1L pass)", first, [L], False)
-        res[(first, "alt", False)] = measure(model, opt, f"[{first}] alternate {B}/L", first, [B, L], False)
+
+    def rows_of(m, o, compiled: bool) -> None:
+        tag = f"{first}+compile" if compiled else first
+        # compiled first: the row the targets are about, then what a cut-off may lose
+        if compiled:  # the eager fixed-B rows are measured per back-end below
+            res[(first, B, compiled)] = measure(m, o, f"[{tag}] block {B}", first, [B], compiled)
+        if B != L:
+            res[(first, L, compiled)] = measure(m, o, f"[{tag}] block L (1L pass)", first, [L], compiled)
+            res[(first, "alt", compiled)] = measure(m, o, f"[{tag}] alternate {B}/L", first, [B, L], compiled)
+        if mid:
+            res[(first, "mid", compiled)] = measure(m, o, f"[{tag}] alternate {B}/{mid}", first, [B, mid], compiled)
+
     if compile:
         t0 = time.perf_counter()
         cmodel = copy.deepcopy(model).compile_blocks()
         copt = make_optimizer(cmodel)
         g_before = _graph_count()
-        res[(first, B, True)] = measure(cmodel, copt, f"[{first}+compile] block {B}", first, [B], True)
-        if B != L:
-            res[(first, L, True)] = measure(cmodel, copt, f"[{first}+compile] block L", first, [L], True)
-            res[(first, "alt", True)] = measure(cmodel, copt, f"[{first}+compile] alternate {B}/L", first, [B, L], True)
+        rows_of(cmodel, copt, True)
         info["compile_graphs"] = _graph_count() - g_before
         info["compile_wall_s"] = time.perf_counter() - t0
         del cmodel, copt
+    for backend in backends:
+        res[(backend, B, False)] = measure(model, opt, f"[{backend}] block {B}", backend, [B], False)
+    rows_of(model, opt, False)
+    res = {k: v for k, v in res.items() if v is not None}
+    info["skipped"] = skipped
 
     ratios = {}
 
@@ -188,10 +208,80 @@ def train_figures(preset_name: str = "tiny", seq_len: int = 128, batch: int = 8,
             r = res[(first, "alt", c)]["ms_per_step"] / mean
             ratios[f"alternate_over_fixed{'_compiled' if c else ''}"] = r
             log(f"ratio alternating {B}/L / mean of fixed {B} and L ({'compiled' if c else 'eager'}): {r:.2f}x")
+    for c in (False, True):
+        if (first, "mid", c) in res and (first, B, c) in res:
+            r = res[(first, "mid", c)]["ms_per_step"] / res[(first, B, c)]["ms_per_step"]
+            ratios[f"alternate_mid_over_fixed_B{'_compiled' if c else ''}"] = r
+            log(f"ratio alternating {B}/{mid} / fixed {B} ({'compiled' if c else 'eager'}): {r:.2f}x")
     if device.type == "cpu":
         info["process_max_rss_gib"] = process_max_rss_bytes() / 2**30
         log(f"peak memory: {info['process_max_rss_gib']:.2f} GiB (process max RSS; no per-run peak on CPU)")
     return {"info": info, "rows": rows, "ratios": ratios}
+
+
+def bench_data(folder: Path, seq_len: int, rows: int) -> Path:
+    """A prepared-data folder (`did prepare`) of about `rows` training rows of the bundled corpus."""
+    import json
+    import lzma
+
+    from did_cli.data import prepare
+    from did_cli.sources import BUNDLED_CORPUS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    docs, chars = [], 0
+    with lzma.open(BUNDLED_CORPUS, "rt", encoding="utf-8") as f:
+        for line in f:  # ~4 characters per token; twice that, as rows pack whole documents
+            docs.append(line)
+            chars += len(json.loads(line).get("text", ""))
+            if chars > 8 * seq_len * rows:
+                break
+    (folder / "slice.jsonl").write_text("".join(docs))
+    prepare([str(folder / "slice.jsonl")], folder / "data", seq_len=seq_len, val_docs=2, progress=False)
+    return folder / "data"
+
+
+def trainer_figures(data: Path, out: Path, preset_name: str, batch: int, blocks: list, weights: list[float], steps: int,
+                    device: torch.device, compile: bool | None = None, log=print, time_left=None) -> dict:
+    """`did train`'s own step, `Trainer.train_step` (the loss, backward, gradient clip, fused
+    AdamW and EMA update of a real run, under its accelerator's mixed precision), on prepared
+    data: warm-up until every block size ran once (compiles), then `steps` timed steps with the
+    run's seeded block-size sampler. Reports tokens/s, ms/step per block size, and the dynamo
+    graphs built during the timed steps (0 expected)."""
+    from did_cli.training import TrainConfig
+    from did_cli.training.console import Interrupt
+    from did_cli.training.trainer import Trainer
+
+    cfg = TrainConfig(data=str(data), out=str(out), preset=preset_name, block_sizes=blocks, block_weights=weights,
+                      steps=10**6, batch_size=batch, warmup=10, eval_every=0, save_every=0, progress=False, compile=compile)
+    t0 = time.perf_counter()
+    tr = Trainer(cfg).setup()
+    intr, seen, step = Interrupt(), set(), 0
+    while seen != set(tr.sizes) and step < 50:
+        seen.add(tr.train_step(step, None, intr, t0).block)
+        step += 1
+    sync(device)
+    warm_s, g0 = time.perf_counter() - t0, _graph_count()
+    per: dict[int, list[float]] = {}
+    t_all = time.perf_counter()
+    for i in range(steps):
+        if time_left is not None and time_left() <= 0:
+            break
+        t = time.perf_counter()
+        res = tr.train_step(step + i, None, intr, t0)
+        sync(device)
+        per.setdefault(res.block, []).append(time.perf_counter() - t)
+    n = sum(len(v) for v in per.values())
+    total = time.perf_counter() - t_all
+    row = {"name": "did train step (Trainer.train_step)", "compiled": tr.compiled, "blocks": tr.sizes, "steps": n,
+           "warmup_steps": step, "warmup_s": warm_s, "tokens_per_s": n * batch * tr.length / total if n else None,
+           "ms_per_step": total / n * 1e3 if n else None, "new_graphs": _graph_count() - g0, "peak_gib": None,
+           "ms_per_step_by_block": {str(b): statistics.median(v) * 1e3 for b, v in per.items()}}
+    pk = peak_bytes(device)
+    row["peak_gib"] = pk / 2**30 if pk is not None else None
+    if n:
+        log(f"{row['name']:<28} {row['tokens_per_s']:10.0f} tokens/s {row['ms_per_step']:9.1f} ms/step  compiled {tr.compiled}"
+            f"  new graphs {row['new_graphs']}  by block {row['ms_per_step_by_block']}")
+    return row
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
 """Fast paths agree with the reference paths.
 
 The first tests run on a CPU (the fast drafting loop with graphs off, the flat-index gather, the
-GPU benchmark script's dry run). Those marked `gpu` need CUDA and check the device paths:
-flex vs dense attention, cached vs uncached drafting, CUDA-graph step vs eager step, compiled
-vs eager training.
+GPU benchmark script's dry run; tests/test_fast_paths.py has the rest of what a CPU can prove).
+Those marked `gpu` need CUDA and check the device paths: flex vs dense attention at lengths
+with full and partial tiles in bf16, cached vs uncached drafting, CUDA-graph step vs eager
+step, no host synchronisation in a fast draft, the capture fallback, compiled vs eager
+training, no recompiles after warm-up, and a `did train` run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from conftest import tiny_model
 from did_cli import attention
 from did_cli.config import DiffusionConfig
 from did_cli.diffusion import nelbo
+from did_cli.model import DiT
 from did_cli.sampling.fast import FastFirstHitting
 from did_cli.sampling import DraftConfig, draft
 from did_cli.sampling.core import make_generator, mix_seed
@@ -94,7 +97,25 @@ def test_run_gpu_dry_run(tmp_path):
     assert all(r["kv_cache_bytes"] > 0 and r["tokens_per_s"] > 0 for r in fig["draft"]["rows"])
     assert fig["refine"]["runs"] and "skipped" in fig["refine"]["gen_ppl"]
     assert any(r["blocks"] == [4, 32] and r["mask_builds"] == 0 for r in fig["train"]["rows"])
+    assert any(r["blocks"] == [4, 16] and r["new_graphs"] == 0 for r in fig["train"]["rows"])  # the 4 <-> 16 row
+    trainer = fig["train"]["trainer"]  # did train's own step
+    assert trainer["steps"] >= 1 and trainer["tokens_per_s"] > 0 and trainer["compiled"] is False
+    assert list(fig)[list(fig).index("train"):][:3] == ["train", "draft", "refine"]  # training first
+    assert fig["draft"]["library"]["path"] == "eager-cached" and fig["deadline_s"] > 0
     assert fig["summary"] and "summary" in proc.stdout
+
+
+@pytest.mark.slow
+def test_run_gpu_deadline_keeps_what_was_measured(tmp_path):
+    """Past --deadline the script stops where it is and still writes the JSON and the summary."""
+    out = tmp_path / "figures.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run_gpu.py"), "--dry-run", "--out", str(out), "--compile", "off",
+                           "--deadline", "12"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fig = json.loads(out.read_text())
+    assert fig["wall_s"] < 60 and "summary" in fig
+    cut = [k for k in ("train", "draft", "refine") if k not in fig or "stopped" in fig[k] or fig[k].get("info", {}).get("skipped")]
+    assert cut, {k: list(fig.get(k, {})) for k in ("train", "draft", "refine")}
 
 
 # ------------------------------------------------------------------------------------------ GPU
@@ -181,3 +202,147 @@ def test_compiled_equals_eager_training_cuda():
         lb, gb = _loss_and_grads(compiled, x0, block)
         assert torch.allclose(la, lb, atol=1e-4, rtol=1e-4)
         _close_grads(ga, gb, 1e-3)
+
+
+@gpu
+@pytest.mark.parametrize("n,block", [(256, 4), (256, 16), (256, 128), (320, 8), (200, 8)])
+def test_flex_equals_dense_bf16_long_cuda(n, block):
+    """Block-sparse flex vs the dense mask in bf16 at 2n >= 400 tokens: 128-token tiles that are
+    fully visible, partly visible and (n = 200, 320) cut short at the end."""
+    torch.manual_seed(0)
+    for kind in ("train", "causal"):
+        spec = attention.mask_spec(kind, block, n)
+        q, k, v = (torch.randn(2, 4, spec.seq_len, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        ref = attention.attend(q.float(), k.float(), v.float(), spec, attention.dense_mask(kind, block, n, q.device))
+        dense = attention.attend(q, k, v, spec, attention.dense_mask(kind, block, n, q.device))
+        flex = attention.attend(q, k, v, spec, attention.flex_mask(kind, block, n, q.device))
+        assert flex.dtype == torch.bfloat16
+        torch.testing.assert_close(flex.float(), ref, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(dense.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@gpu
+def test_compiled_training_no_recompile_after_warmup_cuda():
+    """Compiled blocks under bf16 autocast with flex: after each (shape, grad mode) ran once,
+    switching 4 <-> 16 <-> L and evaluating recompiles nothing (dynamo would raise)."""
+    import torch._dynamo
+
+    model = tiny_model(256).cuda().train()
+    model.compile_blocks()
+    x0 = torch.randint(0, model.config.mask_id, (4, 256), device="cuda")
+    x0[:, 0] = model.config.bos_id
+
+    def rounds(blocks):
+        for block in blocks:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _loss_and_grads(model, x0, block)
+                with torch.no_grad():
+                    nelbo(model, x0, block, DiffusionConfig(), model.config.mask_id)
+
+    rounds([4, 256])  # warm-up: the 2L pass and the 1L pass, with and without grad
+    old = torch._dynamo.config.error_on_recompile
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        rounds([16, 4, 256, 16, 64, 4])
+    finally:
+        torch._dynamo.config.error_on_recompile = old
+
+
+@gpu
+def test_fast_draft_has_no_host_sync_cuda():
+    """The fast draft loop and the library's fill loop on the CUDA-graph step never synchronise
+    with the host (torch raises on any synchronising call in this mode)."""
+    from did_cli.sampling.core import SamplerSettings, fill
+    from did_cli.sampling.fast import cached_step
+
+    model = tiny_model(64).cuda()
+    fh = FastFirstHitting(model, 4, 64, 4, dtype="bf16")
+    assert fh.graphed and fh.step.compiled
+    g = torch.Generator(device="cuda").manual_seed(0)
+    fh.run(g)
+    torch.cuda.synchronize()
+    sp = SamplerSettings("first-hitting", None, None, 0.9, model.config.mask_id)
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        step = cached_step(model, 4, 64, 4, "bf16", "auto")
+    assert step.path == "graph"
+    x = torch.full((4, 64), model.config.mask_id, device="cuda")
+    x[:, 0] = model.config.bos_id
+    conf = torch.zeros((4, 64), dtype=torch.float64, device="cuda")
+    gens = [make_generator(i, "cuda") for i in range(4)]
+
+    def logits_fn(sel, flat, s=0):
+        lg = step(x[:, s:s + 4])
+        return lg.reshape(-1, lg.shape[-1]).index_select(0, flat)
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fh.run(g)
+        for s in range(0, 64, 4):
+            fill(x, conf, s, s + 4, [4 - (s == 0)] * 4, lambda sel, flat, s=s: logits_fn(sel, flat, s), gens, sp)
+            step.commit(x[:, s:s + 4])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not (x == model.config.mask_id).any()
+
+
+class _SyncingDiT(DiT):
+    """Fault injection: a step that reads a value back to the host, which no CUDA graph can
+    capture."""
+
+    def step_static(self, x, cache, consts=None):
+        if float(cache.start.sum()) < 0:
+            raise AssertionError("unreachable")
+        return super().step_static(x, cache, consts)
+
+
+@gpu
+def test_capture_failure_falls_back_in_one_line_cuda(capfd):
+    from did_cli.sampling.graph import GraphedStep
+
+    model = tiny_model(64)
+    broken = _SyncingDiT(model.config)
+    broken.load_state_dict(model.state_dict())
+    broken = broken.cuda().eval()
+    capfd.readouterr()
+    step = GraphedStep(broken, broken.new_cache(2, 64), 2, 4, use_graph=True, compile=False)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA-graph capture of the drafting step failed" in err[0], err
+    assert step.graph is None and not torch.cuda.is_current_stream_capturing()
+    x = torch.randint(0, model.config.mask_id, (2, 4), device="cuda")
+    ref = GraphedStep(broken, broken.new_cache(2, 64), 2, 4, use_graph=False, compile=False)
+    assert torch.equal(step(x), ref(x))
+    torch.cuda.synchronize()
+
+
+@gpu
+def test_library_draft_runs_the_graph_cuda(tok):
+    model = tiny_model(64).cuda()
+    recs = {}
+    for path in ("auto", "off"):
+        cfg = DraftConfig(n=3, length=64, block_size=4, batch_size=2, seed=2, fast_path=path, prompts=["The"])
+        recs[path] = list(draft(model, cfg, tokenizer=tok, progress=False))
+    assert {r["draft"]["path"] for r in recs["auto"]} == {"graph"} and recs["auto"][0]["draft"]["compiled"]
+    assert {r["draft"]["path"] for r in recs["off"]} == {"eager-cached"}
+    assert [r["tokens"] for r in recs["auto"]] == [r["tokens"] for r in recs["off"]]
+
+
+@gpu
+def test_did_train_smoke_cuda(tmp_path):
+    """`did train` on CUDA compiles by default and runs mixed block sizes with validation and
+    --clip auto."""
+    from test_train import corpus_slice
+
+    def did(*args):
+        return subprocess.run([sys.executable, "-m", "did_cli.cli", *args], capture_output=True, text=True, timeout=900, cwd=REPO)
+
+    p = did("prepare", str(corpus_slice(tmp_path / "slice.jsonl")), "--out", str(tmp_path / "data"), "--seq-len", "64")
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = did("train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--block-sizes", "4,16,L",
+            "--steps", "12", "--batch-size", "4", "--eval-every", "4", "--eval-batches", "2", "--clip", "auto", "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert run["compiled"] is True
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "train"][-1] == 12
+    assert "recompile" not in p.stderr.lower(), p.stderr[-2000:]

@@ -48,7 +48,7 @@ def _console():
 MODEL = Opt("model", type=str, default=..., help=MODEL_HELP)
 OUTPUT = Opt("output", flags=("-o", "--output"), default="-", help="Output JSONL file ('-' = stdout).")
 SAMPLER = fields_of(SamplerConfig, "sampler", "tokens_per_step", "threshold", "top_p", "batch_size", "seed")
-PLACEMENT = fields_of(SamplerConfig, "device", "dtype", "allow_longer")
+PLACEMENT = fields_of(SamplerConfig, "device", "dtype", "allow_longer", "fast_path")
 
 
 def _draft(**kw: Any) -> None:

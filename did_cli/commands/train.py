@@ -19,7 +19,8 @@ LOOP = fields_of(TrainConfig, "batch_size", "grad_accum", "lr", "warmup", "weigh
 CLIP = Opt("clip", type=str, default=None,
            help="t range: auto, none (= 0,1) or BETA,OMEGA. Default: 0,1, or the learned range stored with --init.")
 MIXED_PRECISION = Opt("mixed_precision", default="auto", help="no, bf16, fp16, or auto (bf16 on CUDA, else no).")
-RUNTIME = fields_of(TrainConfig, "dropout", "num_workers", "on_nonfinite", "compile") + [
+RUNTIME = fields_of(TrainConfig, "dropout", "num_workers", "on_nonfinite") + [
+    Opt("compile", TrainConfig, flags=("--compile/--no-compile",), type=bool),
     Opt("time_limit", TrainConfig, extra="In seconds.", kw={"min": 0}),
     Opt("quiet", flags=("--quiet", "-q"), default=False, help="No progress output."),
 ]

@@ -82,8 +82,10 @@ class TrainConfig:
     """Non-finite loss: 'stop' (error, the last good checkpoint stays) or 'skip' the step."""
     progress: bool = True
     """Progress on stderr (a bar on a terminal, plain lines otherwise)."""
-    compile: bool = False
-    """torch.compile the transformer blocks (the first step of each block size compiles; pays on CUDA)."""
+    compile: bool | None = None
+    """torch.compile the embedding and transformer blocks: one graph per (shape, grad mode), the
+    block size is an input (the first steps compile). Default (None): on CUDA only, since
+    inductor on a CPU compiles for minutes."""
     time_limit: float | None = None
     """Stop after this many seconds of training (evaluating and saving as at the last step)."""
 

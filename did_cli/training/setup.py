@@ -98,15 +98,21 @@ def make_optimizer(model: DiT, cfg: TrainConfig, device: torch.device):
     return optimizer, scheduler
 
 
-def compile_model(model: DiT) -> None:
-    """torch.compile the model's transformer blocks in place (`DiT.compile_blocks`): one graph
-    per block size, built at its first step. On a CPU inductor needs a C++ compiler and takes
-    a minute or more per graph, so it warns there."""
+def compile_model(model: DiT, wanted: bool | None) -> bool:
+    """torch.compile the model's transformer blocks in place (`DiT.compile_blocks`) when
+    `wanted` (None: on CUDA); returns whether it did. One graph per (shape, grad mode), built at
+    the first step of each: the 2L pass of every block size < L shares one, the 1L pass of
+    block L has its own. On a CPU inductor needs a C++ compiler and takes a minute or more per
+    graph, so it warns there."""
     device = next(model.parameters()).device
+    if wanted is None:
+        wanted = device.type == "cuda"
+    if not wanted:
+        return False
     if device.type != "cuda":
-        warn(f"--compile on {device.type}: the first step of each block size compiles for a "
-             "minute or more (it pays on CUDA)")
+        warn(f"--compile on {device.type}: the first step of each pass compiles for a minute or more (it pays on CUDA)")
     model.compile_blocks()
+    return True
 
 
 def validation_batches(val_rows: np.ndarray, cfg: TrainConfig, device: torch.device) -> list[torch.Tensor]:

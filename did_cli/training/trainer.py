@@ -112,8 +112,7 @@ class Trainer:
         model.to(self.device).train()
         self.ema = EMA(model, cfg.ema, self.device)
         self.optimizer, self.scheduler = setup.make_optimizer(model, cfg, self.device)
-        if cfg.compile:
-            setup.compile_model(model)
+        self.compiled = setup.compile_model(model, cfg.compile)
         self.sampler = BlockSizeSampler(self.sizes, self.weights, cfg.seed)
         self.model = model
         if self.resume_ckpt is not None:
@@ -149,7 +148,7 @@ class Trainer:
         self.run.mkdir(parents=True, exist_ok=True)
         save_json({"train": dataclasses.asdict(self.cfg), "model": self.unwrapped.config.to_dict(), "block_sizes": self.sizes,
                    "block_weights": self.weights, "world_size": self.world, "global_batch": self.schedule.rows_per_step,
-                   "data": self.data.meta, **self.state.init_info}, self.run / "config.json")
+                   "data": self.data.meta, "compiled": self.compiled, **self.state.init_info}, self.run / "config.json")
         if self.resume_ckpt is not None:
             setup.truncate_metrics(self.metrics_path, self.state.step)
 
