@@ -31,6 +31,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from did_cli.util import first_line, warn
+
 try:  # FlexAttention ships with torch >= 2.5; only its forward runs on CPU
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
@@ -147,6 +149,9 @@ def _flex_any(q, k, v, block_mask):
     return flex_attention(q, k, v, block_mask=block_mask)
 
 
+_FLEX_FAILED: set[str] = set()  # mask kinds whose compiled flex failed once (warned)
+
+
 @functools.lru_cache(maxsize=2)
 def _compiled_flex(fixed: bool) -> Callable:
     # flex_attention is only fast when compiled. Two functions, two dynamo caches: the training
@@ -195,7 +200,12 @@ def attend_kind(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str | N
             return out.transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v)
     if HAS_FLEX and isinstance(mask, BlockMask):
-        if not q.is_cuda or torch.compiler.is_compiling():  # a compiled caller fuses it already
+        if not q.is_cuda or torch.compiler.is_compiling() or kind in _FLEX_FAILED:  # a compiled caller fuses it
             return flex_attention(q, k, v, block_mask=mask)
-        return _compiled_flex(kind == "train")(q, k, v, mask)
+        try:
+            return _compiled_flex(kind == "train")(q, k, v, mask)
+        except Exception as e:  # noqa: BLE001 - a compiler failure: the uncompiled kernel is correct
+            _FLEX_FAILED.add(kind)
+            warn(f"compiling flex_attention failed ({first_line(e)}); running it uncompiled (slow)")
+            return flex_attention(q, k, v, block_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
