@@ -120,6 +120,8 @@ class DiffusionConfig:
     """Low-discrepancy t: stratified over all (sequence, block) pairs of the batch."""
     eps: float = 1e-3
     """Lower bound on t so that the 1/t weight stays finite."""
+    resample: bool = False
+    """Redraw a block's mask until its masked fraction lies inside `clip` (BD3-LM's resampling)."""
 
     def __post_init__(self) -> None:
         lo, hi = self.clip

@@ -5,9 +5,12 @@ Sources
 
 Row layout
     Each split is its own token stream: every document followed by EOS, documents in source
-    order. Row r holds BOS followed by stream tokens [r*(L-1), (r+1)*(L-1)), so position 0 of
-    every row is BOS (never masked; sampling also starts from BOS) and a row has L = seq_len
-    tokens. The last partial row is dropped. For GPT-2, BOS = EOS = 50256.
+    order. `layout="bos"` (the default): row r holds BOS followed by stream tokens
+    [r*(L-1), (r+1)*(L-1)), so position 0 of every row is BOS (never masked; sampling also starts
+    from BOS). `layout="raw"` (BD3-LM's OpenWebText rows): row r is the raw window
+    [r*L, (r+1)*L) of the stream, no BOS; position 0 is whatever token falls there, and
+    training and evaluation treat it as BD3-LM does: never masked, never counted. A row has
+    L = seq_len tokens; the last partial row is dropped. For GPT-2, BOS = EOS = 50256.
 
 Validation split
     By documents: `val_docs=N` holds out the last N documents, `val_fraction=F` (default 0.05
@@ -103,12 +106,22 @@ def _tokenize(docs: list[str], tok: Any, num_proc: int, progress: bool) -> list[
 # --------------------------------------------------------------------------------- packing
 
 
-def _pack(doc_ids: list[np.ndarray], seq_len: int, bos: int, eos: int, dtype: np.dtype) -> np.ndarray:
-    """Rows [N, seq_len]: BOS then the next seq_len-1 tokens of the doc+EOS stream."""
+LAYOUTS = {
+    "bos": "row = [BOS] + next seq_len-1 tokens of the stream; stream = each document followed by EOS",
+    "raw": "row = next seq_len tokens of the stream (no BOS; BD3-LM's OpenWebText rows); stream = each document followed by EOS",
+}
+
+
+def _pack(doc_ids: list[np.ndarray], seq_len: int, bos: int, eos: int, dtype: np.dtype, layout: str = "bos") -> np.ndarray:
+    """Rows [N, seq_len] of the doc+EOS stream: BOS then its next seq_len-1 tokens ("bos"), or
+    its next seq_len tokens ("raw")."""
     if not doc_ids:
         return np.empty((0, seq_len), dtype=dtype)
     sep = np.array([eos], dtype=np.int64)
     stream = np.concatenate([part for ids in doc_ids for part in (ids, sep)])
+    if layout == "raw":
+        n = len(stream) // seq_len
+        return stream[: n * seq_len].reshape(n, seq_len).astype(dtype)
     body = seq_len - 1
     n = len(stream) // body
     rows = np.empty((n, seq_len), dtype=dtype)
@@ -133,6 +146,7 @@ def prepare(
     val_fraction: float | None = None,
     num_proc: int = 1,
     progress: bool = True,
+    layout: str = "bos",
 ) -> dict:
     """Tokenise `sources` (None = the bundled corpus) into rows of `seq_len` tokens under `out`.
 
@@ -143,6 +157,8 @@ def prepare(
     from did_cli.tokenizer import load_tokenizer
 
     val_fraction = _check_settings(seq_len, val_docs, val_fraction, num_proc)
+    if layout not in LAYOUTS:
+        raise UsageError(f"--layout {layout!r}: choose from {', '.join(LAYOUTS)}")
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -153,6 +169,8 @@ def prepare(
     h = hashlib.sha256()
     settings = dict(format=FORMAT, tokenizer=tok.name, fingerprint=tok.fingerprint, seq_len=seq_len,
                     val_docs=val_docs, val_fraction=val_fraction)
+    if layout != "bos":  # the default leaves the hash (and earlier folders) as they were
+        settings["layout"] = layout
     h.update(json.dumps(settings, sort_keys=True).encode())
     for s in srcs:
         s.hash_into(h)
@@ -172,7 +190,7 @@ def prepare(
                          "use a smaller --val-docs or --val-fraction")
 
     dtype = _dtype_for(tok.vocab_size)
-    rows, splits = _split_rows(_tokenize(docs, tok, num_proc, progress), n_val, seq_len, tok, dtype)
+    rows, splits = _split_rows(_tokenize(docs, tok, num_proc, progress), n_val, seq_len, tok, dtype, layout)
 
     meta = {
         "format": FORMAT,
@@ -184,7 +202,8 @@ def prepare(
         "eos_id": tok.eos_id,
         "seq_len": seq_len,
         "dtype": dtype.name,
-        "layout": "row = [BOS] + next seq_len-1 tokens of the stream; stream = each document followed by EOS",
+        "layout": LAYOUTS[layout],
+        "row_layout": layout,
         "splits": splits,
         "sources": [s.label for s in srcs],
         "val_docs": val_docs,
@@ -212,12 +231,13 @@ def _check_settings(seq_len: int, val_docs: int | None, val_fraction: float | No
     return val_fraction
 
 
-def _split_rows(ids: list[np.ndarray], n_val: int, seq_len: int, tok: Any, dtype: np.dtype) -> tuple[dict, dict]:
+def _split_rows(ids: list[np.ndarray], n_val: int, seq_len: int, tok: Any, dtype: np.dtype, layout: str = "bos"
+                ) -> tuple[dict, dict]:
     """Rows and counts per split: the last `n_val` documents are the validation split."""
     parts = {"train": ids[: len(ids) - n_val], "validation": ids[len(ids) - n_val:]}
     rows, splits = {}, {}
     for name, part in parts.items():
-        rows[name] = _pack(part, seq_len, tok.bos_id, tok.eos_id, dtype)
+        rows[name] = _pack(part, seq_len, tok.bos_id, tok.eos_id, dtype, layout)
         tokens = int(sum(len(x) + 1 for x in part))
         if len(rows[name]) == 0 and part:
             flag = "--seq-len" if name == "train" else "--seq-len or a larger --val-fraction/--val-docs"

@@ -4,16 +4,31 @@ Linear schedule: a token is masked with probability t; the SUBS parameterisation
 per-token loss -log p(x0 | x_t) on masked tokens only, weighted by 1/t (unmasked tokens are
 copied through and contribute zero). One t per (sequence, block). The loss is averaged over
 all non-BOS tokens of the batch, so it is the NELBO in nats per token.
+
+Position 0 is never masked and never counted, whatever it holds: BOS in our default rows, the
+first token of a raw window in BD3-LM's row layout (which restores x0 there after masking).
+
+Resampling (BD3-LM's `training.resample`): with a clipped range [lo, hi] a block whose masked
+fraction falls outside it is redrawn, with the same t, until it lies inside; the 1/t weight keeps
+the drawn t. `allowed_counts` says which masked counts a block accepts.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from did_cli.config import DiffusionConfig
+from did_cli.errors import DidError, UsageError
+
+# redraw rounds before giving up: each round accepts a block with probability >= ~0.3 for any
+# range with an allowed count, so this is never reached unless no count is allowed
+MAX_RESAMPLE_ROUNDS = 10_000
 
 
 def sample_t(
@@ -38,19 +53,66 @@ def sample_t(
     return t.clamp_min(cfg.eps).view(batch, n_blocks)
 
 
+def allowed_counts(block_size: int, clip: tuple[float, float], eps: float = 1e-3) -> list[int]:
+    """Masked counts k of a block of `block_size` tokens that resampling accepts under the range
+    `clip` = (lo, hi): k / block_size in [lo, hi], bounds included. A low end <= eps (the
+    unclipped 1e-3, or 0) bounds nothing below and a high end of 1 nothing above, as in BD3-LM."""
+    lo, hi = clip
+    tol = 1e-6  # float32 spellings of the bounds (0.45 -> 0.44999998) compare as the decimals
+    return [k for k in range(block_size + 1)
+            if (lo <= eps or k / block_size >= lo - tol) and (hi >= 1.0 or k / block_size <= hi + tol)]
+
+
+def resamples(clip: tuple[float, float] | None, eps: float = 1e-3) -> bool:
+    """Whether a range clips anything that resampling would enforce."""
+    return clip is not None and (clip[0] > eps or clip[1] < 1.0)
+
+
+def check_resample(block_size: int, clip: tuple[float, float], flag: str = "--clip") -> None:
+    """UsageError when no masked count of a block satisfies the range (resampling would never end)."""
+    if resamples(clip) and not allowed_counts(block_size, clip):
+        raise UsageError(f"{flag} {clip[0]:g},{clip[1]:g}: no number of masked tokens in a block of {block_size} has a "
+                         "fraction inside the range, so resampling cannot succeed; widen it or pass --no-resample")
+
+
+def _resample(masked: torch.Tensor, t_tok: torch.Tensor, block_size: int, clip: tuple[float, float],
+              generator: torch.Generator | None) -> torch.Tensor:
+    """Redraw every block whose masked count is not allowed under `clip` (all its tokens, same t)
+    until each block is allowed; blocks already allowed keep their masks."""
+    b, n = masked.shape
+    ok = torch.zeros(block_size + 1, dtype=torch.bool, device=masked.device)
+    allowed = allowed_counts(block_size, clip)
+    if not allowed:
+        raise DidError(f"t range {clip}: no masked count of a block of {block_size} is inside it")
+    ok[allowed] = True
+    for _ in range(MAX_RESAMPLE_ROUNDS):
+        redo = ~ok[masked.view(b, n // block_size, block_size).sum(-1)]
+        if not bool(redo.any()):
+            return masked
+        fresh = torch.rand(masked.shape, generator=generator, device=masked.device) < t_tok
+        masked = torch.where(redo.repeat_interleave(block_size, dim=1), fresh, masked)
+    raise DidError(f"resampling under t range {clip} did not converge in {MAX_RESAMPLE_ROUNDS} rounds")
+
+
 def corrupt(
     x0: torch.Tensor,
     t_blocks: torch.Tensor,
     block_size: int,
     mask_id: int,
     generator: torch.Generator | None = None,
+    resample: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mask each token with the probability t of its block; position 0 (BOS) never.
+    """Mask each token with the probability t of its block; position 0 never.
 
-    Returns x_t [B, L], the boolean mask of masked positions [B, L], and t per token [B, L]."""
+    `resample` = (lo, hi): redraw blocks whose masked fraction is outside the range (`_resample`).
+    As in BD3-LM the fraction counts all tokens of the block, position 0 included, and position
+    0 is unmasked afterwards. Returns x_t [B, L], the boolean mask of masked positions [B, L], and
+    t per token [B, L]."""
     t_tok = t_blocks.repeat_interleave(block_size, dim=1)
     u = torch.rand(x0.shape, generator=generator, device=x0.device)
     masked = u < t_tok
+    if resamples(resample):
+        masked = _resample(masked, t_tok, block_size, resample, generator)
     masked[:, 0] = False
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     return xt, masked, t_tok
@@ -97,7 +159,8 @@ def nelbo(
     b, n = x0.shape
     block_size = min(block_size, n)
     t = sample_t(b * world, n // block_size, cfg, x0.device, generator)
-    _, masked, t_tok = corrupt(torch.zeros((b * world, n), dtype=x0.dtype, device=x0.device), t, block_size, mask_id, generator)
+    _, masked, t_tok = corrupt(torch.zeros((b * world, n), dtype=x0.dtype, device=x0.device), t, block_size, mask_id, generator,
+                               cfg.clip if cfg.resample else None)
     masked, t_tok = masked[rank * b:(rank + 1) * b], t_tok[rank * b:(rank + 1) * b]
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     n_tokens = b * (n - 1)
@@ -107,6 +170,58 @@ def nelbo(
     per_tok = masked_token_loss(logits, x0.reshape(-1)[idx], mask_id) / t_tok.reshape(-1)[idx]
     total = per_tok.sum()
     return LossOut(total / n_tokens, total.detach(), n_tokens, idx.numel())
+
+
+@functools.lru_cache(maxsize=64)
+def posterior_weights(n: int, t_range: tuple[float, float] = (1e-3, 1.0), grid: int = 20_000) -> torch.Tensor:
+    """w[k] = E[1/t | k of n tokens masked], t ~ U[t_range] (float64, [n + 1], w[0] = 0).
+
+    Our model never sees t (no time conditioning), so the loss of a mask pattern does not depend
+    on t, and replacing the 1/t weight by its conditional mean given the block's masked count
+    keeps the NELBO's expectation while removing most of its noise (the rare small t that
+    carries a weight of hundreds). Integrals in log t on a fine grid."""
+    lo, hi = t_range
+    s = torch.linspace(math.log(lo), math.log(hi), grid, dtype=torch.float64)
+    l1 = torch.log1p(-s.exp().clamp(max=1 - 1e-16))
+    w = torch.zeros(n + 1, dtype=torch.float64)
+    for k0 in range(1, n + 1, 128):  # chunks of k: a [128, grid] table at a time
+        k = torch.arange(k0, min(k0 + 128, n + 1), dtype=torch.float64)[:, None]
+        # over t: t^(k-1) (1-t)^(n-k) / t^k (1-t)^(n-k); dt = t ds
+        w[k0:k0 + len(k)] = (torch.logsumexp(k * s + (n - k) * l1, 1) - torch.logsumexp((k + 1) * s + (n - k) * l1, 1)).exp()
+    return w
+
+
+def block_nll(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    t_blocks: torch.Tensor,
+    block_size: int,
+    mask_id: int,
+    generator: torch.Generator | None = None,
+    resample: tuple[float, float] | None = None,
+    posterior: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """Weighted NLL (weight times -log p at masked tokens, 0 elsewhere) summed per (row, block):
+    [B, n_blocks] float32, for clean rows x0 [B, L] at noise levels t_blocks [B, n_blocks]. The
+    weight is 1/t (BD3-LM's), or with `posterior` = the t range t was drawn from, E[1/t | the
+    block's masked count] (`posterior_weights`; block 0 has one maskable token fewer)."""
+    b, n = x0.shape
+    nb = n // block_size
+    _, masked, t_tok = corrupt(x0, t_blocks, block_size, mask_id, generator, resample)
+    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    idx = masked.reshape(-1).nonzero().squeeze(1)
+    logits = model(xt, block_size, x0=x0, select=idx)
+    per_tok = masked_token_loss(logits, x0.reshape(-1)[idx], mask_id)
+    if posterior is None:
+        per_tok = per_tok / t_tok.reshape(-1)[idx]
+    flat = torch.zeros(b * n, dtype=torch.float32, device=x0.device).index_add_(0, idx, per_tok.float())
+    sums = flat.view(b, nb, block_size).sum(-1)
+    if posterior is not None:
+        k = masked.view(b, nb, block_size).sum(-1).cpu()
+        w = posterior_weights(block_size, tuple(posterior))[k]
+        w[:, 0] = posterior_weights(block_size - 1, tuple(posterior))[k[:, 0]]
+        sums = sums * w.to(sums.device, torch.float32)
+    return sums
 
 
 def nelbo_loop_reference(
@@ -136,8 +251,84 @@ def eval_nelbo(
     t_range: tuple[float, float] = (1e-3, 1.0),
     generator: torch.Generator | None = None,
 ) -> tuple[float, int]:
-    """Test NELBO of clean rows [B, L]: (sum of nats, number of non-BOS tokens), with
-    t ~ U[t_range] drawn independently per block (plain Monte Carlo, as BD3-LM's evaluation)."""
+    """NELBO of clean rows [B, L] with one plain Monte Carlo t ~ U[t_range] per block: (sum of
+    nats, number of non-BOS tokens). One draw, no standard error: `estimate_nelbo` is the
+    estimator the commands report."""
     cfg = DiffusionConfig(clip=t_range, antithetic=False, eps=t_range[0])
     out = nelbo(model, rows, block_size, cfg, mask_id, generator)
     return float(out.nll_sum), out.n_tokens
+
+
+# ----------------------------------------------------------------- the reported estimator
+
+EVAL_T_RANGE = (1e-3, 1.0)
+NELBO_WEIGHTS = ("posterior", "inverse-t")
+MIN_T_PER_ROW = 2
+"""Noise levels each row gets at least (draws x blocks): the global block, one t per row, draws
+each row twice; smaller blocks already give a row many levels."""
+
+
+def default_draws(n_blocks: int) -> int:
+    """Noise draws per row: enough for `MIN_T_PER_ROW` t values (1 for blocks of <= L/2)."""
+    return max(1, math.ceil(MIN_T_PER_ROW / n_blocks))
+
+
+@dataclass
+class NelboEstimate:
+    nelbo: float
+    """Mean NELBO in nats per (non-position-0) token."""
+    se: float
+    """Standard error: s.d. of the per-row figures / sqrt(rows) (rows and noise together)."""
+    rows: int
+    draws: int
+    """Noise draws per row."""
+    tokens: int
+    """Tokens counted (rows x (L - 1)), each counted once however many draws."""
+    per_row: torch.Tensor
+    """Per-row NELBO [rows] (float64, CPU), the mean over the row's draws."""
+
+
+def stratified_t(n: int, generator: torch.Generator, device: Any, t_range: tuple[float, float] = EVAL_T_RANGE) -> torch.Tensor:
+    """n noise levels, one in each of n equal strata of t_range, in a random order."""
+    lo, hi = t_range
+    u = (torch.randperm(n, generator=generator, device=device).double()
+         + torch.rand(n, generator=generator, device=device, dtype=torch.float64)) / n
+    return (lo + (hi - lo) * u).float()
+
+
+@torch.no_grad()
+def estimate_nelbo(model: torch.nn.Module, batches: Sequence[torch.Tensor], block_size: int, mask_id: int, seed: int,
+                   draws: int | None = None, t_range: tuple[float, float] = EVAL_T_RANGE,
+                   weight: str = "posterior") -> NelboEstimate:
+    """NELBO of clean row batches (each [b, L]) with its standard error.
+
+    t is stratified over the whole set: its rows x draws x blocks levels take one value from
+    each of as many strata of t_range (antithetic, as in training, but over every row rather
+    than one batch), and the masks are drawn from the same seeded generator, so a fixed seed
+    gives the same noise at every call (common random numbers for comparing checkpoints).
+    `weight`: 'posterior' (E[1/t | masked count], same expectation, ~10x less variance) or
+    'inverse-t' (BD3-LM's 1/t)."""
+    if weight not in NELBO_WEIGHTS:
+        raise UsageError(f"NELBO weight {weight!r}: choose from {', '.join(NELBO_WEIGHTS)}")
+    post = tuple(t_range) if weight == "posterior" else None
+    if not batches:
+        raise DidError("no rows to estimate the NELBO on")
+    dev = batches[0].device
+    n = batches[0].shape[1]
+    block_size = min(block_size, n)
+    nb = n // block_size
+    k = draws or default_draws(nb)
+    total = sum(len(x) for x in batches)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    t = stratified_t(total * k * nb, g, dev, t_range).view(total, k, nb)
+    per_row = torch.empty((total, k), dtype=torch.float64)
+    r0 = 0
+    for x in batches:
+        b = len(x)
+        for d in range(k):
+            nll = block_nll(model, x, t[r0:r0 + b, d], block_size, mask_id, g, posterior=post)
+            per_row[r0:r0 + b, d] = nll.sum(1).double().cpu() / (n - 1)
+        r0 += b
+    rows = per_row.mean(1)
+    se = float(rows.std(unbiased=True) / math.sqrt(total)) if total > 1 else float("nan")
+    return NelboEstimate(float(rows.mean()), se, total, k, total * (n - 1), rows)

@@ -27,10 +27,13 @@ _OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
     "model": (dict,),
     "draft": (dict,),
     "nfe": (int,),
+    "forward_passes": (int,),
     "seconds": (int, float),
     "stages": (list,),
     "draft_tokens": (list,),
     "entropy_rejections": (int,),
+    "low_entropy": (bool,),
+    "entropy_truncated": (bool,),
 }
 
 
@@ -86,7 +89,7 @@ def validate(
     for key, types in _OPTIONAL_TYPES.items():
         if key in rec and rec[key] is not None:
             v = rec[key]
-            ok = isinstance(v, types) and not isinstance(v, bool)
+            ok = isinstance(v, types) and (bool in types or not isinstance(v, bool))
             if not ok:
                 raise bad(f"'{key}' has type {type(v).__name__}")
 

@@ -249,3 +249,26 @@ def test_default_gguf_scorer_scores_text():
     ppl = sc.ppl("The quick brown fox jumps over the lazy dog. It was a sunny day in the park.")
     # a real pretrained LM: finite and far below its vocabulary size
     assert math.isfinite(ppl) and 1.0 < ppl < 1000.0
+
+
+def test_cli_paired_interval_and_cleanup(scorer_dir, tok, tmp_path):
+    texts = ["Hello , world . I do n't know", "The cat sat on the mat .", "A dog , a cat and a bird ."]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path, tt in ((a, texts), (b, [t + " And then it rained ." for t in texts])):
+        with RecordWriter(path) as w:
+            for r in _records(tok, tt):
+                w.write(r)
+    r = _cli(str(a), str(b), "--scorer", str(scorer_dir), "--device", "cpu", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    row = out["compare"][1]
+    lo, hi = row["rel_mean_ppl_ci"]
+    assert lo <= row["rel_mean_ppl"] <= hi and row["paired"] == 3
+    assert row["verdict"] == ("beats" if hi < 0 else "worse" if lo > 0 else "level")
+    assert "verdict" in r.stderr and "95% CI" in r.stderr and out["cleanup"] is True
+    # the scorer reads the cleaned text ("Hello, world."), the records keep theirs
+    raw = _cli(str(a), "--scorer", str(scorer_dir), "--device", "cpu", "--json", "-", "--no-cleanup")
+    off = json.loads(raw.stdout)
+    assert off["cleanup"] is False and off["inputs"][str(a)]["summary"]["cleanup"] is False
+    assert off["inputs"][str(a)]["summary"]["scored_tokens"] > out["inputs"][str(a)]["summary"]["scored_tokens"]
+    assert off["inputs"][str(a)]["summary"]["mean_ppl"] != out["inputs"][str(a)]["summary"]["mean_ppl"]

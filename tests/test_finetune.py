@@ -250,18 +250,30 @@ def bd3lm_init(tmp_path_factory) -> Path:
 def test_clip_auto_picks_and_records_ranges(bd3lm_init, data_dir, tmp_path):
     out = tmp_path / "run"
     r = did("finetune-mixscale", "--init", str(bd3lm_init), "--data", str(data_dir), "--out", str(out), "--steps", "1",
-            "--batch-size", "2", "--eval-every", "1", "--eval-batches", "2", "--clip", "auto", "--warmup", "1", "-q")
+            "--batch-size", "2", "--eval-every", "1", "--eval-batches", "2", "--clip", "auto", "--clip-batches", "2",
+            "--clip-widths", "0.5,0.9", "--warmup", "1", "-q")
     assert r.returncode == 0, r.stderr
     state = json.loads((out / "checkpoints/step-00000001/train_state/state.json").read_text())
     assert state["clip_mode"] == "auto"
     ev = events(out, "eval")[-1]
-    for b in ("4", str(L)):
-        lo, hi = state["clip_ranges"][b]
-        variances = ev[f"clip_variances_b{b}"]
-        assert len(variances) == 8 and f"{lo:g},{hi:g}" == min(variances, key=variances.get)
-        assert ev["clip_ranges"][b] == [lo, hi]
+    # the grid: (0.001, 1), 11 ranges of width 0.5 and 3 of width 0.9
+    variances = ev["clip_scores_b4"]
+    assert len(variances) == 1 + 11 + 3 and list(variances)[:3] == ["0.001,1", "0.001,0.5", "0.05,0.55"]
+    lo, hi = state["clip_ranges"]["4"]
+    assert f"{lo:g},{hi:g}" == min(variances, key=variances.get) and ev["clip_ranges"]["4"] == [lo, hi]
+    # the global block is never searched unless asked: it keeps the full range
+    assert f"clip_scores_b{L}" not in ev and ev["clip_searched"] == [4]
+    assert state["clip_ranges"][str(L)] == [0.0, 1.0]
     ckpt_cfg = json.loads((out / "checkpoints/step-00000001/config.json").read_text())
     assert ckpt_cfg["clip_ranges"] == state["clip_ranges"]
+    # asked: the global block is searched too
+    out2 = tmp_path / "run2"
+    r = did("finetune-mixscale", "--init", str(bd3lm_init), "--data", str(data_dir), "--out", str(out2), "--steps", "1",
+            "--batch-size", "2", "--eval-every", "0", "--eval-batches", "1", "--clip", "auto", "--clip-batches", "1",
+            "--clip-widths", "0.9", "--clip-global", "--warmup", "1", "-q")
+    assert r.returncode == 0, r.stderr
+    ev = events(out2, "eval")[-1]
+    assert ev["clip_searched"] == [4, L] and len(ev[f"clip_scores_b{L}"]) == 1 + 3
 
 
 def test_clip_out_of_range_is_a_usage_error(bd3lm_init, data_dir, tmp_path):
@@ -272,9 +284,17 @@ def test_clip_out_of_range_is_a_usage_error(bd3lm_init, data_dir, tmp_path):
 
 
 def test_steps_default_to_the_budget_fraction(bd3lm_init, data_dir, tmp_path):
-    # 0.26 x 10 baseline steps = 3 (rounded)
+    # the budget is in tokens: 0.26 x 10 baseline steps x 512 x 1024 tokens; at 2 rows of L
+    # tokens per step that is ceil(0.26 * 10 * 512 * 1024 / (2 * L)) steps. A baseline batch of
+    # 2 x L tokens makes it 0.26 x 10 = 2.6 -> 3 steps.
     out = tmp_path / "run"
     r = did("finetune-mixscale", "--init", str(bd3lm_init), "--data", str(data_dir), "--out", str(out),
-            "--baseline-steps", "10", "--batch-size", "2", "--eval-every", "0", "--eval-batches", "2", "-q")
+            "--baseline-steps", "10", "--baseline-batch-tokens", str(2 * L), "--batch-size", "2", "--eval-every", "0",
+            "--eval-batches", "2", "-q")
     assert r.returncode == 0, r.stderr
-    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 3
+    train_cfg = json.loads((out / "config.json").read_text())["train"]
+    assert train_cfg["steps"] == 3 and train_cfg["tokens"] == round(0.26 * 10 * 2 * L)
+    from did_cli.training.config import MixScaleConfig
+
+    # the paper's figure: 26% of 150K steps of 512 x 1024 tokens
+    assert MixScaleConfig().budget_tokens() == round(0.26 * 150_000 * 512 * 1024) == 20_447_232_000

@@ -57,7 +57,7 @@ def test_fast_draft_batch1_equals_library_draft():
     rec = next(iter(draft(model, DraftConfig(n=1, length=32, block_size=4, batch_size=1, seed=3), progress=False)))
     out = FastFirstHitting(model, 1, 32, 4, use_graph=False).run(make_generator(mix_seed(3, 0), "cpu"))
     assert out.tokens[0].tolist() == rec["tokens"]
-    assert out.calls == rec["nfe"]
+    assert out.calls == rec["forward_passes"]
     got = out.conf[0, 1:].tolist()
     assert max(abs(a - b) for a, b in zip(got, rec["confidence"][1:])) < 1e-9
 

@@ -95,14 +95,15 @@ def test_stages_chain_and_blockwise_stage_keeps_the_rest(model, tok, drafts):
     # commit pass per block before the last block holding a mask
     sets = [r["stages"][0]["remasked"] for r in out]
     last = max(p // 8 for s in sets for p in s)
-    calls = sum(max(sum(1 for p in s if p // 8 == j) for s in sets) for j in range(last + 1)) + last
+    calls = sum(max(sum(1 for p in s if p // 8 == j) for s in sets) for j in range(last + 1))
     for d, r in zip(drafts, out):
         s1, s2 = r["stages"]
         assert s1["block_size"] == 8 and s2["block_size"] == L
         assert len(s1["remasked"]) == math.ceil(0.3 * N_GEN) and len(s2["remasked"]) == math.ceil(0.2 * N_GEN)
         assert s1["remasked"] == lowest(d["confidence"], len(s1["remasked"]))
         assert r["nfe"] == d["nfe"] + s1["nfe"] + s2["nfe"]
-        assert s1["nfe"] == calls
+        assert s1["nfe"] == calls and s1["forward_passes"] == calls + last  # the commits are passes, not NFEs
+        assert r["forward_passes"] == d["forward_passes"] + s1["forward_passes"] + s2["forward_passes"]
         untouched = set(range(L)) - set(s1["remasked"]) - set(s2["remasked"])
         assert all(r["tokens"][p] == d["tokens"][p] for p in untouched)
         assert r["draft_tokens"] == d["tokens"]
@@ -132,7 +133,8 @@ def test_posthoc_and_random_modes_run_and_differ(model, tok, drafts):
     sets = [[r["stages"][0]["remasked"] for r in x] for x in (snap, post, rand)]
     assert sets[0] != sets[1] and sets[0] != sets[2] and sets[1] != sets[2]
     assert all(len(s) == 8 for x in sets for s in x)
-    assert post[0]["stages"][0]["nfe"] == 8 + 1  # the re-scoring pass counts
+    # the re-scoring pass is a forward pass, not a denoising NFE
+    assert post[0]["stages"][0]["nfe"] == 8 and post[0]["stages"][0]["forward_passes"] == 8 + 1
     assert post[0]["stages"][0]["confidence"] == "posthoc"
     # posthoc re-scores with the model: positions kept carry those scores, not the draft's
     kept = [p for p in range(1, L) if p not in sets[1][0]]

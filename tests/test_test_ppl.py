@@ -50,6 +50,9 @@ def test_trained_checkpoint_has_lower_finite_test_ppl(trained, block):
         assert res["tokens"] == res["rows"] * (L - 1)  # BOS excluded
         assert res["ppl"] == pytest.approx(math.exp(res["nelbo"]), rel=1e-9)
         assert res["bits_per_token"] == pytest.approx(res["nelbo"] / 0.6931471805599453, rel=1e-9)
+        # a standard error and the interval of the bound it implies
+        assert 0 < res["nelbo_se"] < 0.5 and res["ppl_ci95"][0] < res["ppl"] < res["ppl_ci95"][1]
+        assert res["draws"] == (2 if block == str(L) else 1) and res["weight"] == "posterior" and res["row_layout"] == "bos"
     assert 0 < good["nelbo"] < bad["nelbo"] - 0.5
 
 

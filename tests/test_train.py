@@ -77,6 +77,9 @@ def test_training_lowers_validation_nelbo_and_writes_a_run_folder(data_dir, tmp_
     assert [e["step"] for e in trains] == [5, 10, 15, 20, 25, 30]
     assert all({"loss", "block_size", "tokens_per_s", "lr", "time"} <= set(e) for e in trains)
     assert {"val_nelbo", "val_ppl", "val_nelbo_b4", "val_ppl_b4"} <= set(evals[-1])
+    # every validation NELBO carries its standard error (over the rows; 4 batches of 8 rows)
+    assert evals[-1]["val_rows"] == 32 and evals[-1]["val_draws_b4"] == 1
+    assert 0 < evals[-1]["val_nelbo_se_b4"] < 1 and 0 < evals[-1]["val_nelbo_se"] < 1
     ckpts = ck.list_checkpoints(run)
     assert [c.name for c in ckpts] == ["step-00000015", "step-00000030"]
     last = ckpts[-1]

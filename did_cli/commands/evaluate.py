@@ -25,6 +25,10 @@ def _pct(v: float | None) -> str:
     return "" if v is None else f"{v * 100:+.1f}%"
 
 
+def _ci(ci: list | None) -> str:
+    return "" if not ci else f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
+
+
 def _check_json_target(path: str | None) -> None:
     if path is None or path == "-":
         return
@@ -62,9 +66,13 @@ def _test_ppl(cfg: EvalConfig) -> None:
 
     if cfg.data is None:
         raise UsageError("--model needs --data DIR (a prepared data folder)")
-    res = test_ppl(cfg.model, cfg.data, cfg.block_size, cfg.split, batch_size=cfg.batch_size, device=cfg.device)
+    res = test_ppl(cfg.model, cfg.data, cfg.block_size, cfg.split, batch_size=cfg.batch_size, device=cfg.device,
+                   seed=cfg.seed, draws=cfg.draws, weight=cfg.nelbo_weight)
     _emit_json(res, cfg.json)
     if cfg.json != "-":
+        se = "" if res["nelbo_se"] is None else f" +- {res['nelbo_se']:.4f} (s.e.)"
+        _console().print(f"test NELBO {res['nelbo']:.4f}{se} nats/token, PPL <= {res['ppl']:.3f}; {res['rows']} rows x "
+                         f"{res['draws']} draws, block {res['block_size']}, split {res['split']}", markup=False, highlight=False)
         _console().print(res)
 
 
@@ -84,9 +92,11 @@ def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
     # read and check every input before the (slow) scorer load
     recs = {name: list(read_records(src, need=("text", "tokens"))) for name, src in zip(names, inputs)}
     sc = load_scorer(cfg.scorer, device=cfg.device)
+    sc.cleanup = cfg.cleanup
     err = _console()
     # soft_wrap: a long scorer path stays on one line (greppable in CI logs)
-    err.print(f"scorer: {sc.name} (context {sc.context}, loaded in {sc.load_seconds:.1f}s)", markup=False, highlight=False, soft_wrap=True)
+    err.print(f"scorer: {sc.name} (context {sc.context}, loaded in {sc.load_seconds:.1f}s; text clean-up "
+              f"{'on' if sc.cleanup else 'off'})", markup=False, highlight=False, soft_wrap=True)
     results = {name: gp.gen_ppl(rs, sc, batch_size=cfg.batch_size) for name, rs in recs.items()}
     rows = gp.compare(results)
     err.print(_table(rows))
@@ -102,7 +112,7 @@ def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
         plot_distributions(results, cfg.plot)
         err.print(f"plot: {cfg.plot}", markup=False, highlight=False, soft_wrap=True)
     if cfg.json is not None:
-        _emit_json({"scorer": sc.name, "scorer_context": sc.context, "inputs": results, "compare": rows,
+        _emit_json({"scorer": sc.name, "scorer_context": sc.context, "cleanup": sc.cleanup, "inputs": results, "compare": rows,
                     "thresholds": {"max_gen_ppl": cfg.max_gen_ppl, "min_entropy": cfg.min_entropy},
                     "passed": not reasons, "reasons": reasons}, cfg.json)
     if reasons:
@@ -117,14 +127,16 @@ def _table(rows: list[dict]) -> Any:
 
     table = Table(title="generative perplexity (scorer above)", title_justify="left")
     multi = len(rows) > 1
-    cols = ["input", "n", "gen PPL", "pooled", "median", "entropy"] + (["PPL vs 1st", "entropy vs 1st"] if multi else [])
+    cols = ["input", "n", "gen PPL", "pooled", "median", "entropy"] + (["PPL vs 1st [95% CI]", "entropy vs 1st [95% CI]",
+                                                                        "verdict"] if multi else [])
     for col in cols:
         table.add_column(col, justify="left" if col == "input" else "right", overflow="fold")
     for r in rows:
         cells = [Text(r["input"]), str(r["n"]), _fmt(r["mean_ppl"]), _fmt(r["pooled_ppl"]),
                  _fmt(r["median_ppl"]), _fmt(r["mean_entropy"], 3)]
         if multi:
-            cells += [_pct(r["rel_mean_ppl"]), _pct(r["rel_entropy"])]
+            cells += [_pct(r["rel_mean_ppl"]) + _ci(r.get("rel_mean_ppl_ci")), _pct(r["rel_entropy"]) + _ci(r.get("rel_entropy_ci")),
+                      r.get("verdict") or ("" if r is rows[0] else "unpaired")]
         table.add_row(*cells)
     return table
 
@@ -132,11 +144,12 @@ def _table(rows: list[dict]) -> Any:
 eval_ppl = command(_eval_ppl, [
     Opt("inputs", type=list[str], default=None, argument=True, help="Sample JSONL files (did.sample/1); '-' reads stdin (the default)."),
     Opt("scorer", EvalConfig, kw={"rich_help_panel": GEN}),
+    Opt("cleanup", EvalConfig, flags=("--cleanup/--no-cleanup",), kw={"rich_help_panel": GEN}),
     Opt("batch_size", EvalConfig, kw={"min": 1}),
     Opt("json", EvalConfig),
     *fields_of(EvalConfig, "max_gen_ppl", "min_entropy", "plot", kw={"rich_help_panel": GEN}),
     Opt("device", EvalConfig),
-    *fields_of(EvalConfig, "model", "data", "block_size", "split", kw={"rich_help_panel": TEST}),
+    *fields_of(EvalConfig, "model", "data", "block_size", "split", "draws", "nelbo_weight", "seed", kw={"rich_help_panel": TEST}),
 ], name="eval_ppl")
 
 

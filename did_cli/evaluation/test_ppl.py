@@ -8,7 +8,7 @@ import torch
 
 from did_cli.checkpoint import load_model, resolve_checkpoint
 from did_cli.data import PreparedData
-from did_cli.diffusion import eval_nelbo
+from did_cli.diffusion import estimate_nelbo
 from did_cli.errors import DidError, UsageError
 from did_cli.util import resolve_device
 
@@ -22,13 +22,19 @@ def test_ppl(
     device: str | None = None,
     max_rows: int | None = None,
     seed: int = 0,
+    draws: int | None = None,
+    weight: str = "posterior",
 ) -> dict:
-    """Test perplexity (the NELBO bound) of a diffusion checkpoint on a prepared split.
+    """Test perplexity (the NELBO bound) of a diffusion checkpoint on a prepared split, with its
+    standard error.
 
-    t ~ U[1e-3, 1] with one t per block, the checkpoint's EMA weights (model.safetensors),
-    BOS excluded from the token count. `block_size` defaults to the model's length (MDLM bound);
+    t in [1e-3, 1], one per (row, draw, block), stratified over the whole split
+    (`did_cli.diffusion.estimate_nelbo`); `draws` noise draws per row (default: enough for 2
+    noise levels per row); `weight` 'posterior' (E[1/t | masked count]) or 'inverse-t' (1/t).
+    The checkpoint's EMA weights (model.safetensors); position 0 is neither masked nor counted. `block_size` defaults to the model's length (MDLM bound);
     `model_path` may be a checkpoint folder or a run folder (its latest checkpoint).
-    Returns {nelbo, ppl, bits_per_token, tokens, rows, block_size, split, model}."""
+    Returns {nelbo, nelbo_se, ppl, ppl_ci95, bits_per_token, tokens, rows, draws, weight,
+    block_size, split, row_layout, model}."""
     ckpt = resolve_checkpoint(model_path)
     data = PreparedData(data_dir)
     model, _ = load_model(ckpt, device=resolve_device(device))
@@ -38,26 +44,29 @@ def test_ppl(
     bs = block_size or cfg.model_length
     if bs <= 0 or cfg.model_length % bs:
         raise UsageError(f"--block-size {bs} does not divide the model length {cfg.model_length}")
+    if draws is not None and draws < 1:
+        raise UsageError(f"--draws {draws}: must be >= 1")
     rows = data.rows(split)
     if len(rows) == 0:
         raise DidError(f"{data_dir}: split {split!r} has no rows")
     if max_rows:
         rows = rows[:max_rows]
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        batch = torch.as_tensor(rows[i : i + batch_size].astype("int64"), device=dev)
-        s, n = eval_nelbo(model, batch, bs, cfg.mask_id, generator=gen)
-        total, count = total + s, count + n
-    nelbo = total / count
+    batches = [torch.as_tensor(rows[i : i + batch_size].astype("int64"), device=dev) for i in range(0, len(rows), batch_size)]
+    est = estimate_nelbo(model, batches, bs, cfg.mask_id, seed, draws, weight=weight)
+    se = est.se if math.isfinite(est.se) else None
     return {
-        "nelbo": nelbo,
-        "ppl": math.exp(nelbo),
-        "bits_per_token": nelbo / math.log(2),
-        "tokens": count,
-        "rows": len(rows),
+        "nelbo": est.nelbo,
+        "nelbo_se": se,
+        "ppl": math.exp(est.nelbo),
+        "ppl_ci95": [math.exp(est.nelbo - 1.96 * se), math.exp(est.nelbo + 1.96 * se)] if se is not None else None,
+        "bits_per_token": est.nelbo / math.log(2),
+        "tokens": est.tokens,
+        "rows": est.rows,
+        "draws": est.draws,
+        "weight": weight,
         "block_size": bs,
         "split": split,
+        "row_layout": data.meta.get("row_layout", "bos"),
         "model": str(ckpt),
     }
 

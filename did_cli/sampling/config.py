@@ -16,6 +16,8 @@ SAMPLERS = ("first-hitting", "parallel")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 FAST_PATHS = ("auto", "off", "static")
 ENTROPY_WINDOW = 256
+"""Tokens of the entropy check (BD3-LM): the last 256, checked once more than 256 exist."""
+ENTROPY_FAIL = ("error", "keep")
 
 
 @dataclass
@@ -90,10 +92,16 @@ class DraftConfig(SamplerConfig):
     """Drafting block size; must divide `length`."""
     var_length: bool = False
     """End a sample at its first generated EOS (kept); later tokens are dropped."""
-    min_entropy: float | None = None
-    """Redraw a sample whose last 256 generated tokens have unigram entropy (nats) below this."""
+    min_entropy: float | None = 4.0
+    """BD3-LM's entropy check: after every block, once the sample holds more than 256 tokens,
+    the unigram entropy (nats) of its last 256 tokens must be at least this; else a fixed-length
+    sample is redrawn and a variable-length one is cut before those 256 tokens. Samples of at
+    most 256 tokens are never checked. 0 (or None) turns it off."""
     max_retries: int = 10
-    """Redraws per sample under `min_entropy`; after that the last draw is kept."""
+    """Redraws of a fixed-length sample that fails the entropy check; then `entropy_fail`."""
+    entropy_fail: str = "error"
+    """When every draw of a fixed-length sample fails the check: 'error' (BD3-LM: sampling
+    fails) or 'keep' (the last draw, finished without the check, marked low_entropy)."""
     use_cache: bool = True
     """KV cache of committed blocks (False: recompute the whole prefix every call)."""
     prompts: list[str | list[int]] | None = None
@@ -117,6 +125,10 @@ class DraftConfig(SamplerConfig):
             raise UsageError(f"-n must be at least 1 (got {self.n})")
         if self.max_retries < 0:
             raise UsageError(f"--max-retries must be >= 0 (got {self.max_retries})")
+        if self.min_entropy is not None and not (self.min_entropy >= 0 and math.isfinite(self.min_entropy)):
+            raise UsageError(f"--min-entropy {self.min_entropy}: must be a finite number >= 0")
+        if self.entropy_fail not in ENTROPY_FAIL:
+            raise UsageError(f"--entropy-fail {self.entropy_fail!r}: choose from {', '.join(ENTROPY_FAIL)}")
         length = model_length if self.length is None else self.length
         if length < 2:
             raise UsageError(f"--length {length}: need at least 2 (BOS and one token)")
@@ -127,7 +139,7 @@ class DraftConfig(SamplerConfig):
         return length
 
 
-CONFIDENCES = ("snapshot", "posthoc", "random")
+CONFIDENCES = ("snapshot", "posthoc", "posthoc-loo", "random")
 
 
 @dataclass
@@ -138,7 +150,9 @@ class RefineConfig(SamplerConfig):
     """(block size, ratio) per stage, in order; block None (or >= length) = global pass."""
     confidence: str = "snapshot"
     """Which tokens to re-mask: 'snapshot' (recorded at commit), 'posthoc' (one re-scoring pass
-    of the finished draft before stage 1), 'random' (uniform, seeded)."""
+    of the finished draft before stage 1: p(x_i | whole draft)), 'posthoc-loo' (leave one out:
+    p(x_i | the draft with x_i masked), one masked position per row, batched), 'random'
+    (uniform, seeded)."""
 
     def check(self, model_length: int) -> None:
         self.check_sampling()

@@ -27,12 +27,12 @@ from typing import Any, Iterator
 import torch
 
 from did_cli.sampling.config import ENTROPY_WINDOW, DraftConfig
+from did_cli.errors import DidError
 from did_cli.sampling.core import (DTYPES, EvalMode, Progress, RowLogits, SamplerSettings, autocast, fill,
                                    make_generator, mix_seed, model_info, place, tokenizer_for)
 from did_cli.sampling.fast import cached_step
 from did_cli.sampling.graph import EagerStep, GraphedStep
 from did_cli.sampling.prompts import Prompt, resolve_prompts
-from did_cli.util import unigram_entropy
 
 
 def draft(
@@ -46,9 +46,11 @@ def draft(
     finish. With prompts, sample i continues prompt i // n (so a prompt's samples are
     consecutive) and draws from the generator of (seed, i), whatever prompt it belongs to.
 
-    NFEs per sample count every model call its batch made while it was in it: with the cache,
-    first-hitting makes one call per generated token plus one commit pass per finished block
-    (none after the last block); without the cache, one call per generated token."""
+    Records count model calls two ways: `nfe`, the denoising calls (first-hitting: one per
+    generated token, BD3-LM's NFE), and `forward_passes`, every call including the KV-cache
+    commit pass after each block but the last. A fixed-length sample rejected by the entropy
+    check (`DraftConfig.min_entropy`) is redrawn from its generator's current state; the counts
+    are those of the accepted draw."""
     mc = model.config
     length = cfg.check(mc.model_length)
     device = place(model, cfg.device)
@@ -78,22 +80,27 @@ def draft(
                 if i not in gens:
                     gens[i] = make_generator(mix_seed(cfg.seed, i), device)
             rows = [prompts[i // cfg.n] for i in idxs]
-            results = draft_batch(model, cfg, sp, length, rows, [gens[i] for i in idxs], device, bar, step)
+            # the last allowed draw under entropy_fail=keep finishes without the check
+            checked = [rejections.get(i, 0) < cfg.max_retries or cfg.entropy_fail == "error" for i in idxs]
+            results = draft_batch(model, cfg, sp, length, rows, [gens[i] for i in idxs], device, bar, checked, step)
             retry = []
-            for i, pr, (tokens, conf, nfe, secs) in zip(idxs, rows, results):
-                lo, hi = 1 + len(pr.tokens), len(tokens) - len(pr.suffix)
-                if cfg.min_entropy is not None and rejections.get(i, 0) < cfg.max_retries:
-                    if unigram_entropy(tokens[lo:hi][-ENTROPY_WINDOW:]) < cfg.min_entropy:
-                        rejections[i] = rejections.get(i, 0) + 1
-                        retry.append(i)
-                        continue
-                extra = {"entropy_rejections": rejections.get(i, 0)} if cfg.min_entropy is not None else {}
+            for i, pr, res in zip(idxs, rows, results):
+                if res is None:
+                    rejections[i] = rejections.get(i, 0) + 1
+                    if rejections[i] > cfg.max_retries:
+                        raise DidError(f"sample draft-{cfg.seed}-{i}: the entropy of its last {ENTROPY_WINDOW} tokens fell below "
+                                       f"--min-entropy {cfg.min_entropy:g} in all {rejections[i]} draws (BD3-LM fails here too); "
+                                       "pass --entropy-fail keep to keep the last draw, or --min-entropy 0 to turn the check off")
+                    retry.append(i)
+                    continue
+                tokens, conf, counts, secs, notes = res
+                extra = {**counts, "entropy_rejections": rejections.get(i, 0) if _checking(cfg) else None, **notes}
                 if cfg.prompts is not None:
                     extra["prompt_id"] = pr.id
                 if pr.suffix:
                     extra["suffix_len"] = len(pr.suffix)
-                done[i] = _record(tok, f"draft-{cfg.seed}-{i}", tokens, conf, prompt_len=lo, model=info,
-                                  draft=dict(settings), nfe=nfe, seconds=round(secs, 4), **extra)
+                done[i] = _record(tok, f"draft-{cfg.seed}-{i}", tokens, conf, prompt_len=min(1 + len(pr.tokens), len(tokens)),
+                                  model=info, draft=dict(settings), seconds=round(secs, 4), **extra)
                 bar.advance(1)
             queue.extendleft(reversed(retry))  # redraw them next, keeping output order
             while next_out in done:
@@ -115,26 +122,74 @@ def _fast_step(model: Any, cfg: DraftConfig, batch: int, length: int, device: to
         return cached_step(model, batch, length, cfg.block_size, cfg.dtype, cfg.fast_path)
 
 
+def _checking(cfg: DraftConfig) -> bool:
+    return bool(cfg.min_entropy)
+
+
 def _record(tok: Any, rid: str, tokens: list[int], conf: list[float], prompt_len: int = 1, **extra: Any) -> dict:
     from did_cli.records import make_record
 
     return make_record(tokens, conf, id=rid, tokenizer=tok, prompt_len=prompt_len, **extra)
 
 
+def window_entropy(x: torch.Tensor) -> torch.Tensor:
+    """Unigram entropy (nats, float64) of each row of token ids x [b, n]."""
+    srt = x.sort(dim=1).values
+    new = torch.ones_like(srt, dtype=torch.bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    counts = torch.zeros(x.shape, dtype=torch.float64, device=x.device).scatter_add_(
+        1, new.long().cumsum(1) - 1, torch.ones(x.shape, dtype=torch.float64, device=x.device))
+    p = counts / x.shape[1]
+    return -(p * p.clamp_min(1e-300).log()).sum(dim=1)
+
+
+REJECT = -1
+
+
+def _block_stops(cfg: DraftConfig, mc: Any, x: torch.Tensor, is_gen: torch.Tensor, s: int, e: int,
+                 checked: list[bool]) -> tuple[dict[int, int], set[int], set[int]]:
+    """Which batch rows stop after block [s, e): ({row: tokens kept, or REJECT}, rows cut by the
+    entropy rule, rows that failed an unenforced check). One host sync when a rule applies."""
+    stops: dict[int, int] = {}
+    cut: set[int] = set()
+    low: set[int] = set()
+    if cfg.var_length:
+        gen = (x[:, s:e] == mc.eos_id) & is_gen[:, s:e]  # an EOS in a prompt does not end it
+        hit = gen.any(dim=1).tolist()
+        if any(hit):
+            firsts = gen.int().argmax(dim=1).tolist()
+            stops = {r: s + firsts[r] + 1 for r, h in enumerate(hit) if h}
+    if cfg.min_entropy and e > ENTROPY_WINDOW:
+        fail = (window_entropy(x[:, e - ENTROPY_WINDOW:e]) < cfg.min_entropy).tolist()
+        for r, f in enumerate(fail):
+            if not f:
+                continue
+            if cfg.var_length:  # BD3-LM: drop the last 256 tokens (over an EOS in this block too)
+                stops[r] = e - ENTROPY_WINDOW
+                cut.add(r)
+            elif checked[r]:
+                stops[r] = REJECT
+            else:
+                low.add(r)
+    return stops, cut, low
+
+
 @torch.inference_mode()
 def draft_batch(model, cfg: DraftConfig, sp: SamplerSettings, L: int, prompts: list[Prompt], gens: list[torch.Generator],
-                device: torch.device, bar: Progress | None = None, step: Any = None) -> list[tuple[list[int], list[float], int, float]]:
+                device: torch.device, bar: Progress | None = None, checked: list[bool] | None = None,
+                step: Any = None) -> list[Any]:
     """Draft one batch (row r continues prompts[r]); returns per sample (tokens, confidences,
-    NFEs, seconds). `step`: a static-shape cached step (`_fast_step`) of at least this many
-    rows; the batch is padded to its rows with placeholder rows that hold no mask.
+    {"nfe", "forward_passes"}, seconds, notes), or None for a fixed-length sample rejected by
+    the entropy check (`checked[r]` False: a failure is only noted, as low_entropy). `step`: a
+    static-shape cached step (`_fast_step`) of at least this many rows; the batch is padded to
+    its rows with placeholder rows that hold no mask.
 
     Prompt and suffix tokens are written into x before the first call and are never masked, so
     `fill` leaves them alone and a block only waits for its own masks: a prompt ending
     mid-block fixes that block's first positions. Under block-causal attention a block sees the
     blocks before it and itself, so suffix tokens steer only the block(s) that hold them."""
     mc = model.config
-    B = cfg.block_size
-    b = len(prompts)
+    B, b = cfg.block_size, len(prompts)
     t0 = time.perf_counter()
     pad = step.batch - b if step is not None else 0
     x, spans, is_gen = _canvas(mc, prompts, L, device, pad)
@@ -143,52 +198,77 @@ def draft_batch(model, cfg: DraftConfig, sp: SamplerSettings, L: int, prompts: l
         step.reset()
     elif cfg.use_cache:
         step = EagerStep(model, model.new_cache(b, L, dtype=None if cfg.dtype == "fp32" else DTYPES[cfg.dtype]))
-    rows = list(range(b))  # batch row -> position in idxs
-    gens = list(gens) + [None] * pad
+    st = _Batch(rows=list(range(b)), gens=list(gens) + [None] * pad, checked=list(checked or [True] * b) + [False] * pad)
     out: list[Any] = [None] * b
-    nfe = 0
+    notes: list[dict] = [{} for _ in range(b)]
     n_blocks = L // B
     with EvalMode(model), autocast(device, cfg.dtype, cache=not isinstance(step, GraphedStep)):
         for j in range(n_blocks):
             s, e = j * B, (j + 1) * B
-            # masks of each row in this block: its generated positions (BOS, prompt, suffix are fixed)
-            counts = [max(0, min(e, spans[r][1]) - max(s, spans[r][0])) for r in rows] + [0] * pad
-            nfe += fill(x, conf, s, e, counts, _block_logits(model, x, s, e, B, step), gens, sp)
-            last = j == n_blocks - 1
-            if cfg.var_length and not last:
-                gen = (x[:, s:e] == mc.eos_id) & is_gen[:, s:e]  # an EOS in a prompt does not end it
-                hit = gen.any(dim=1).tolist()  # one host sync per block
-                if any(hit):
-                    firsts = gen.int().argmax(dim=1).tolist()
-                    secs = time.perf_counter() - t0
-                    for r, h in enumerate(hit):
-                        if h:
-                            end = s + firsts[r] + 1
-                            out[rows[r]] = (x[r, :end].tolist(), conf[r, :end].tolist(), nfe, secs)
-                    keep = [r for r, h in enumerate(hit) if not h]
-                    if not keep:
-                        break
-                    kt = torch.tensor(keep, device=device)
-                    x, conf, is_gen = x[kt], conf[kt], is_gen[kt]
-                    if step is not None:
-                        step.select(kt)
-                    rows = [rows[r] for r in keep]
-                    gens = [gens[r] for r in keep]
-            if step is not None and not last:
+            # masks of each row in this block: its generated positions (BOS, prompt, suffix are fixed);
+            # placeholder and retired rows hold none
+            counts = [max(0, min(e, spans[r][1]) - max(s, spans[r][0])) if r is not None else 0 for r in st.rows] + [0] * pad
+            calls = fill(x, conf, s, e, counts, _block_logits(model, x, s, e, B, step), st.gens, sp)
+            st.nfe, st.fwd = st.nfe + calls, st.fwd + calls
+            stops, cut, low = _block_stops(cfg, mc, x, is_gen, s, e, st.checked)
+            live = [r < len(st.rows) and st.rows[r] is not None for r in range(x.shape[0])]
+            for r in low:
+                if live[r]:
+                    notes[st.rows[r]]["low_entropy"] = True
+            stops = {r: end for r, end in stops.items() if live[r]}
+            if stops:
+                x, conf, is_gen = _stop_rows(st, stops, cut, notes, out, x, conf, is_gen, step, time.perf_counter() - t0)
+                if all(r is None for r in st.rows):
+                    break
+            if step is not None and j < n_blocks - 1:
                 step.commit(x[:, s:e])
-                nfe += 1
+                st.fwd += 1
             if bar is not None:
                 bar.advance(0, f"draft: block {j + 1}/{n_blocks}")
         else:
             secs = time.perf_counter() - t0
-            xs, cs = x[:len(rows)].tolist(), conf[:len(rows)].tolist()
-            for r in range(len(rows)):
-                end = L
-                lo = spans[rows[r]][0]
-                if cfg.var_length and mc.eos_id in xs[r][lo:]:  # an EOS in the last block
-                    end = xs[r].index(mc.eos_id, lo) + 1
-                out[rows[r]] = (xs[r][:end], cs[r][:end], nfe, secs)
+            xs, cs = x[:len(st.rows)].tolist(), conf[:len(st.rows)].tolist()
+            for r, i in enumerate(st.rows):
+                if i is not None:
+                    out[i] = (xs[r], cs[r], {"nfe": st.nfe, "forward_passes": st.fwd}, secs, notes[i])
     return out
+
+
+@dataclasses.dataclass
+class _Batch:
+    """Which sample each batch row drafts (None: retired), with its generator and check flag."""
+
+    rows: list
+    gens: list
+    checked: list
+    nfe: int = 0
+    fwd: int = 0
+
+
+def _stop_rows(st: _Batch, stops: dict[int, int], cut: set[int], notes: list[dict], out: list, x, conf, is_gen, step,
+               secs: float):
+    """Finish the rows in `stops` (or drop them, REJECT) and take them out of the batch: sliced
+    away where the step can select rows, retired in place (no mask left) under a captured graph,
+    whose shapes are fixed."""
+    for r, end in stops.items():
+        i = st.rows[r]
+        if end != REJECT:
+            note = dict(notes[i], **({"entropy_truncated": True} if r in cut else {}))
+            out[i] = (x[r, :end].tolist(), conf[r, :end].tolist(), {"nfe": st.nfe, "forward_passes": st.fwd}, secs, note)
+    if isinstance(step, GraphedStep):
+        for r in stops:
+            st.rows[r], st.checked[r] = None, False
+            x[r, (x[r] == step.model.config.mask_id)] = step.model.config.bos_id
+        return x, conf, is_gen
+    keep = [r for r in range(len(st.rows)) if r not in stops]
+    if not keep:
+        st.rows = [None] * len(st.rows)
+        return x, conf, is_gen
+    kt = torch.tensor(keep, device=x.device)
+    if step is not None:
+        step.select(kt)
+    st.rows, st.gens, st.checked = [st.rows[r] for r in keep], [st.gens[r] for r in keep], [st.checked[r] for r in keep]
+    return x[kt], conf[kt], is_gen[kt]
 
 
 def _canvas(mc: Any, prompts: list[Prompt], L: int, device: torch.device, pad: int = 0) -> tuple[torch.Tensor, list, torch.Tensor]:

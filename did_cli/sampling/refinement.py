@@ -23,6 +23,8 @@ from did_cli.sampling.config import RefineConfig
 from did_cli.sampling.core import (EvalMode, Progress, RowLogits, SamplerSettings, autocast, fill, make_generator,
                                    mix_seed, place, tokenizer_for)
 from did_cli.sampling.passes import RefinePasses
+from did_cli.sampling.posthoc import posthoc_confidence
+
 
 def check_record(rec: dict, where: str, mc: Any, tokenizer: Any, cfg: RefineConfig) -> None:
     """Raise DidError when a record cannot be refined by a model of config `mc` (a
@@ -141,18 +143,17 @@ def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: SamplerSetting
     conf = torch.tensor([[math.nan if c is None else float(c) for c in (r.get("confidence") or [None] * n)] for r in recs],
                         dtype=torch.float64, device=device)
     stages_out: list[list[dict]] = [[] for _ in recs]
-    nfe_total = 0
+    nfe_total = fwd_total = 0
     t_start = time.perf_counter()
     with torch.inference_mode(), EvalMode(model), autocast(device, cfg.dtype, cache=passes.autocast_cache):
-        post_nfe = 0
-        if cfg.confidence == "posthoc":
-            conf = _posthoc(x, passes, model.config.mask_id)
-            post_nfe = 1
+        scoring = 0  # re-scoring passes: forward passes, not denoising NFEs
+        if cfg.confidence in ("posthoc", "posthoc-loo"):
+            conf, scoring = posthoc_confidence(model, x, ranges, cfg.confidence == "posthoc-loo", cfg.batch_size, passes)
         for si, (block, ratio) in enumerate(cfg.stages):
             t0 = time.perf_counter()
             before = x.clone()
             remask = _remask(x, conf, ranges, recs, ratio, si, cfg, model.config.mask_id)
-            calls = post_nfe if si == 0 else 0
+            calls, commits = 0, scoring if si == 0 else 0
             B = n if block is None or block >= n else block
             path = "eager"
             if any(remask):
@@ -166,15 +167,16 @@ def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: SamplerSetting
                     path = logits_fn.path
                 else:
                     step = passes.block_step(b, n, B)
-                    calls += _refine_blocks(step, x, conf, B, remask, gens, sp)
+                    denoise, commit = _refine_blocks(step, x, conf, B, remask, gens, sp)
+                    calls, commits = calls + denoise, commits + commit
                     path = step.path
-            nfe_total += calls
+            nfe_total, fwd_total = nfe_total + calls, fwd_total + calls + commits
             changed = (x != before).sum(dim=1).tolist()
             secs = time.perf_counter() - t0
             for i in range(b):
                 entry = {"block_size": B, "ratio": ratio, "confidence": cfg.confidence, "remasked": remask[i],
-                         "changed": int(changed[i]), "nfe": calls, "seconds": round(secs, 4), "sampler": cfg.sampler,
-                         "top_p": cfg.top_p, "seed": cfg.seed, "path": path}
+                         "changed": int(changed[i]), "nfe": calls, "forward_passes": calls + commits,
+                         "seconds": round(secs, 4), "sampler": cfg.sampler, "top_p": cfg.top_p, "seed": cfg.seed, "path": path}
                 if cfg.tokens_per_step is not None:
                     entry["tokens_per_step"] = cfg.tokens_per_step
                 if cfg.threshold is not None:
@@ -193,22 +195,10 @@ def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: SamplerSetting
         extra["draft_tokens"] = rec.get("draft_tokens") or list(rec["tokens"])
         extra["stages"] = list(rec.get("stages") or []) + stages_out[i]
         extra["nfe"] = int(rec.get("nfe") or 0) + nfe_total
+        extra["forward_passes"] = int(rec.get("forward_passes", rec.get("nfe")) or 0) + fwd_total
         extra["seconds"] = round(float(rec.get("seconds") or 0.0) + total_secs, 4)
         out.append(_record_keep(tok, rec, xs[i], new_conf, lo, extra))
     return out
-
-
-def _posthoc(x: torch.Tensor, passes: RefinePasses, mask_id: int) -> torch.Tensor:
-    """p(token | whole sequence), no masking: one global pass, the output layer row by row (a
-    float64 [n, V] copy at a time)."""
-    h, _ = passes.global_hidden(x)
-    b, n = x.shape
-    conf = torch.empty((b, n), dtype=torch.float64, device=x.device)
-    for i in range(b):
-        lg = passes.head(h[i]).to(torch.float64)
-        lg[:, mask_id] = -math.inf
-        conf[i] = (lg.gather(1, x[i, :, None])[:, 0] - lg.logsumexp(dim=1)).exp()
-    return conf
 
 
 def _remask(x, conf, ranges, recs, ratio: float, si: int, cfg: RefineConfig, mask_id: int) -> list[list[int]]:
@@ -238,13 +228,13 @@ def _record_keep(tok, rec: dict, tokens: list[int], conf: list, lo: int, extra: 
     return r
 
 
-def _refine_blocks(step, x, conf, B: int, remask: list[list[int]], gens, sp: SamplerSettings) -> int:
+def _refine_blocks(step, x, conf, B: int, remask: list[list[int]], gens, sp: SamplerSettings) -> tuple[int, int]:
     """Regenerate masked positions block by block, left to right, with the KV cache of `step`
     (`passes.RefinePasses.block_step`): each block sees the earlier (final) blocks and itself.
-    Returns the number of model calls."""
+    Returns (denoising calls, cache-commit passes)."""
     b, n = x.shape
     last_masked = max(max(p) for p in remask if p)
-    calls = 0
+    calls = commits = 0
     for s in range(0, n, B):
         e = min(s + B, n)
         counts = [sum(1 for p in ps if s <= p < e) for ps in remask]
@@ -257,5 +247,5 @@ def _refine_blocks(step, x, conf, B: int, remask: list[list[int]], gens, sp: Sam
         if e > last_masked:
             break  # nothing after this block changes
         step.commit(x[:, s:e])
-        calls += 1
-    return calls
+        commits += 1
+    return calls, commits

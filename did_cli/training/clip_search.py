@@ -1,32 +1,83 @@
-"""BD3-LM's data-driven clipped schedule (`--clip auto`): the t range whose per-batch training
-loss varies least over the validation batches."""
+"""BD3-LM's data-driven clipped schedule (`--clip auto`).
+
+The candidates are a grid (`clip_grid`): the unclipped (1e-3, 1), then for each width w the
+ranges [i, i + w] for i = 0, delta, 2 delta, ..., 1 - w (a low end of 0 becomes 1e-3). Each
+candidate is scored on validation batches by the loss it would train with (its t range, and
+resampling when the run resamples): per batch, the unbiased variance of the per-(sequence,
+block) means of the weighted per-token NLL (`batch_statistic`), summed over the batches. The
+lowest sum wins; on a tie the earlier candidate in grid order.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from did_cli.config import DiffusionConfig
 
-# BD3-LM-style candidate ranges for the data-driven clipped schedule (`clip="auto"`).
-CLIP_CANDIDATES: tuple[tuple[float, float], ...] = (
-    (0.0, 1.0), (0.1, 0.9), (0.2, 0.8), (0.3, 0.8), (0.45, 0.95), (0.5, 1.0), (0.3, 1.0), (0.6, 0.9),
-)
+EPS = 1e-3
+FULL = (EPS, 1.0)
+
+
+def clip_grid(widths=(0.5, 0.6, 0.7, 0.8, 0.9), delta: float = 0.05, eps: float = EPS) -> list[tuple[float, float]]:
+    """The candidate ranges, in tie-break order: (eps, 1) first, then width by width."""
+    grid = [(eps, 1.0)]
+    for w in widths:
+        if not 0.0 < w <= 1.0 or not delta > 0:
+            raise ValueError(f"clip search: width {w} / delta {delta} outside (0, 1] / (0, inf)")
+        for k in range(int(math.floor((1.0 - w) / delta + 1e-6)) + 1):
+            lo = round(k * delta, 9)
+            cand = (max(lo, eps), min(round(lo + w, 9), 1.0))
+            if cand not in grid:
+                grid.append(cand)
+    return grid
+
+
+def batch_statistic(block_nll_sums: torch.Tensor, block_size: int) -> float:
+    """Unbiased variance over all (sequence, block) means of one batch; `block_nll_sums` is
+    [batch, n_blocks], each block's summed weighted NLL (its mean divides by all its tokens)."""
+    means = (block_nll_sums.double() / block_size).reshape(-1)
+    return float(means.var(unbiased=True)) if means.numel() > 1 else 0.0
+
+
+def pick(scores: dict[str, float]) -> str:
+    """The key with the lowest score; the first one on a tie (dict order = grid order)."""
+    best = None
+    for key, v in scores.items():
+        if best is None or v < scores[best]:
+            best = key
+    return best
+
+
+def key_of(cand: tuple[float, float]) -> str:
+    return f"{cand[0]:g},{cand[1]:g}"
 
 
 @torch.no_grad()
 def search_clip(model, batches: list[torch.Tensor], block_size: int, mask_id: int, seed: int,
-                candidates=CLIP_CANDIDATES) -> tuple[tuple[float, float], dict[str, float]]:
-    """BD3-LM's data-driven clipped schedule: the candidate t range whose per-batch training loss
-    (t ~ U[beta, omega], antithetic, same fixed seed for every candidate) varies least across
-    the validation batches. Returns (best range, {"beta,omega": variance})."""
-    from did_cli.diffusion import nelbo
+                grid: list[tuple[float, float]] | None = None, resample: bool = True
+                ) -> tuple[tuple[float, float], dict[str, float]]:
+    """Score every candidate of `grid` on `batches`; returns (winner, {"lo,hi": score}).
 
-    variances = {}
-    for cand in candidates:
+    Every candidate sees the same seeded noise (common random numbers: the comparison between
+    candidates does not carry the noise of separate draws). Candidates that allow no masked
+    count of a block under resampling are left out."""
+    from did_cli.diffusion import allowed_counts, block_nll, resamples, sample_t
+
+    scores: dict[str, float] = {}
+    chosen = {}
+    for cand in grid or clip_grid():
+        if resample and resamples(cand) and not allowed_counts(block_size, cand):
+            continue
         g = torch.Generator(device=batches[0].device).manual_seed(seed)
-        dcfg = DiffusionConfig(clip=tuple(cand), antithetic=True)
-        vals = torch.tensor([float(nelbo(model, x, block_size, dcfg, mask_id, g).loss) for x in batches], dtype=torch.float64)
-        variances[f"{cand[0]:g},{cand[1]:g}"] = float(vals.var(unbiased=True)) if len(vals) > 1 else float("inf")
-    key = min(variances, key=lambda k: (variances[k], k))
-    lo, hi = (float(v) for v in key.split(","))
-    return (lo, hi), variances
+        dcfg = DiffusionConfig(clip=cand, antithetic=True)
+        total = 0.0
+        for x in batches:
+            b, n = x.shape
+            bs = min(block_size, n)
+            t = sample_t(b, n // bs, dcfg, x.device, g)
+            total += batch_statistic(block_nll(model, x, t, bs, mask_id, g, cand if resample else None), bs)
+        scores[key_of(cand)] = total
+        chosen[key_of(cand)] = cand
+    return chosen[pick(scores)], scores

@@ -35,6 +35,8 @@ class TrainConfig:
     """Probability of each block size per step (normalised); None = equal weights."""
     steps: int = 1000
     """Total optimiser steps (a resumed run continues up to this number)."""
+    tokens: int | None = None
+    """Token budget instead of `steps`: steps = ceil(tokens / (global batch rows x L))."""
     batch_size: int = 16
     """Sequences per process per micro-batch (global batch = batch_size x grad_accum x processes)."""
     grad_accum: int = 1
@@ -55,6 +57,12 @@ class TrainConfig:
     """Validation every N steps (0 = only at the end)."""
     eval_batches: int = 8
     """Validation batches (of batch_size rows) per evaluation and block size."""
+    val_draws: int | None = None
+    """Noise draws per validation row (None: enough for 2 noise levels per row, i.e. 1 for
+    blocks of at most L/2 and 2 at the global block)."""
+    val_weight: str = "posterior"
+    """Validation NELBO weight of a masked token's loss: 'posterior' (E[1/t | the block's masked
+    count]: the same bound, far less noise) or 'inverse-t' (BD3-LM's 1/t)."""
     save_every: int = 1000
     """Checkpoint every N steps (also at the end, on a new best, and on Ctrl-C)."""
     keep_last: int = 3
@@ -68,8 +76,22 @@ class TrainConfig:
     init: str | None = None
     """Start weights: a checkpoint or run folder (ours or BD3-LM's), or a hub id when online."""
     clip: Any = None
-    """t range: (beta, omega), 'auto' (variance search per block size at each evaluation), or
-    None ((0, 1), or the learned range stored with --init for its block size)."""
+    """t range: (beta, omega), 'auto' (BD3-LM's variance search per block size at each
+    evaluation; the global block L keeps the full range unless `clip_global`), or None ((0, 1),
+    or the learned range stored with --init for its block size)."""
+    resample: bool = True
+    """Inside a clipped range, redraw a block's mask until its masked fraction lies in the range
+    (BD3-LM's training.resample, on in its training scripts); no effect on the full range."""
+    clip_widths: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
+    """--clip auto grid: for each width w the ranges (i, i + w), i = 0, delta, ..., 1 - w (a low
+    end of 0 becomes 1e-3), plus (1e-3, 1) (BD3-LM's fine-tune scripts: 0.5 to 0.9)."""
+    clip_delta: float = 0.05
+    """--clip auto grid step of the low end (BD3-LM: 0.05)."""
+    clip_batches: int = 100
+    """--clip auto: validation batches (of batch_size rows, at least 2) each candidate is scored
+    on (BD3-LM: at most 100)."""
+    clip_global: bool = False
+    """--clip auto also searches the global block L (BD3-LM and the paper never clip it)."""
     mixed_precision: str | None = None
     """'no', 'bf16' or 'fp16'; None = bf16 on CUDA, else no."""
     dropout: float | None = None
@@ -130,7 +152,7 @@ def normalise_weights(weights: list[float] | None, n: int) -> list[float]:
 def check_train_config(cfg: TrainConfig) -> None:
     """Eager checks of the settings alone (the data and the model are checked later)."""
     positive = dict(steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, eval_batches=cfg.eval_batches,
-                    log_every=cfg.log_every)
+                    log_every=cfg.log_every, clip_batches=cfg.clip_batches, tokens=cfg.tokens or 1, val_draws=cfg.val_draws or 1)
     for name, v in positive.items():
         if v < 1:
             raise UsageError(f"--{name.replace('_', '-')} {v}: must be >= 1")
@@ -141,6 +163,8 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--lr {cfg.lr}: must be > 0")
     if not 0.0 <= cfg.ema < 1.0:
         raise UsageError(f"--ema {cfg.ema}: must be in [0, 1)")
+    if cfg.val_weight not in ("posterior", "inverse-t"):
+        raise UsageError(f"--val-weight {cfg.val_weight!r}: choose posterior or inverse-t")
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise UsageError(f"--on-nonfinite {cfg.on_nonfinite!r}: choose stop or skip")
     if cfg.mixed_precision not in (None, "no", "bf16", "fp16"):
@@ -151,8 +175,14 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--clip {cfg.clip!r}: expected auto, none or BETA,OMEGA")
     if cfg.clip is not None and not isinstance(cfg.clip, str):
         DiffusionConfig(clip=tuple(cfg.clip))  # raises UsageError on a bad range
-    if cfg.clip == "auto" and cfg.eval_batches < 2:
-        raise UsageError("--clip auto needs --eval-batches >= 2 (it compares loss variances across batches)")
+    if cfg.clip == "auto":
+        from did_cli.training.clip_search import clip_grid
+
+        try:
+            clip_grid(cfg.clip_widths, cfg.clip_delta)
+        except ValueError:
+            raise UsageError(f"--clip-widths {','.join(map(str, cfg.clip_widths))} / --clip-delta {cfg.clip_delta}: "
+                             "widths must be in (0, 1] and delta > 0") from None
     if not cfg.data:
         raise UsageError("--data is required")
     if not cfg.out:
@@ -168,20 +198,27 @@ class MixScaleConfig:
     global_weight: float = 0.1
     """lambda: probability of the global block L per step."""
     budget_fraction: float = 0.26
-    """Fraction of the baseline fine-tuning budget (the paper: 26%)."""
+    """Fraction of the baseline fine-tuning budget, counted in tokens (the paper: 26%)."""
     baseline_steps: int = 150_000
     """Baseline fine-tuning steps (BD3-LM: 150K)."""
+    baseline_batch_tokens: int = 512 * 1024
+    """Tokens per optimiser step of the baseline (BD3-LM: a global batch of 512 rows of 1024
+    tokens), so that the budget means the same tokens whatever this run's batch."""
+
+    def budget_tokens(self) -> int:
+        return max(1, round(self.budget_fraction * self.baseline_steps * self.baseline_batch_tokens))
 
     def apply(self, cfg: TrainConfig, steps: int | None) -> TrainConfig:
         """`cfg` with the mix's block sizes and weights, and `steps` (None: the budget fraction
-        of the baseline)."""
+        of the baseline's tokens, turned into steps by the trainer from its global batch)."""
         import dataclasses
 
         if not 0.0 <= self.global_weight <= 1.0:
             raise UsageError(f"--global-weight {self.global_weight}: must be in [0, 1]")
+        tokens = None
         if steps is None:
-            if not self.budget_fraction > 0 or self.baseline_steps < 1:
-                raise UsageError("--budget-fraction must be > 0 and --baseline-steps >= 1")
-            steps = max(1, round(self.budget_fraction * self.baseline_steps))
-        return dataclasses.replace(cfg, block_sizes=[self.draft_block, "L"], steps=steps,
+            if not self.budget_fraction > 0 or self.baseline_steps < 1 or self.baseline_batch_tokens < 1:
+                raise UsageError("--budget-fraction must be > 0, --baseline-steps and --baseline-batch-tokens >= 1")
+            tokens = self.budget_tokens()
+        return dataclasses.replace(cfg, block_sizes=[self.draft_block, "L"], steps=steps or cfg.steps, tokens=tokens,
                                    block_weights=[1.0 - self.global_weight, self.global_weight])

@@ -18,7 +18,8 @@ from did_cli.checkpoint import load_model
 from did_cli.config import ModelConfig, preset
 from did_cli.errors import DidError, UsageError
 from did_cli.model import DiT
-from did_cli.training.config import TrainConfig
+from did_cli.diffusion import check_resample
+from did_cli.training.config import FULL_RANGE, TrainConfig
 from did_cli.training.init_source import fetch_init, init_clip_ranges, init_data_start
 from did_cli.training.state import step_seed
 from did_cli.util import atomic_write, first_line, warn
@@ -115,19 +116,41 @@ def compile_model(model: DiT, wanted: bool | None) -> bool:
     return True
 
 
+def clip_ranges(cfg: TrainConfig, sizes: list[int], length: int, from_init: dict[int, tuple[float, float]]
+                ) -> tuple[dict[int, tuple[float, float]], list[int]]:
+    """The t range each block size starts with (--clip, or the --init folder's, or the full
+    range) and the block sizes --clip auto searches: all but the global block L, which BD3-LM
+    never clips, unless `clip_global`."""
+    if cfg.clip is None or cfg.clip == "auto":
+        ranges = {b: from_init.get(b, FULL_RANGE) for b in sizes}
+    else:
+        ranges = {b: (float(cfg.clip[0]), float(cfg.clip[1])) for b in sizes}
+    if cfg.resample:
+        for b, r in ranges.items():
+            check_resample(b, r)
+    searched = [b for b in sizes if b < length or cfg.clip_global] if cfg.clip == "auto" else []
+    return ranges, searched
+
+
+def _spread_batches(val_rows: np.ndarray, n_rows: int, size: int, device: torch.device) -> list[torch.Tensor]:
+    """`n_rows` rows evenly spread over the split, in batches of `size`."""
+    n_val = min(len(val_rows), n_rows)
+    idx = np.unique(np.linspace(0, len(val_rows) - 1, n_val).round().astype(np.int64)) if n_val else np.empty(0, np.int64)
+    return [torch.from_numpy(np.asarray(val_rows[idx[i:i + size]], dtype=np.int64)).to(device)
+            for i in range(0, len(idx), size)]
+
+
 def validation_batches(val_rows: np.ndarray, cfg: TrainConfig, device: torch.device) -> list[torch.Tensor]:
     """Fixed rows evenly spread over the split, in batches of --batch-size."""
-    n_val = min(len(val_rows), cfg.eval_batches * cfg.batch_size)
-    idx = np.unique(np.linspace(0, len(val_rows) - 1, n_val).round().astype(np.int64)) if n_val else np.empty(0, np.int64)
+    return _spread_batches(val_rows, cfg.eval_batches * cfg.batch_size, cfg.batch_size, device)
 
-    def split(size: int) -> list[torch.Tensor]:
-        return [torch.from_numpy(np.asarray(val_rows[idx[i:i + size]], dtype=np.int64)).to(device)
-                for i in range(0, len(idx), size)]
 
-    batches = split(cfg.batch_size)
-    if cfg.clip == "auto" and len(batches) < 2:
-        batches = split(max(1, len(idx) // 2))  # one batch gives no variance: split the rows more finely
-    return batches
+def clip_search_batches(val_rows: np.ndarray, cfg: TrainConfig, device: torch.device) -> list[torch.Tensor]:
+    """The rows --clip auto scores candidates on: up to --clip-batches batches of --batch-size
+    rows (at least 2: the statistic is a variance within a batch), evenly spread."""
+    size = max(2, cfg.batch_size)
+    batches = _spread_batches(val_rows, cfg.clip_batches * size, size, device)
+    return [x for x in batches if len(x) > 1] or batches
 
 
 def check_resume(cfg: TrainConfig, saved: dict, sizes: list[int], weights: list[float], world: int) -> None:

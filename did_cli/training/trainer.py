@@ -36,11 +36,11 @@ from did_cli.data import PreparedData
 from did_cli.diffusion import nelbo
 from did_cli.errors import DidError
 from did_cli.training import setup
-from did_cli.training.clip_search import search_clip
-from did_cli.training.config import FULL_RANGE, TrainConfig, check_train_config, normalise_weights, resolve_block_sizes
+from did_cli.training.clip_search import clip_grid, search_clip
+from did_cli.training.config import TrainConfig, check_train_config, normalise_weights, resolve_block_sizes
 from did_cli.training.console import Interrupt, LogWindow, TrainProgress, fmt_rate
 from did_cli.training.state import EMA, BlockSizeSampler, RowSchedule, TrainState, rng_state, set_rng_state, step_seed
-from did_cli.training.val_nelbo import val_nelbo
+from did_cli.training.val_nelbo import validation_figures
 from did_cli.util import save_json
 
 
@@ -102,12 +102,11 @@ class Trainer:
         self.train_rows = data.rows("train")
         val_rows = data.rows("validation") if "validation" in data.meta["splits"] else np.empty((0, self.length))
         self.schedule = RowSchedule(len(self.train_rows), cfg.batch_size, cfg.grad_accum, self.world, cfg.seed)
+        if cfg.tokens:  # a token budget: the steps follow from the global batch
+            self.cfg = cfg = dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.tokens / (self.schedule.rows_per_step * self.length))))
         if cfg.clip == "auto" and len(val_rows) < 2:
             raise DidError(f"--clip auto needs a validation split with at least 2 rows; {cfg.data} has {len(val_rows)}")
-        if cfg.clip is None or cfg.clip == "auto":
-            self.clip_ranges = {b: clip_from_init.get(b, FULL_RANGE) for b in self.sizes}
-        else:
-            self.clip_ranges = {b: (float(cfg.clip[0]), float(cfg.clip[1])) for b in self.sizes}
+        self.clip_ranges, self.searched = setup.clip_ranges(cfg, self.sizes, self.length, clip_from_init)
 
         model.to(self.device).train()
         self.ema = EMA(model, cfg.ema, self.device)
@@ -122,6 +121,7 @@ class Trainer:
         self.model, self.optimizer = accel.prepare(self.model, self.optimizer)
         self._write_run_config()
         self.val_batches = setup.validation_batches(val_rows, cfg, self.device)
+        self.clip_batches = setup.clip_search_batches(val_rows, cfg, self.device) if self.searched else []
         return self
 
     def resume(self, folder: Path) -> None:
@@ -186,7 +186,7 @@ class Trainer:
         none when the loss is not finite)."""
         cfg, accel = self.cfg, self.accel
         block = self.sampler.draw()
-        dcfg = DiffusionConfig(clip=self.clip_ranges[block], antithetic=True)
+        dcfg = DiffusionConfig(clip=self.clip_ranges[block], antithetic=True, resample=cfg.resample)
         torch.manual_seed(step_seed(cfg.seed, step, self.rank, 0, 1))  # dropout
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for m in range(cfg.grad_accum):
@@ -223,28 +223,25 @@ class Trainer:
     # ---------------------------------------------------------------------- evaluate, save
 
     def evaluate(self, step: int) -> dict:
-        """Validation NELBO of the EMA weights at every block size (and, with --clip auto, the
-        clip search); every rank gets rank 0's figures."""
+        """Validation NELBO (with standard errors) of the EMA weights at every block size, and,
+        with --clip auto, the clip search; every rank gets rank 0's figures and ranges."""
         ev: dict[str, Any] = {"event": "eval", "step": step, "time": time.time()}
         if not self.val_batches:
             return ev
-        seed = self.cfg.seed
+        cfg = self.cfg
         with self.accel.autocast():
-            vals = {b: val_nelbo(self.ema.model, self.val_batches, b, self.mask_id, seed + 1_000_003) for b in self.sizes}
-            if self.cfg.clip == "auto":
-                chosen = {}
-                for b in self.sizes:
-                    chosen[b], ev[f"clip_variances_b{b}"] = search_clip(self.ema.model, self.val_batches, b, self.mask_id,
-                                                                        seed + 2_000_003)
-                # every rank must train with the same ranges: rank 0 decides
-                self.clip_ranges.update(setup.broadcast(self.accel, chosen))
-        vals = setup.broadcast(self.accel, vals)
-        for b, v in vals.items():
-            ev[f"val_nelbo_b{b}"] = v
-            ev[f"val_ppl_b{b}"] = math.exp(min(v, 700.0))
-        ev["val_nelbo"] = float(np.mean(list(vals.values())))
-        ev["val_ppl"] = math.exp(min(ev["val_nelbo"], 700.0))
+            vals = validation_figures(self.ema.model, self.val_batches, self.sizes, self.mask_id, cfg.seed + 1_000_003,
+                                      cfg.val_draws, cfg.val_weight)
+            chosen = {}
+            for b in self.searched:
+                chosen[b], ev[f"clip_scores_b{b}"] = search_clip(self.ema.model, self.clip_batches, b, self.mask_id,
+                                                                 cfg.seed + 2_000_003, clip_grid(cfg.clip_widths, cfg.clip_delta),
+                                                                 cfg.resample)
+            self.clip_ranges.update(setup.broadcast(self.accel, chosen))
+        ev.update(setup.broadcast(self.accel, vals))
         ev["clip_ranges"] = {str(b): list(r) for b, r in self.clip_ranges.items()}
+        if self.searched:
+            ev["clip_searched"] = self.searched
         return ev
 
     def save(self, step: int, is_best: bool) -> Path | None:
@@ -359,8 +356,7 @@ class Trainer:
         if "val_nelbo" in ev:
             best = self.state.best
             if best is None or ev["val_nelbo"] < best["val_nelbo"]:
-                self.state.best = {"step": step, "val_nelbo": ev["val_nelbo"],
-                                   **{f"val_nelbo_b{b}": ev[f"val_nelbo_b{b}"] for b in self.sizes}}
+                self.state.best = {"step": step, **{k: v for k, v in ev.items() if k.startswith(("val_nelbo", "val_rows"))}}
                 is_best = True
             ev["best_step"] = self.state.best["step"]
             per_block = ", ".join(f"b{b} {ev['val_nelbo_b' + str(b)]:.4f}" for b in self.sizes)
