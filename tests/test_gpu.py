@@ -107,13 +107,16 @@ def test_run_gpu_dry_run(tmp_path):
 
 @pytest.mark.slow
 def test_run_gpu_deadline_keeps_what_was_measured(tmp_path):
-    """Past --deadline the script stops where it is and still writes the JSON and the summary."""
+    """Past --deadline the script stops where it is and still writes the JSON and the summary.
+
+    The deadline is a small fraction of an uncut dry run (about 9 s on 2 cores, the training
+    section alone about 4 s), so the cut does not depend on the machine's speed."""
     out = tmp_path / "figures.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "run_gpu.py"), "--dry-run", "--out", str(out), "--compile", "off",
-                           "--deadline", "12"], capture_output=True, text=True, timeout=300, cwd=REPO)
+                           "--deadline", "1"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fig = json.loads(out.read_text())
-    assert fig["wall_s"] < 60 and "summary" in fig
+    assert fig["wall_s"] < 30 and "summary" in fig
     cut = [k for k in ("train", "draft", "refine") if k not in fig or "stopped" in fig[k] or fig[k].get("info", {}).get("skipped")]
     assert cut, {k: list(fig.get(k, {})) for k in ("train", "draft", "refine")}
 
