@@ -279,6 +279,7 @@ def _run_script(name: str, timeout: int = 600, **env: str) -> subprocess.Complet
                           env=_env(**env), cwd=REPO, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_ci_gate_passes_and_fails(tmp_path, tiny_scorer):
     """examples/ci_gate.sh end to end: prepare a slice, train 2 steps, draft, refine, score. A
     random scorer gives gen PPL near the vocabulary size (~5e4): a bar above it passes, a bar

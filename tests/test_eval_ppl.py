@@ -173,6 +173,7 @@ def samples_file(tmp_path_factory, tok):
     return p
 
 
+@pytest.mark.slow
 def test_cli_thresholds_gate(scorer_dir, samples_file, tmp_path):
     ok = _cli(str(samples_file), "--scorer", str(scorer_dir), "--device", "cpu", "--json", "-",
               "--max-gen-ppl", "1e9", "--min-entropy", "0.5", "--plot", str(tmp_path / "d.png"))

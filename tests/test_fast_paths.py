@@ -58,7 +58,7 @@ def test_compiled_static_step_equals_eager():
 
 # top-p 1 skips the float64 sort over the 50258-token vocabulary (the costliest part on a CPU)
 @pytest.mark.parametrize("sampler,k,dtype,top_p", [("first-hitting", None, "fp32", 1.0), ("parallel", 2, "fp32", 1.0),
-                                                   ("first-hitting", None, "bf16", 0.9)])
+                                                   pytest.param("first-hitting", None, "bf16", 0.9, marks=pytest.mark.slow)])
 def test_fast_draft_equals_eager_draft_token_for_token(tok, sampler, k, dtype, top_p):
     """`draft` on the static-shape step (the graph path's arithmetic, a padded last batch, the
     bf16 Linear copy) gives the reference path's tokens, with prompts and a suffix."""
@@ -178,6 +178,7 @@ def test_sampler_chunks_do_not_change_samples(monkeypatch):
         torch.testing.assert_close(p, res[0][1], rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
 def test_uncached_draft_builds_few_masks(tok):
     """The uncached pass runs at a prefix length rounded up to a quarter of L: 4 masks (and
     compiled shapes) for 16 blocks, the same tokens as the cached path."""

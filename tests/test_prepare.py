@@ -220,6 +220,7 @@ def test_cli_prepares_and_summarises(tmp_path):
     assert meta["splits"]["validation"]["docs"] == 5 and meta["seq_len"] == 8
 
 
+@pytest.mark.slow
 def test_bundled_corpus_prepares(tmp_path, tok):
     meta = prepare(None, tmp_path / "out", seq_len=128, progress=False)
     data = PreparedData(tmp_path / "out")

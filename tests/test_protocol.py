@@ -141,6 +141,7 @@ def test_stratified_t_and_the_weights():
     assert 4.9 < w[1] < 5.0  # (n + 1) / 1 truncated at t >= 1e-3
 
 
+@pytest.mark.slow
 def test_seed_to_seed_spread_at_the_global_block_shrinks():
     """Same 32 rows, 8 seeds: one plain-Monte-Carlo t per row (the old estimator) against t
     stratified over the set, the posterior weight and the default draws."""

@@ -185,6 +185,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_shell_pipe_draft_into_refine(ckpt, tmp_path):
     did = f"{shlex.quote(sys.executable)} -m did_cli.cli"
     m = shlex.quote(str(ckpt))
@@ -288,6 +289,7 @@ def test_cli_malformed_line_in_a_subprocess(ckpt):
     assert len(err) == 1 and "line 1" in err[0] and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_model_may_name_a_run_folder_or_its_best_checkpoint(model, tmp_path):
     from did_cli import checkpoint as ck
 

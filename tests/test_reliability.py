@@ -519,6 +519,7 @@ def _records(stdout: str) -> list[dict]:
     return [_timeless(json.loads(ln)) for ln in stdout.splitlines()]
 
 
+@pytest.mark.slow
 def test_same_seed_same_samples_from_draft_and_refine(ckpt, tmp_path):
     base = ["draft", "--model", ckpt, "-n", "3", "--seed", "7", *FAST_DRAFT]
     with ThreadPoolExecutor(3) as pool:
