@@ -203,8 +203,9 @@ def _train(cfg: QuickstartConfig, out: Path, device: str, timer: _Timer) -> dict
     torch.manual_seed(cfg.seed)
     t = time.perf_counter()
     # validation: one evaluation at the end, on enough rows for a standard error below 0.03
-    # nats at both block sizes (docs/quickstart.md); it takes ~1 minute on 2 CPU cores
-    rest = 90.0 + cfg.samples * (1.6 if device == "cpu" else 0.2) + VAL_ROWS * (0.05 if device == "cpu" else 0.005)
+    # nats at both block sizes (docs/quickstart.md): 3 forward passes a row (1 noise draw at
+    # the draft block, 2 at the global one), ~1.5 minutes on 2 CPU cores
+    rest = 90.0 + cfg.samples * (1.6 if device == "cpu" else 0.2) + VAL_ROWS * (0.075 if device == "cpu" else 0.0075)
     limit = max(30.0, timer.budget - timer.elapsed() - rest)
     _say(f"[2/5] training preset {cfg.preset!r} on blocks {cfg.draft_block} and {cfg.seq_len} for {limit / 60:.1f} min")
     run_dir = out / "run"
