@@ -147,12 +147,14 @@ def prepare(
     num_proc: int = 1,
     progress: bool = True,
     layout: str = "bos",
+    force: bool = False,
 ) -> dict:
     """Tokenise `sources` (None = the bundled corpus) into rows of `seq_len` tokens under `out`.
 
     See the module docstring for sources, row layout and output files. Returns the meta dict
     written to `out/meta.json`, plus `"reused": True/False` (not stored) saying whether an
-    identical earlier result was kept.
+    identical earlier result was kept. A non-empty `out` that is not this preparation (other
+    prepared data, or files of the user's) is refused unless `force`.
     """
     from did_cli.tokenizer import load_tokenizer
 
@@ -180,6 +182,8 @@ def prepare(
     if old is not None:
         info(f"reusing prepared data in {out} (same sources and settings)")
         return {**old, "reused": True}
+    if not force:
+        _refuse_other_folder(out)
 
     docs = [d for s in srcs for d in documents(s) if d.strip()]
     if not docs:
@@ -257,6 +261,22 @@ def _write_folder(out: Path, rows: dict, meta: dict) -> None:
         # fsync: a folder whose meta.json exists must hold complete files after a power cut
         atomic_write(out / f"{name}.bin", np.ascontiguousarray(rows[name]).reshape(-1).view(np.uint8), fsync=True)
     atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n", fsync=True)
+
+
+def _refuse_other_folder(out: Path) -> None:
+    """A non-empty --out that is not this preparation is not replaced without --force."""
+    from did_cli.outputs import describe_folder, is_empty_folder
+
+    if not out.is_dir() or is_empty_folder(out):
+        return
+    try:
+        old = PreparedData(out)
+        m = old.meta
+        what = (f"prepared data of other sources or settings (seq_len {m['seq_len']}, tokenizer {m['tokenizer']!r}, "
+                f"{m['splits'].get('train', {}).get('rows', '?')} train rows)")
+    except DidError:
+        what = f"files that are not this preparation ({describe_folder(out)})"
+    raise DidError(f"--out {out} already holds {what}; pass --force to replace them, or choose another --out")
 
 
 def _reusable(out: Path, content_hash: str) -> dict | None:

@@ -194,35 +194,42 @@ def dumps(rec: dict) -> str:
 class RecordWriter:
     """Write records as JSONL to a file or stdout, one whole line at a time.
 
-    ``RecordWriter(None)`` or ``RecordWriter("-")`` writes to stdout. A file path is opened at
-    construction, so an unwritable destination fails before any work. Records go to
-    ``<path>.partial``, which is renamed to ``<path>`` when the writer closes without an error;
-    after a crash or Ctrl-C the final path is untouched and ``<path>.partial`` holds every
-    record written so far, each on a complete line (a write that fails midway is truncated
-    back to the previous line end).
+    ``RecordWriter(None)`` or ``RecordWriter("-")`` writes to stdout. A file path is checked
+    and locked at construction (did_cli.outputs), so an unwritable destination, or one that
+    another process is writing, fails before any work. Records go to ``<path>.partial``, which
+    is renamed to ``<path>`` when the writer closes without an error; after a crash or Ctrl-C
+    the final path is untouched and ``<path>.partial`` holds every record written so far, each
+    on a complete line (a write that fails midway is truncated back to the previous line end).
+    A symlink is followed (its target is replaced); a device, named pipe or socket is written
+    straight through and never replaced.
     """
 
     def __init__(self, dest: str | Path | None):
+        from did_cli.outputs import Lock, target
+
         self.dest = None if dest is None or str(dest) == "-" else Path(dest)
         self.count = 0
         self._good = 0
         self._fh: IO[bytes] | None = None
+        self._lock = None
+        self.partial: Path | None = None
         if self.dest is None:
             self.name = "stdout"
-            self.partial: Path | None = None
             return
         self.name = str(self.dest)
-        if self.dest.is_dir():
-            raise DidError(f"cannot write {self.dest}: it is a directory")
-        parent = self.dest.parent
-        if not parent.is_dir():
-            why = "is not a folder" if parent.exists() else "does not exist"
-            raise DidError(f"cannot write {self.dest}: {parent} {why}")
-        self.partial = self.dest.with_name(self.dest.name + ".partial")
+        self._target = target(self.dest)
+        if self._target.special:
+            where = self.dest
+        else:
+            self._lock = Lock(self._target)
+            self.partial = where = self._target.real.with_name(self._target.real.name + ".partial")
         try:
-            self._fh = open(self.partial, "wb", buffering=0)
-        except OSError as e:
-            raise DidError(f"cannot write {self.dest}: {e.strerror or e}") from None
+            self._fh = open(where, "wb", buffering=0)
+        except BaseException as e:
+            self._lock and self._lock.release()
+            if isinstance(e, OSError):
+                raise DidError(f"cannot write {self.dest}: {e.strerror or e}") from None
+            raise
 
     def write(self, rec: dict) -> None:
         line = dumps(rec) + "\n"
@@ -246,25 +253,35 @@ class RecordWriter:
                     data = data[self._fh.write(data) or 0 :]
             except BaseException as e:
                 # drop a half-written line so the file never ends mid-record
-                try:
-                    self._fh.truncate(self._good)
-                    self._fh.seek(self._good)
-                except (OSError, ValueError):
-                    pass
+                if self.partial is not None:  # a pipe or device cannot be truncated
+                    try:
+                        self._fh.truncate(self._good)
+                        self._fh.seek(self._good)
+                    except (OSError, ValueError):
+                        pass
                 if isinstance(e, OSError):
                     raise DidError(f"cannot write {self.name}: {e.strerror or e}") from None
                 raise
-            self._good = self._fh.tell()
+            if self.partial is not None:
+                self._good = self._fh.tell()
         self.count += 1
 
     def close(self, ok: bool = True) -> None:
-        """Finish the file: rename `.partial` to the final name when `ok`, else leave it."""
+        """Finish the file: rename `.partial` to the final name when `ok`, else leave it; the
+        lock goes either way."""
         if self._fh is None:
             return
         fh, self._fh = self._fh, None
-        fh.close()
-        if ok:
-            os.replace(self.partial, self.dest)
+        try:
+            fh.close()
+            if ok and self.partial is not None:
+                os.replace(self.partial, self._target.real)
+        except OSError as e:
+            if ok:
+                raise DidError(f"cannot write {self.name}: {e.strerror or e}") from None
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> "RecordWriter":
         return self

@@ -28,15 +28,13 @@ def _checkpoint(path: str) -> Path:
 
 
 def _check_output(output: str) -> None:
-    """Fail on an unwritable -o before any heavy work (RecordWriter creates the file later)."""
+    """Fail on an unwritable -o, or one another process is writing, before any heavy work
+    (RecordWriter takes the lock later)."""
     if output == "-":
         return
-    p = Path(output)
-    if p.is_dir():
-        raise DidError(f"cannot write {p}: it is a directory")
-    if not p.parent.is_dir():
-        why = "is not a folder" if p.parent.exists() else "does not exist"
-        raise DidError(f"cannot write {p}: {p.parent} {why}")
+    from did_cli.outputs import check_free, target
+
+    check_free(target(output))
 
 
 def _console():
