@@ -358,6 +358,22 @@ class PreparedData:
                            f"re-run `did prepare --seq-len {seq_len}`")
 
 
+def check_token_ids(data: PreparedData, vocab_size: int, splits: tuple[str, ...] = SPLITS) -> None:
+    """Raise DidError naming the split, row and id when a row holds an id outside
+    [0, vocab_size) (a damaged or foreign train.bin); one pass in chunks of rows."""
+    for split in splits:
+        if split not in data.meta["splits"]:
+            continue
+        rows = data.rows(split)
+        step = max(1, (64 << 20) // max(1, rows.shape[1] * rows.dtype.itemsize))
+        for lo in range(0, len(rows), step):
+            chunk = np.asarray(rows[lo:lo + step])
+            if chunk.size and int(chunk.max()) >= vocab_size:
+                r, c = (int(v) for v in np.argwhere(chunk >= vocab_size)[0])
+                raise DidError(f"{data.path / (split + '.bin')}: row {lo + r} holds token id {int(chunk[r, c])} at position "
+                               f"{c}, outside the vocabulary [0, {vocab_size}); re-run `did prepare`")
+
+
 def _same_folder(a: str, b: str) -> bool:
     """Two spellings of one tokenizer folder (relative vs absolute) are the same tokenizer."""
     pa, pb = Path(a).expanduser(), Path(b).expanduser()

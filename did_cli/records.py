@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 from did_cli.errors import DidError
 
@@ -109,6 +109,9 @@ def validate(
             c is None or (isinstance(c, (int, float)) and not isinstance(c, bool)) for c in conf
         ):
             raise bad("'confidence' must be a list of numbers or null")
+        for pos, c in enumerate(conf):
+            if c is not None and not 0.0 <= c <= 1.0:
+                raise bad(f"'confidence' {c!r} at position {pos} outside [0, 1] (a probability, or null)")
         if tokens is not None and len(conf) != len(tokens):
             raise bad(f"'confidence' has {len(conf)} entries but 'tokens' has {len(tokens)}")
     if tokens is not None:
@@ -132,6 +135,8 @@ def parse_line(
         rec = json.loads(line)
     except json.JSONDecodeError as e:
         raise DidError(f"{_where(line_no, source)}not JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DidError(f"{_where(line_no, source)}JSON nested too deeply to be a record") from None
     return validate(rec, line_no, vocab_size, need=need, source=source)
 
 
@@ -181,6 +186,18 @@ def read_records(
             stream.close()
     if n == 0:
         raise DidError(f"no records in {name}")
+
+
+def unique_ids(records: Iterable[dict], source: str = "the input") -> Iterator[dict]:
+    """Pass records through, raising DidError at the first id seen twice (ids are unique in a
+    file: a refined record is matched to its draft by id)."""
+    seen: dict[str, int] = {}
+    for k, rec in enumerate(records, 1):
+        rid = rec.get("id")
+        if rid in seen:
+            raise DidError(f"record {k} of {source}: id {rid!r} repeats record {seen[rid]} (ids must be unique in a file)")
+        seen[rid] = k
+        yield rec
 
 
 def dumps(rec: dict) -> str:
@@ -343,6 +360,7 @@ __all__ = [
     "parse_line",
     "read_records",
     "dumps",
+    "unique_ids",
     "RecordWriter",
     "make_record",
 ]

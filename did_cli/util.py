@@ -20,6 +20,13 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """The whole message of an exception on one line (whitespace collapsed), cut at `limit`
+    characters with an ellipsis; for messages whose first line stops mid-sentence."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
 def os_reason(e: BaseException) -> str:
     """What went wrong in an OSError (its strerror), else the first line of the message."""
     return getattr(e, "strerror", None) or first_line(e)

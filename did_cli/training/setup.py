@@ -16,6 +16,7 @@ import torch
 
 from did_cli.checkpoint import load_model
 from did_cli.config import ModelConfig, preset
+from did_cli.data import check_token_ids
 from did_cli.errors import DidError, UsageError
 from did_cli.model import DiT
 from did_cli.diffusion import check_resample
@@ -80,6 +81,7 @@ def build_model(cfg: TrainConfig, data: Any, run: Path, resume_ckpt: Path | None
 
 def check_model_fits_data(mc: ModelConfig, data: Any) -> None:
     data.check_compatible(tokenizer=mc.tokenizer, vocab_size=mc.vocab_size, seq_len=mc.model_length)
+    check_token_ids(data, mc.vocab_size)
     if "mask_id" in data.meta and int(data.meta["mask_id"]) != mc.mask_id:
         raise DidError(f"data in {data.path} uses [MASK] id {data.meta['mask_id']} but the model uses {mc.mask_id}")
 
