@@ -90,6 +90,12 @@ def target(path: str | Path) -> Target:
     return Target(p, real, False)
 
 
+def special_mode() -> str:
+    """How a device, pipe or /dev/stdout is opened: appending, so that /dev/stdout redirected to
+    a file (`>>` included) is not truncated by the reopen; devices and pipes ignore it."""
+    return "ab"
+
+
 def _mode_for(real: Path) -> int:
     try:
         return stat.S_IMODE(os.stat(real).st_mode)
@@ -106,7 +112,7 @@ def write_bytes(path: str | Path, data: Any, fsync: bool = False) -> None:
     raw = data.encode("utf-8") if isinstance(data, str) else data
     if t.special:
         try:
-            with open(t.path, "wb", buffering=0) as f:
+            with open(t.path, special_mode(), buffering=0) as f:
                 _write_all(f, raw)
         except OSError as e:
             raise DidError(f"cannot write {t.path}: {_reason(e)}") from None
@@ -254,5 +260,5 @@ def check_out_folder(path: str | Path, flag: str = "--out") -> Path:
     return p
 
 
-__all__ = ["Target", "target", "write_bytes", "check_free", "Lock", "lock_path", "describe_folder", "is_empty_folder",
+__all__ = ["Target", "target", "write_bytes", "special_mode", "check_free", "Lock", "lock_path", "describe_folder", "is_empty_folder",
            "check_out_folder"]

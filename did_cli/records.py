@@ -222,7 +222,7 @@ class RecordWriter:
     """
 
     def __init__(self, dest: str | Path | None):
-        from did_cli.outputs import Lock, target
+        from did_cli.outputs import Lock, special_mode, target
 
         self.dest = None if dest is None or str(dest) == "-" else Path(dest)
         self.count = 0
@@ -241,7 +241,7 @@ class RecordWriter:
             self._lock = Lock(self._target)
             self.partial = where = self._target.real.with_name(self._target.real.name + ".partial")
         try:
-            self._fh = open(where, "wb", buffering=0)
+            self._fh = open(where, special_mode() if self.partial is None else "wb", buffering=0)
         except BaseException as e:
             self._lock and self._lock.release()
             if isinstance(e, OSError):

@@ -166,6 +166,17 @@ def test_json_and_pages_to_devices_are_written_through(ckpt, data, drafts, root)
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
 
 
+def test_dev_stdout_appended_to_a_file_is_written_through_not_replaced(ckpt, root):
+    log = root / "appended.jsonl"
+    log.write_text("earlier\n")
+    with open(log, "a") as f:
+        r = did_proc("draft", "--model", ckpt, "-n", 1, *FAST, "-o", "/dev/stdout", stdout=f)
+    assert r.returncode == 0, r.stderr
+    lines = log.read_text().splitlines()
+    assert lines[0] == "earlier" and json.loads(lines[1])["id"] == "draft-0-0" and len(lines) == 2
+    no_leftovers(root)
+
+
 # ------------------------------------------------------------------------ 2. two writers, one output
 
 
@@ -388,17 +399,23 @@ def test_parser_errors_are_one_line_with_exit_2(args, expect):
 
 
 def test_an_unloadable_tokenizer_is_one_whole_line_quickly(ckpt, root):
+    # a hub name without a route to the hub (offline mode off): one line within seconds, not a
+    # minute of retries
     hub = damaged(root, ckpt, "hub-tok", config=lambda c: {**c, "tokenizer": "no-such-org/no-such-tokenizer"})
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
     t0 = time.perf_counter()
-    msg = one_line_error(did("draft", "--model", hub, "-n", 1))
-    assert time.perf_counter() - t0 < 20 and "cannot load tokenizer 'no-such-org/no-such-tokenizer'" in msg
+    r = subprocess.run([sys.executable, "-m", "did_cli", "draft", "--model", str(hub), "-n", "1"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert "cannot load tokenizer 'no-such-org/no-such-tokenizer'" in one_line_error(r)
+    assert time.perf_counter() - t0 < 30
+    # a folder whose library error spans lines: the whole message, not its first line cut at "one of:"
     folder = root / "broken-tokenizer"
     folder.mkdir()
-    (folder / "tokenizer.json").write_text("{}")
-    (folder / "tokenizer_config.json").write_text("{}")
+    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
     bad = damaged(root, ckpt, "bad-tok", config=lambda c: {**c, "tokenizer": str(folder)})
     msg = one_line_error(did("draft", "--model", bad, "-n", 1))
-    assert f"cannot load tokenizer {str(folder)!r}" in msg and not msg.rstrip().endswith(":"), msg
+    assert f"cannot load tokenizer {str(folder)!r}" in msg and "Couldn't instantiate the backend tokenizer from one of: (1)" in msg
+    assert not msg.rstrip().endswith(":"), msg
 
 
 # ------------------------------------------------------------------------------ 8. accepted silently
@@ -431,3 +448,10 @@ def test_refine_refuses_confidences_outside_0_1(ckpt, drafts, root, value):
         path.write_text(path.read_text().replace('"NaN"', "NaN"))
     msg = one_line_error(did("refine", path, "--model", ckpt))
     assert msg.startswith(f"did: error: line 2 of {path}: 'confidence' ") and "at position 5 outside [0, 1]" in msg, msg
+
+
+def test_a_bad_draft_block_is_reported_as_draft_block(ckpt, data, root):
+    msg = one_line_error(did("finetune-mixscale", "--init", ckpt, "--data", data, "--out", root / "ft5", "--draft-block", 5,
+                             "--steps", 1, "-q"), code=2)
+    assert msg == "did: error: --draft-block 5: block size 5 does not divide the sequence length 32", msg
+    assert not (root / "ft5").exists()
