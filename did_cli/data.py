@@ -20,7 +20,8 @@ Output folder
     `train.bin`, `validation.bin`: raw little-endian uint16 (uint32 when the model vocabulary
     exceeds 65536), shape [rows, seq_len]; `meta.json` (format "did.prepared/1") describing them.
     Files are written under temporary names and renamed, meta.json last, so a folder with a
-    meta.json is complete. Re-running with the same source bytes and settings reuses it.
+    meta.json is complete. Re-running with the same source bytes and settings reuses it; other
+    settings or sources in a non-empty folder are refused unless `force` (`--force`).
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def prepare(
         info(f"reusing prepared data in {out} (same sources and settings)")
         return {**old, "reused": True}
     if not force:
-        _refuse_other_folder(out)
+        _refuse_other_folder(out, {"sources": [x.label for x in srcs], "seq_len": seq_len, "tokenizer": tok.name,
+                                   "row_layout": layout, "val_docs": val_docs, "val_fraction": val_fraction})
 
     docs = [d for s in srcs for d in documents(s) if d.strip()]
     if not docs:
@@ -263,15 +265,17 @@ def _write_folder(out: Path, rows: dict, meta: dict) -> None:
     atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n", fsync=True)
 
 
-def _refuse_other_folder(out: Path) -> None:
-    """A non-empty --out that is not this preparation is not replaced without --force."""
+def _refuse_other_folder(out: Path, mine: dict) -> None:
+    """A non-empty --out that is not this preparation is not replaced without --force. The
+    same sources and settings whose bytes changed are this preparation, refreshed."""
     from did_cli.outputs import describe_folder, is_empty_folder
 
     if not out.is_dir() or is_empty_folder(out):
         return
     try:
-        old = PreparedData(out)
-        m = old.meta
+        m = PreparedData(out).meta
+        if all(m.get(k, "bos" if k == "row_layout" else None) == v for k, v in mine.items()):
+            return
         what = (f"prepared data of other sources or settings (seq_len {m['seq_len']}, tokenizer {m['tokenizer']!r}, "
                 f"{m['splits'].get('train', {}).get('rows', '?')} train rows)")
     except DidError:
