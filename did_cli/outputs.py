@@ -69,7 +69,7 @@ def target(path: str | Path) -> Target:
     p = Path(path)
     try:
         st = os.stat(p)  # follows symlinks
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # new, or under a file (said below)
         st = None
     except OSError as e:
         raise DidError(f"cannot write {p}: {_reason(e)}") from None
@@ -241,8 +241,12 @@ def describe_folder(path: Path, limit: int = 3) -> str:
 
 
 def is_empty_folder(path: Path) -> bool:
+    """Whether nothing is there: an empty folder, or no such path at all (under a file
+    included: creating it then fails with its own message)."""
     try:
         return not any(Path(path).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return not Path(path).is_file()
     except OSError:
         return False
 

@@ -243,7 +243,8 @@ class RecordWriter:
         try:
             self._fh = open(where, special_mode() if self.partial is None else "wb", buffering=0)
         except BaseException as e:
-            self._lock and self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
             if isinstance(e, OSError):
                 raise DidError(f"cannot write {self.dest}: {e.strerror or e}") from None
             raise

@@ -78,9 +78,8 @@ class Trainer:
                 raise DidError(f"--resume: no complete checkpoint in {self.run}")
         elif ck.list_checkpoints(self.run):
             raise DidError(f"{self.run} already holds checkpoints; pass --resume to continue it or choose another --out")
-        elif self.run.is_dir() and not is_empty_folder(self.run):  # never write config.json over someone's files
-            raise DidError(f"--out {self.run} is not empty ({describe_folder(self.run)}) and holds no checkpoint to --resume; "
-                           "choose another --out")
+        elif not is_empty_folder(self.run):  # never write config.json over someone's files
+            raise DidError(f"--out {self.run} is not empty ({describe_folder(self.run)}) and holds no checkpoint to --resume")
         self.state = TrainState(seed=cfg.seed, block_sizes=self.sizes, block_weights=self.weights,
                                 clip_mode=_clip_mode(cfg.clip), data_hash=self.data.meta.get("content_hash"))
         self.last_ckpt: Path | None = None
