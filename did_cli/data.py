@@ -259,10 +259,17 @@ def _write_folder(out: Path, rows: dict, meta: dict) -> None:
     except OSError as e:
         raise DidError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
     (out / "meta.json").unlink(missing_ok=True)  # the folder is incomplete until meta.json is back
-    for name in SPLITS:
-        # fsync: a folder whose meta.json exists must hold complete files after a power cut
-        atomic_write(out / f"{name}.bin", np.ascontiguousarray(rows[name]).reshape(-1).view(np.uint8), fsync=True)
-    atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n", fsync=True)
+    written: list[Path] = []
+    try:
+        for name in SPLITS:
+            # fsync: a folder whose meta.json exists must hold complete files after a power cut
+            atomic_write(out / f"{name}.bin", np.ascontiguousarray(rows[name]).reshape(-1).view(np.uint8), fsync=True)
+            written.append(out / f"{name}.bin")
+        atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n", fsync=True)
+    except BaseException:  # a failed preparation leaves none of its files (a re-run starts clean)
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
 
 
 def _refuse_other_folder(out: Path, mine: dict) -> None:

@@ -380,6 +380,11 @@ def test_a_write_that_fails_midway_leaves_no_temporary_file(ckpt, data, root):
     r = did_proc("prepare", root / "slice.jsonl", "--out", folder / "prep", "--seq-len", L, preexec_fn=_limited(4096))
     assert one_line_error(r) == f"did: error: cannot write {folder / 'prep' / 'train.bin'}: File too large"
     assert sorted(p.name for p in (folder / "prep").iterdir()) == []  # no .tmp, no meta.json
+    # the second file fails after the first was written: neither is left (a re-run starts clean)
+    (folder / "prep2" / "validation.bin").mkdir(parents=True)
+    msg = one_line_error(did("prepare", root / "slice.jsonl", "--out", folder / "prep2", "--seq-len", L, "--force"))
+    assert msg == f"did: error: cannot write {folder / 'prep2' / 'validation.bin'}: it is a directory"
+    assert sorted(p.name for p in (folder / "prep2").iterdir()) == ["validation.bin"]
     no_leftovers(folder)
 
 
