@@ -285,8 +285,8 @@ class RecordWriter:
         self.count += 1
 
     def close(self, ok: bool = True) -> None:
-        """Finish the file: rename `.partial` to the final name when `ok`, else leave it; the
-        lock goes either way."""
+        """Finish the file: rename `.partial` to the final name when `ok`, else leave it when it
+        holds a record (removed when empty); the lock goes either way."""
         if self._fh is None:
             return
         fh, self._fh = self._fh, None
@@ -294,6 +294,8 @@ class RecordWriter:
             fh.close()
             if ok and self.partial is not None:
                 os.replace(self.partial, self._target.real)
+            elif self.partial is not None and self._good == 0:  # nothing to recover: no leftover
+                self.partial.unlink(missing_ok=True)
         except OSError as e:
             if ok:
                 raise DidError(f"cannot write {self.name}: {e.strerror or e}") from None

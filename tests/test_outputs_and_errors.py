@@ -200,10 +200,13 @@ def test_a_second_writer_of_the_same_output_is_refused_naming_the_first(ckpt, ro
         _, err = first.communicate(timeout=60)
     assert first.returncode == 130, err
     assert out.read_text() == "earlier\n" and not Path(str(out) + ".lock").exists()
-    # the interrupted writer kept whole records only in .partial (docs/reliability.md, clean interruption)
+    # the interrupted writer kept whole records only in .partial (docs/reliability.md, clean
+    # interruption), or no .partial at all when it had finished none
     partial = Path(str(out) + ".partial")
-    assert all(json.loads(x)["schema"] == "did.sample/1" for x in partial.read_text().splitlines())
-    partial.unlink()
+    if partial.exists():
+        assert all(json.loads(x)["schema"] == "did.sample/1" for x in partial.read_text().splitlines())
+        assert partial.read_text().endswith("\n")
+        partial.unlink()
 
 
 def test_a_live_lock_stops_refine_before_work_and_a_stale_one_is_taken_over(ckpt, drafts, root):
@@ -287,10 +290,13 @@ def test_logits_that_overflow_stop_drafting_and_refining_naming_the_step(ckpt, d
         t["backbone.output_layer.linear.weight"].fill_(3e38)
 
     big = damaged(root, ckpt, "big-ckpt", tensors=overflow)
-    msg = one_line_error(did("draft", "--model", big, "-n", 1, *FAST))
+    out = root / "overflow" / "d.jsonl"
+    out.parent.mkdir()
+    msg = one_line_error(did("draft", "--model", big, "-n", 1, *FAST, "-o", out))
     assert "sample draft-0-0: the model gave non-finite logits at position 1 (block 0 of size 4)" in msg
-    msg = one_line_error(did("refine", drafts, "--model", big))
+    msg = one_line_error(did("refine", drafts, "--model", big, "-o", out))
     assert "record 'draft-0-0': the model gave non-finite logits at position" in msg and "refine stage 1" in msg
+    assert list(out.parent.iterdir()) == []  # no output, no empty .partial, no lock
 
 
 # ------------------------------------------------------------------------------------ 5. tracebacks
