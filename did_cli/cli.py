@@ -87,7 +87,36 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     wanted = next((a for a in argv if not a.startswith("-")), None)
     _register(wanted if wanted in COMMANDS else "")
-    app(args=argv, prog_name="did")
+    sys.exit(_run(argv))
+
+
+def _click_class(name: str) -> type:
+    """A class of the parser's exception tree (typer ships its own copy of click's), found
+    from the public `typer.BadParameter` so that no private module is imported."""
+    return next(k for k in typer.BadParameter.__mro__ if k.__name__ == name)
+
+
+def _run(argv: list[str]) -> int:
+    """Run the app; errors of the command-line parser itself (an unknown option or command, a
+    value of the wrong type, a missing option) are one `did: error:` line and exit 2, like ours."""
+    try:
+        rc = app(args=argv, prog_name="did", standalone_mode=False)
+    except _click_class("UsageError") as e:
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError":  # plain `did` or `did COMMAND` without options
+            typer.echo(ctx.get_help() if ctx is not None else "usage: did COMMAND [OPTIONS]", err=True)
+            return 2
+        msg = " ".join(e.format_message().split())
+        cmd = ctx.command_path if ctx is not None else "did"
+        typer.echo(f"did: error: {msg} (see `{cmd} --help`)", err=True)
+        return 2
+    except _click_class("ClickException") as e:
+        typer.echo(f"did: error: {' '.join(e.format_message().split())}", err=True)
+        return e.exit_code
+    except typer.Abort:
+        typer.echo("did: interrupted", err=True)
+        return 130
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

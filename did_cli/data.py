@@ -20,7 +20,8 @@ Output folder
     `train.bin`, `validation.bin`: raw little-endian uint16 (uint32 when the model vocabulary
     exceeds 65536), shape [rows, seq_len]; `meta.json` (format "did.prepared/1") describing them.
     Files are written under temporary names and renamed, meta.json last, so a folder with a
-    meta.json is complete. Re-running with the same source bytes and settings reuses it.
+    meta.json is complete. Re-running with the same source bytes and settings reuses it; other
+    settings or sources in a non-empty folder are refused unless `force` (`--force`).
 """
 
 from __future__ import annotations
@@ -147,12 +148,14 @@ def prepare(
     num_proc: int = 1,
     progress: bool = True,
     layout: str = "bos",
+    force: bool = False,
 ) -> dict:
     """Tokenise `sources` (None = the bundled corpus) into rows of `seq_len` tokens under `out`.
 
     See the module docstring for sources, row layout and output files. Returns the meta dict
     written to `out/meta.json`, plus `"reused": True/False` (not stored) saying whether an
-    identical earlier result was kept.
+    identical earlier result was kept. A non-empty `out` that is not this preparation (other
+    prepared data, or files of the user's) is refused unless `force`.
     """
     from did_cli.tokenizer import load_tokenizer
 
@@ -180,6 +183,9 @@ def prepare(
     if old is not None:
         info(f"reusing prepared data in {out} (same sources and settings)")
         return {**old, "reused": True}
+    if not force:
+        _refuse_other_folder(out, {"sources": [x.label for x in srcs], "seq_len": seq_len, "tokenizer": tok.name,
+                                   "row_layout": layout, "val_docs": val_docs, "val_fraction": val_fraction})
 
     docs = [d for s in srcs for d in documents(s) if d.strip()]
     if not docs:
@@ -253,10 +259,35 @@ def _write_folder(out: Path, rows: dict, meta: dict) -> None:
     except OSError as e:
         raise DidError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
     (out / "meta.json").unlink(missing_ok=True)  # the folder is incomplete until meta.json is back
-    for name in SPLITS:
-        # fsync: a folder whose meta.json exists must hold complete files after a power cut
-        atomic_write(out / f"{name}.bin", np.ascontiguousarray(rows[name]).reshape(-1).view(np.uint8), fsync=True)
-    atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n", fsync=True)
+    written: list[Path] = []
+    try:
+        for name in SPLITS:
+            # fsync: a folder whose meta.json exists must hold complete files after a power cut
+            atomic_write(out / f"{name}.bin", np.ascontiguousarray(rows[name]).reshape(-1).view(np.uint8), fsync=True)
+            written.append(out / f"{name}.bin")
+        atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n", fsync=True)
+    except BaseException:  # a failed preparation leaves none of its files (a re-run starts clean)
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
+
+
+def _refuse_other_folder(out: Path, mine: dict) -> None:
+    """A non-empty --out that is not this preparation is not replaced without --force. The
+    same sources and settings whose bytes changed are this preparation, refreshed."""
+    from did_cli.outputs import describe_folder, is_empty_folder
+
+    if not out.is_dir() or is_empty_folder(out):
+        return
+    try:
+        m = PreparedData(out).meta
+        if all(m.get(k, "bos" if k == "row_layout" else None) == v for k, v in mine.items()):
+            return
+        what = (f"prepared data of other sources or settings (seq_len {m['seq_len']}, tokenizer {m['tokenizer']!r}, "
+                f"{m['splits'].get('train', {}).get('rows', '?')} train rows)")
+    except DidError:
+        what = f"files that are not this preparation ({describe_folder(out)})"
+    raise DidError(f"--out {out} already holds {what}; pass --force to replace them, or choose another --out")
 
 
 def _reusable(out: Path, content_hash: str) -> dict | None:
@@ -336,6 +367,22 @@ class PreparedData:
         if seq_len is not None and int(seq_len) != self.seq_len:
             raise DidError(f"data in {self.path} has rows of {self.seq_len} tokens but the model length is {seq_len}; "
                            f"re-run `did prepare --seq-len {seq_len}`")
+
+
+def check_token_ids(data: PreparedData, vocab_size: int, splits: tuple[str, ...] = SPLITS) -> None:
+    """Raise DidError naming the split, row and id when a row holds an id outside
+    [0, vocab_size) (a damaged or foreign train.bin); one pass in chunks of rows."""
+    for split in splits:
+        if split not in data.meta["splits"]:
+            continue
+        rows = data.rows(split)
+        step = max(1, (64 << 20) // max(1, rows.shape[1] * rows.dtype.itemsize))
+        for lo in range(0, len(rows), step):
+            chunk = np.asarray(rows[lo:lo + step])
+            if chunk.size and int(chunk.max()) >= vocab_size:
+                r, c = (int(v) for v in np.argwhere(chunk >= vocab_size)[0])
+                raise DidError(f"{data.path / (split + '.bin')}: row {lo + r} holds token id {int(chunk[r, c])} at position "
+                               f"{c}, outside the vocabulary [0, {vocab_size}); re-run `did prepare`")
 
 
 def _same_folder(a: str, b: str) -> bool:

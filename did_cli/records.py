@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 from did_cli.errors import DidError
 
@@ -109,6 +109,9 @@ def validate(
             c is None or (isinstance(c, (int, float)) and not isinstance(c, bool)) for c in conf
         ):
             raise bad("'confidence' must be a list of numbers or null")
+        for pos, c in enumerate(conf):
+            if c is not None and not 0.0 <= c <= 1.0:
+                raise bad(f"'confidence' {c!r} at position {pos} outside [0, 1] (a probability, or null)")
         if tokens is not None and len(conf) != len(tokens):
             raise bad(f"'confidence' has {len(conf)} entries but 'tokens' has {len(tokens)}")
     if tokens is not None:
@@ -132,6 +135,8 @@ def parse_line(
         rec = json.loads(line)
     except json.JSONDecodeError as e:
         raise DidError(f"{_where(line_no, source)}not JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DidError(f"{_where(line_no, source)}JSON nested too deeply to be a record") from None
     return validate(rec, line_no, vocab_size, need=need, source=source)
 
 
@@ -183,6 +188,18 @@ def read_records(
         raise DidError(f"no records in {name}")
 
 
+def unique_ids(records: Iterable[dict], source: str = "the input") -> Iterator[dict]:
+    """Pass records through, raising DidError at the first id seen twice (ids are unique in a
+    file: a refined record is matched to its draft by id)."""
+    seen: dict[str, int] = {}
+    for k, rec in enumerate(records, 1):
+        rid = rec.get("id")
+        if rid in seen:
+            raise DidError(f"record {k} of {source}: id {rid!r} repeats record {seen[rid]} (ids must be unique in a file)")
+        seen[rid] = k
+        yield rec
+
+
 def dumps(rec: dict) -> str:
     """One record as one JSON line (no trailing newline). NaN/inf are refused, not written."""
     try:
@@ -194,35 +211,43 @@ def dumps(rec: dict) -> str:
 class RecordWriter:
     """Write records as JSONL to a file or stdout, one whole line at a time.
 
-    ``RecordWriter(None)`` or ``RecordWriter("-")`` writes to stdout. A file path is opened at
-    construction, so an unwritable destination fails before any work. Records go to
-    ``<path>.partial``, which is renamed to ``<path>`` when the writer closes without an error;
-    after a crash or Ctrl-C the final path is untouched and ``<path>.partial`` holds every
-    record written so far, each on a complete line (a write that fails midway is truncated
-    back to the previous line end).
+    ``RecordWriter(None)`` or ``RecordWriter("-")`` writes to stdout. A file path is checked
+    and locked at construction (did_cli.outputs), so an unwritable destination, or one that
+    another process is writing, fails before any work. Records go to ``<path>.partial``, which
+    is renamed to ``<path>`` when the writer closes without an error; after a crash or Ctrl-C
+    the final path is untouched and ``<path>.partial`` holds every record written so far, each
+    on a complete line (a write that fails midway is truncated back to the previous line end).
+    A symlink is followed (its target is replaced); a device, named pipe or socket is written
+    straight through and never replaced.
     """
 
     def __init__(self, dest: str | Path | None):
+        from did_cli.outputs import Lock, special_mode, target
+
         self.dest = None if dest is None or str(dest) == "-" else Path(dest)
         self.count = 0
         self._good = 0
         self._fh: IO[bytes] | None = None
+        self._lock = None
+        self.partial: Path | None = None
         if self.dest is None:
             self.name = "stdout"
-            self.partial: Path | None = None
             return
         self.name = str(self.dest)
-        if self.dest.is_dir():
-            raise DidError(f"cannot write {self.dest}: it is a directory")
-        parent = self.dest.parent
-        if not parent.is_dir():
-            why = "is not a folder" if parent.exists() else "does not exist"
-            raise DidError(f"cannot write {self.dest}: {parent} {why}")
-        self.partial = self.dest.with_name(self.dest.name + ".partial")
+        self._target = target(self.dest)
+        if self._target.special:
+            where = self.dest
+        else:
+            self._lock = Lock(self._target)
+            self.partial = where = self._target.real.with_name(self._target.real.name + ".partial")
         try:
-            self._fh = open(self.partial, "wb", buffering=0)
-        except OSError as e:
-            raise DidError(f"cannot write {self.dest}: {e.strerror or e}") from None
+            self._fh = open(where, special_mode() if self.partial is None else "wb", buffering=0)
+        except BaseException as e:
+            if self._lock is not None:
+                self._lock.release()
+            if isinstance(e, OSError):
+                raise DidError(f"cannot write {self.dest}: {e.strerror or e}") from None
+            raise
 
     def write(self, rec: dict) -> None:
         line = dumps(rec) + "\n"
@@ -246,25 +271,37 @@ class RecordWriter:
                     data = data[self._fh.write(data) or 0 :]
             except BaseException as e:
                 # drop a half-written line so the file never ends mid-record
-                try:
-                    self._fh.truncate(self._good)
-                    self._fh.seek(self._good)
-                except (OSError, ValueError):
-                    pass
+                if self.partial is not None:  # a pipe or device cannot be truncated
+                    try:
+                        self._fh.truncate(self._good)
+                        self._fh.seek(self._good)
+                    except (OSError, ValueError):
+                        pass
                 if isinstance(e, OSError):
                     raise DidError(f"cannot write {self.name}: {e.strerror or e}") from None
                 raise
-            self._good = self._fh.tell()
+            if self.partial is not None:
+                self._good = self._fh.tell()
         self.count += 1
 
     def close(self, ok: bool = True) -> None:
-        """Finish the file: rename `.partial` to the final name when `ok`, else leave it."""
+        """Finish the file: rename `.partial` to the final name when `ok`, else leave it when it
+        holds a record (removed when empty); the lock goes either way."""
         if self._fh is None:
             return
         fh, self._fh = self._fh, None
-        fh.close()
-        if ok:
-            os.replace(self.partial, self.dest)
+        try:
+            fh.close()
+            if ok and self.partial is not None:
+                os.replace(self.partial, self._target.real)
+            elif self.partial is not None and self._good == 0:  # nothing to recover: no leftover
+                self.partial.unlink(missing_ok=True)
+        except OSError as e:
+            if ok:
+                raise DidError(f"cannot write {self.name}: {e.strerror or e}") from None
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> "RecordWriter":
         return self
@@ -326,6 +363,7 @@ __all__ = [
     "parse_line",
     "read_records",
     "dumps",
+    "unique_ids",
     "RecordWriter",
     "make_record",
 ]

@@ -137,6 +137,8 @@ def _jsonl_docs(text: str, label: str) -> Iterator[str]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DidError(f"{label}:{n}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DidError(f"{label}:{n}: JSON nested too deeply") from None
             yield _text_of(obj, f"{label}:{n}")
 
 
@@ -155,6 +157,8 @@ def documents(src: Source) -> Iterator[str]:
         except json.JSONDecodeError:
             yield from _jsonl_docs(text, src.label)  # JSON lines saved as .json
             return
+        except RecursionError:
+            raise DidError(f"{src.label}: JSON nested too deeply") from None
         items = obj if isinstance(obj, list) else [obj]
         for i, item in enumerate(items):
             yield _text_of(item, f"{src.label}[{i}]")

@@ -11,6 +11,7 @@ the model vocabulary is 50258. BOS and EOS are both `<|endoftext|>` (50256) for 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from did_cli.errors import DidError
-from did_cli.util import first_line
+from did_cli.util import hub_unreachable, one_line
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 GPT2_DIR = ASSETS / "gpt2"
@@ -130,6 +131,22 @@ def load_tokenizer(name_or_path: str | os.PathLike = "gpt2") -> Tokenizer:
     return _load(canonical_name(name_or_path))
 
 
+@contextlib.contextmanager
+def _quiet_hub():
+    """Silence the hub client's and transformers' retry and advisory logging for one call."""
+    import logging
+
+    names = ("huggingface_hub", "transformers", "urllib3", "filelock")
+    old = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for n, lvl in old.items():
+            logging.getLogger(n).setLevel(lvl)
+
+
 @functools.lru_cache(maxsize=8)
 def _load(name: str) -> Tokenizer:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -148,9 +165,13 @@ def _load(name: str) -> Tokenizer:
         raise DidError(f"tokenizer folder {name!r} does not exist")
     from transformers import AutoTokenizer
 
+    # a hub name with no route to the hub: ask the local cache only (no minute of retries)
+    offline = None if path.exists() else hub_unreachable()
     try:
-        hf = AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
+        with _quiet_hub():
+            hf = AutoTokenizer.from_pretrained(str(path) if path.exists() else name, local_files_only=offline is not None)
     except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
+        why = f"{offline}, and it is not in the local cache" if offline else one_line(e)
         raise DidError(f"cannot load tokenizer {name!r} (not a bundled name, a tokenizer folder, or a reachable hub name): "
-                       f"{first_line(e)}") from None
+                       f"{why}") from None
     return Tokenizer(hf, name)

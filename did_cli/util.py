@@ -12,11 +12,19 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from did_cli.errors import DidError, UsageError
+from did_cli.outputs import write_bytes
 
 
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """The whole message of an exception on one line (whitespace collapsed), cut at `limit`
+    characters with an ellipsis; for messages whose first line stops mid-sentence."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def os_reason(e: BaseException) -> str:
@@ -33,23 +41,13 @@ def info(msg: str) -> None:
 
 
 def atomic_write(path: str | Path, data: Any, fsync: bool = False) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and a rename, so a crash
-    never leaves a half-written file under the real name; the temporary file is removed on
-    failure. `data`: text, or anything with the buffer protocol (bytes, a uint8 numpy view).
-    Raises DidError naming `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    try:
-        with open(tmp, "wb") as f:
-            f.write(raw)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DidError(f"cannot write {path}: {os_reason(e)}") from None
+    """Write `data` to `path` so that nothing is lost (did_cli.outputs): a regular file is
+    replaced via a temporary file of its own in the same folder and a rename, so a crash never
+    leaves a half-written file under the real name, and the temporary file is removed on every
+    failure; a symlink is followed; a device or pipe is written straight through. `data`: text,
+    or anything with the buffer protocol (bytes, a uint8 numpy view). Raises DidError naming
+    `path`."""
+    write_bytes(path, data, fsync=fsync)
 
 
 def to_json(obj: Any) -> str:
@@ -58,8 +56,12 @@ def to_json(obj: Any) -> str:
 
 
 def save_json(obj: Any, path: str | Path) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    atomic_write(path, to_json(obj))
+    """Write JSON as `atomic_write` does."""
+    try:
+        text = to_json(obj)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise DidError(f"cannot write {path}: not JSON ({first_line(e)})") from None
+    atomic_write(path, text)
 
 
 def _json_default(o: Any) -> Any:

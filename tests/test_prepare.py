@@ -120,8 +120,12 @@ def test_rerun_reuses_and_settings_change_rebuilds(tmp_path, capsys):
     assert "reusing" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     assert (out / "meta.json").read_text() == meta_text
-    # a different setting or different source bytes rebuilds
-    assert _run(tmp_path, srcs, seq_len=16, val_docs=1)["reused"] is False
+    # a different setting is refused without force (docs/reliability.md), then rebuilds; different
+    # source bytes of the same sources and settings rebuild
+    with pytest.raises(DidError, match="already holds prepared data of other sources or settings"):
+        _run(tmp_path, srcs, seq_len=16, val_docs=1)
+    assert (out / "meta.json").read_text() == meta_text
+    assert _run(tmp_path, srcs, seq_len=16, val_docs=1, force=True)["reused"] is False
     (tmp_path / "b.txt").write_text("Hi there! " * 40)
     rebuilt = _run(tmp_path, srcs, seq_len=16, val_docs=1)
     assert rebuilt["reused"] is False and rebuilt["content_hash"] != first["content_hash"]

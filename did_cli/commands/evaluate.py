@@ -29,14 +29,13 @@ def _ci(ci: list | None) -> str:
     return "" if not ci else f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
 
 
-def _check_json_target(path: str | None) -> None:
+def _check_json_target(path: str | None, flag: str = "--json") -> None:
+    """Fail on an output that cannot be written before the (slow) evaluation."""
     if path is None or path == "-":
         return
-    p = Path(path)
-    if p.is_dir() or not p.parent.is_dir():
-        raise DidError(f"cannot write {p}: {'it is a directory' if p.is_dir() else f'directory {p.parent} does not exist'}")
-    if not os.access(p if p.exists() else p.parent, os.W_OK):
-        raise DidError(f"cannot write {p}: permission denied")
+    from did_cli.outputs import check_free, target
+
+    check_free(target(path))
 
 
 GEN = "Generative perplexity of samples"
@@ -66,6 +65,7 @@ def _test_ppl(cfg: EvalConfig) -> None:
 
     if cfg.data is None:
         raise UsageError("--model needs --data DIR (a prepared data folder)")
+    _check_json_target(cfg.json)
     res = test_ppl(cfg.model, cfg.data, cfg.block_size, cfg.split, batch_size=cfg.batch_size, device=cfg.device,
                    seed=cfg.seed, draws=cfg.draws, weight=cfg.nelbo_weight)
     _emit_json(res, cfg.json)
@@ -87,8 +87,7 @@ def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
         raise UsageError("no input: pass sample files or pipe records into stdin (did draft ... | did eval-ppl)")
     names = _unique_names(inputs)
     _check_json_target(cfg.json)
-    if cfg.plot is not None and not Path(cfg.plot).parent.is_dir():
-        raise DidError(f"cannot write {cfg.plot}: directory {Path(cfg.plot).parent} does not exist")
+    _check_json_target(cfg.plot)
     # read and check every input before the (slow) scorer load
     recs = {name: list(read_records(src, need=("text", "tokens"))) for name, src in zip(names, inputs)}
     sc = load_scorer(cfg.scorer, device=cfg.device)
@@ -167,8 +166,14 @@ def _emit_json(obj: object, target: str | None) -> None:
         return
     text = json.dumps(obj, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o))
     if target == "-":
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:  # e.g. a full disk; point stdout at devnull so exit does not retry
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise DidError(f"cannot write stdout: {e.strerror or e}") from None
         return
     from did_cli.util import save_json
 

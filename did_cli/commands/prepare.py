@@ -34,4 +34,6 @@ prepare = command(_prepare, [
         help="Hold out the last fraction of documents for validation (0.05 when --val-docs is not given)."),
     Opt("num_proc", run_prepare, type=int,
         help="Tokenizer worker processes (with 1, the bundled fast tokenizer already uses every core)."),
+    Opt("force", run_prepare, type=bool,
+        help="Replace what a non-empty --out holds (other prepared data, or files named like ours) instead of refusing."),
 ], name="prepare")

@@ -13,7 +13,21 @@ def _quickstart(**kw: Any) -> None:
     """Run the whole pipeline on the bundled corpus and write a report."""
     from did_cli.quickstart import run
 
+    _check_out(kw["out"], kw.pop("force"))
     run(QuickstartConfig(**dict(kw, out=str(kw["out"]))))
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """--out must be a folder (or a new path); a non-empty one that is not an earlier
+    quickstart's (data/, run/) is refused without --force."""
+    from did_cli.errors import DidError
+    from did_cli.outputs import check_out_folder, describe_folder, is_empty_folder
+
+    check_out_folder(out)
+    if force or not out.is_dir() or is_empty_folder(out) or (out / "data").is_dir() or (out / "run").is_dir():
+        return
+    raise DidError(f"--out {out} holds files that are not a quickstart's ({describe_folder(out)}); pass --force to "
+                   "write into it anyway, or choose another --out")
 
 
 quickstart = command(_quickstart, [
@@ -26,4 +40,5 @@ quickstart = command(_quickstart, [
     Opt("scorer", QuickstartConfig),
     Opt("device", QuickstartConfig),
     Opt("seed", QuickstartConfig),
+    Opt("force", type=bool, default=False, help="Write into a non-empty --out that is not an earlier quickstart's."),
 ], name="quickstart")

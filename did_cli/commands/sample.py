@@ -28,15 +28,13 @@ def _checkpoint(path: str) -> Path:
 
 
 def _check_output(output: str) -> None:
-    """Fail on an unwritable -o before any heavy work (RecordWriter creates the file later)."""
+    """Fail on an unwritable -o, or one another process is writing, before any heavy work
+    (RecordWriter takes the lock later)."""
     if output == "-":
         return
-    p = Path(output)
-    if p.is_dir():
-        raise DidError(f"cannot write {p}: it is a directory")
-    if not p.parent.is_dir():
-        why = "is not a folder" if p.parent.exists() else "does not exist"
-        raise DidError(f"cannot write {p}: {p.parent} {why}")
+    from did_cli.outputs import check_free, target
+
+    check_free(target(output))
 
 
 def _console():
@@ -99,7 +97,7 @@ def _refine(**kw: Any) -> None:
     """Re-mask the least confident tokens of drafts and regenerate them (global refine)."""
     from did_cli import sampling
     from did_cli.checkpoint import load_model, read_config
-    from did_cli.records import RecordWriter, read_records
+    from did_cli.records import RecordWriter, read_records, unique_ids
     from did_cli.tokenizer import load_tokenizer
     from did_cli.util import resolve_device
 
@@ -113,7 +111,7 @@ def _refine(**kw: Any) -> None:
 
     tok = load_tokenizer(mcfg.tokenizer)
     need = ("id", "tokens", "confidence") if cfg.confidence == "snapshot" else ("id", "tokens")
-    records = read_records(source, vocab_size=mcfg.vocab_size, need=need)
+    records = unique_ids(read_records(source, vocab_size=mcfg.vocab_size, need=need), "stdin" if source == "-" else source)
     if source != "-":
         # a file is checked whole before the weights load; stdin streams record by record
         records = list(records)

@@ -42,6 +42,8 @@ def _load_scores(path: str) -> dict:
         raise DidError(f"cannot read {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DidError(f"{path}: not JSON ({getattr(e, 'msg', e)})") from None
+    except RecursionError:
+        raise DidError(f"{path}: JSON nested too deeply") from None
 
 
 show = command(_show, [

@@ -124,7 +124,12 @@ def _finetune(**kw: Any) -> None:
         raise UsageError("--steps and --tokens exclude each other")
     cfg = _config(dict(kw, preset="tiny", model_length=None))
     cfg = mix.apply(cfg, steps if tokens is None else 1)
-    _run(cfg if tokens is None else dataclasses.replace(cfg, tokens=tokens))
+    try:
+        _run(cfg if tokens is None else dataclasses.replace(cfg, tokens=tokens))
+    except UsageError as e:  # the mix's block sizes come from --draft-block, not a --block-sizes the user passed
+        if not str(e).startswith("--block-sizes"):
+            raise
+        raise UsageError(f"--draft-block {mix.draft_block}: {str(e).split(': ', 1)[-1]}") from None
 
 
 finetune_mixscale = command(_finetune, [

@@ -9,6 +9,17 @@ import math
 from pathlib import Path
 
 from did_cli.errors import DidError
+from did_cli.outputs import write_bytes
+
+
+def _save(fig, path, dpi: int) -> None:
+    """Render in memory, then write as did_cli.outputs does (no half-written PNG, devices and
+    pipes written straight through, symlinks followed)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format=Path(str(path)).suffix[1:].lower() or "png")
+    write_bytes(path, buf.getvalue())
 
 
 def _plt():
@@ -44,7 +55,7 @@ def plot_training(run_dir: Path, path: Path) -> Path | None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path, 110)
     plt.close(fig)
     return path
 
@@ -80,7 +91,7 @@ def plot_ppl_pairs(results: dict, path: Path) -> Path | None:
     a2.set_title(f"Scorer: {results['scorer'].split(' (')[0]}")
     a2.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path, 110)
     plt.close(fig)
     return path
 
@@ -114,7 +125,7 @@ def plot_confidence(drafts: list[dict], refined: list[dict], path: Path) -> Path
     ax.set_title("Which draft tokens the global refine stage regenerates")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path, 110)
     plt.close(fig)
     return path
 
@@ -151,7 +162,7 @@ def plot_distributions(results: dict[str, dict], path: str | Path) -> Path:
     fig.suptitle(f"scorer: {scorer}", fontsize=9)
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=100)
+        _save(fig, path, 100)
     except OSError as e:
         raise DidError(f"cannot write {path}: {e.strerror or e}") from None
     finally:

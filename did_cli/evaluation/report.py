@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from did_cli.outputs import write_bytes
 from did_cli.evaluation.plots import plot_confidence, plot_ppl_pairs, plot_training
 
 
@@ -184,5 +185,5 @@ def write_report(out: Path, results: dict, run_dir: Path, drafts: list[dict], re
         lines += [f"**{dr['id']}**", "", "```text", dr["text"].strip(), "```", "", "```text", rf["text"].strip(), "```", ""]
     lines += ["Files: `draft.jsonl`, `refined.jsonl` (did.sample/1 records), `results.json`, `run/` (checkpoints, metrics.jsonl).", ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    write_bytes(path, "\n".join(lines))
     return path

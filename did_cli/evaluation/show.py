@@ -17,12 +17,12 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from did_cli.errors import DidError
+from did_cli.outputs import target, write_bytes
 from did_cli.evaluation.gen_ppl import sample_tokens
 from did_cli.util import unigram_entropy
 from did_cli.evaluation.show_html import Pieces, column, css, esc, legend
@@ -356,40 +356,22 @@ def check_target(path: str) -> None:
     """Fail before any work when `path` cannot be written ('-' is stdout)."""
     if path == "-":
         return
-    p = Path(path)
-    if p.is_dir():
-        raise DidError(f"cannot write {p}: it is a directory")
-    if not p.parent.is_dir():
-        why = "is not a folder" if p.parent.exists() else "does not exist"
-        raise DidError(f"cannot write {p}: {p.parent} {why}")
+    target(path)
 
 
 def write_page(page: str, path: str) -> None:
-    """Write the page to `path` ('-' = stdout). A regular file is replaced atomically (temp file
-    in the same folder, then rename); anything else that exists (/dev/stdout, a pipe) is written
-    straight through."""
+    """Write the page to `path` ('-' = stdout) as did_cli.outputs does: a regular file is
+    replaced atomically (temp file in the same folder, then rename), a symlink is followed, and
+    a device or pipe (/dev/stdout, a FIFO) is written straight through."""
     data = page.encode("utf-8", "replace")  # a lone surrogate from a record must not abort the write
     if path == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
-        return
-    check_target(path)
-    p = Path(path)
-    try:
-        if p.exists() and not p.is_file():
-            with open(p, "wb") as f:
-                f.write(data)
-            return
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+        except BrokenPipeError:
             raise
-    except OSError as e:
-        raise DidError(f"cannot write {p}: {e.strerror or e}") from None
+        except OSError as e:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise DidError(f"cannot write stdout: {e.strerror or e}") from None
+        return
+    write_bytes(path, data)

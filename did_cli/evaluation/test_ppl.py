@@ -7,7 +7,7 @@ import math
 import torch
 
 from did_cli.checkpoint import load_model, resolve_checkpoint
-from did_cli.data import PreparedData
+from did_cli.data import PreparedData, check_token_ids
 from did_cli.diffusion import estimate_nelbo
 from did_cli.errors import DidError, UsageError
 from did_cli.util import resolve_device
@@ -46,6 +46,7 @@ def test_ppl(
         raise UsageError(f"--block-size {bs} does not divide the model length {cfg.model_length}")
     if draws is not None and draws < 1:
         raise UsageError(f"--draws {draws}: must be >= 1")
+    check_token_ids(data, cfg.vocab_size, (split,))
     rows = data.rows(split)
     if len(rows) == 0:
         raise DidError(f"{data_dir}: split {split!r} has no rows")

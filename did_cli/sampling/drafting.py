@@ -99,6 +99,8 @@ def draft(
                     extra["prompt_id"] = pr.id
                 if pr.suffix:
                     extra["suffix_len"] = len(pr.suffix)
+                check_finite_conf(f"sample draft-{cfg.seed}-{i}", conf, min(1 + len(pr.tokens), len(tokens)),
+                                  len(tokens) - len(pr.suffix or []), cfg.block_size)
                 done[i] = _record(tok, f"draft-{cfg.seed}-{i}", tokens, conf, prompt_len=min(1 + len(pr.tokens), len(tokens)),
                                   model=info, draft=dict(settings), seconds=round(secs, 4), **extra)
                 bar.advance(1)
@@ -124,6 +126,17 @@ def _fast_step(model: Any, cfg: DraftConfig, batch: int, length: int, device: to
 
 def _checking(cfg: DraftConfig) -> bool:
     return bool(cfg.min_entropy)
+
+
+def check_finite_conf(what: str, conf: list, lo: int, hi: int, block: int | None = None) -> None:
+    """A committed position whose probability is NaN or inf means the model's logits were not
+    finite there (damaged weights, an overflow): stop naming the sample, position and block."""
+    for p in range(lo, hi):
+        c = conf[p]
+        if c is not None and not math.isfinite(c):
+            where = f" (block {p // block} of size {block})" if block else ""
+            raise DidError(f"{what}: the model gave non-finite logits at position {p}{where}; the weights or "
+                           "the precision (--dtype) are at fault")
 
 
 def _record(tok: Any, rid: str, tokens: list[int], conf: list[float], prompt_len: int = 1, **extra: Any) -> dict:

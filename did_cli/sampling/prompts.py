@@ -41,6 +41,8 @@ def read_prompts(source: str | Any) -> tuple[list[str], list[str]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DidError(f"{at}: not JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DidError(f"{at}: JSON nested too deeply to be a prompt") from None
         if not isinstance(obj, dict):
             raise DidError(f'{at}: expected an object {{"id": ..., "prompt": ...}}, got {type(obj).__name__}')
         extra = sorted(set(obj) - {"id", "prompt"})

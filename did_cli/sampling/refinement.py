@@ -171,6 +171,7 @@ def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: SamplerSetting
                     calls, commits = calls + denoise, commits + commit
                     path = step.path
             nfe_total, fwd_total = nfe_total + calls, fwd_total + calls + commits
+            _check_remasked(conf, remask, recs, si, B)
             changed = (x != before).sum(dim=1).tolist()
             secs = time.perf_counter() - t0
             for i in range(b):
@@ -199,6 +200,19 @@ def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: SamplerSetting
         extra["seconds"] = round(float(rec.get("seconds") or 0.0) + total_secs, 4)
         out.append(_record_keep(tok, rec, xs[i], new_conf, lo, extra))
     return out
+
+
+def _check_remasked(conf: torch.Tensor, remask: list[list[int]], recs: list[dict], si: int, B: int) -> None:
+    """Every regenerated position must have a finite probability (else the logits were not)."""
+    rows = [(i, p) for i, ps in enumerate(remask) for p in ps]
+    if not rows:
+        return
+    vals = conf[[i for i, _ in rows], [p for _, p in rows]]
+    bad = (~torch.isfinite(vals)).nonzero()
+    if len(bad):
+        i, p = rows[int(bad[0])]
+        raise DidError(f"record {recs[i]['id']!r}: the model gave non-finite logits at position {p} in refine stage "
+                       f"{si + 1} (block size {B}); the weights or the precision (--dtype) are at fault")
 
 
 def _remask(x, conf, ranges, recs, ratio: float, si: int, cfg: RefineConfig, mask_id: int) -> list[list[int]]:

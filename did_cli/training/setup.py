@@ -16,6 +16,7 @@ import torch
 
 from did_cli.checkpoint import load_model
 from did_cli.config import ModelConfig, preset
+from did_cli.data import check_token_ids
 from did_cli.errors import DidError, UsageError
 from did_cli.model import DiT
 from did_cli.diffusion import check_resample
@@ -61,12 +62,12 @@ def build_model(cfg: TrainConfig, data: Any, run: Path, resume_ckpt: Path | None
     """The model to train: the resumed run's config, the --init weights, or a fresh preset.
     Returns (model, clip ranges stored with --init, init info recorded in the run)."""
     if resume_ckpt is not None:
-        model, _ = load_model(resume_ckpt)  # config; the trainer loads the raw weights over it
+        model, _ = load_model(resume_ckpt, finite=False)  # config; the trainer loads the raw weights over it
         return with_dropout(model, cfg.dropout), {}, {}
     if cfg.init:
         with accel.main_process_first():
             folder = fetch_init(cfg.init)
-        model, info = load_model(folder)
+        model, info = load_model(folder, finite=False)  # non-finite weights: the loss guard reports them
         clip_from_init = init_clip_ranges(info["raw_config"], info.get("clip"))
         init_info = {"init": str(folder), "init_clip": list(info["clip"]) if "clip" in info else None,
                      "data_start": init_data_start(folder, data.meta, cfg.seed)}
@@ -80,6 +81,7 @@ def build_model(cfg: TrainConfig, data: Any, run: Path, resume_ckpt: Path | None
 
 def check_model_fits_data(mc: ModelConfig, data: Any) -> None:
     data.check_compatible(tokenizer=mc.tokenizer, vocab_size=mc.vocab_size, seq_len=mc.model_length)
+    check_token_ids(data, mc.vocab_size)
     if "mask_id" in data.meta and int(data.meta["mask_id"]) != mc.mask_id:
         raise DidError(f"data in {data.path} uses [MASK] id {data.meta['mask_id']} but the model uses {mc.mask_id}")
 

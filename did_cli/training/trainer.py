@@ -41,6 +41,7 @@ from did_cli.training.config import TrainConfig, check_train_config, normalise_w
 from did_cli.training.console import Interrupt, LogWindow, TrainProgress, fmt_rate
 from did_cli.training.state import EMA, BlockSizeSampler, RowSchedule, TrainState, rng_state, set_rng_state, step_seed
 from did_cli.training.val_nelbo import validation_figures
+from did_cli.outputs import describe_folder, is_empty_folder
 from did_cli.util import save_json
 
 
@@ -77,6 +78,8 @@ class Trainer:
                 raise DidError(f"--resume: no complete checkpoint in {self.run}")
         elif ck.list_checkpoints(self.run):
             raise DidError(f"{self.run} already holds checkpoints; pass --resume to continue it or choose another --out")
+        elif not is_empty_folder(self.run):  # never write config.json over someone's files
+            raise DidError(f"--out {self.run} is not empty ({describe_folder(self.run)}) and holds no checkpoint to --resume")
         self.state = TrainState(seed=cfg.seed, block_sizes=self.sizes, block_weights=self.weights,
                                 clip_mode=_clip_mode(cfg.clip), data_hash=self.data.meta.get("content_hash"))
         self.last_ckpt: Path | None = None
