@@ -34,4 +34,4 @@ prepare = command(_prepare, [
         help="Hold out the last fraction of documents for validation (0.05 when --val-docs is not given)."),
     Opt("num_proc", run_prepare, type=int,
         help="Tokenizer worker processes (with 1, the bundled fast tokenizer already uses every core)."),
-], name="prepare")
+], name="prepare", config=True)
