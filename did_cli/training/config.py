@@ -111,15 +111,15 @@ class TrainConfig:
     time_limit: float | None = None
     """Stop after this many seconds of training (evaluating and saving as at the last step)."""
     layers: int | None = None
-    """Transformer layers of a fresh model (None: the preset's)."""
+    """Transformer layers of a fresh model (default: the preset's)."""
     hidden: int | None = None
-    """Model width of a fresh model (None: the preset's); a multiple of --heads."""
+    """Model width of a fresh model (default: the preset's); a multiple of --heads."""
     heads: int | None = None
-    """Attention heads of a fresh model (None: the preset's); the head width hidden/heads must be even."""
+    """Attention heads of a fresh model (default: the preset's); the head width hidden/heads must be even."""
     mlp_ratio: int | None = None
-    """MLP width of a fresh model as a multiple of --hidden (None: the preset's, 4)."""
+    """MLP width of a fresh model as a multiple of --hidden (default: the preset's, 4)."""
     cond_dim: int | None = None
-    """Width of the conditioning (time) embedding of a fresh model (None: the preset's)."""
+    """Width of the conditioning (time) embedding of a fresh model (default: the preset's)."""
     log_with: str | None = None
     """Experiment trackers besides metrics.jsonl, comma-separated: tensorboard, wandb, mlflow,
     trackio, aim, comet_ml, clearml, dvclive, swanlab (through Accelerate; each needs its
