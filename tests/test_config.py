@@ -227,3 +227,19 @@ def test_log_with_unknown_or_uninstalled_tracker_is_one_line(data_dir, tmp_path)
     r = did("train", "--data", data_dir, "--out", tmp_path / "run", "--log-with", absent[0])
     assert r.exit_code == 1 and f"pip install 'did-cli[{absent[0]}]'" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_the_openwebtext_recipe_file_is_valid_for_each_of_its_commands():
+    from did_cli.commands import config_file, prepare as prep
+
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "owt.yaml"
+    commands = {"prepare": prep.prepare, "finetune-mixscale": train.finetune_mixscale, "draft": sample.draft,
+                "refine": sample.refine, "eval-ppl": evaluate.eval_ppl}
+    assert set(yaml.safe_load(recipe.read_text())) == set(commands)
+    got = {name: config_file.file_values(recipe, name, fn.options) for name, fn in commands.items()}
+    assert got["finetune-mixscale"]["lr"] == 3e-4 and got["finetune-mixscale"]["clip"] == "auto"
+    assert got["prepare"]["sources"] == ["Skylion007/openwebtext"] and got["refine"]["stages"] == "1024:0.25"
+    assert got["eval-ppl"]["inputs"] == ["runs/did-owt/drafts.jsonl", "runs/did-owt/refined.jsonl"]
+    # and a command without a section says so
+    with pytest.raises(Exception, match="no section for did train"):
+        config_file.file_values(recipe, "train", train.train.options)

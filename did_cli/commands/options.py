@@ -164,6 +164,7 @@ def command(body: Callable[..., Any], options: list[Opt], name: str | None = Non
     cmd.__annotations__ = {p.name: p.annotation for p in params}
     cmd.__name__ = cmd.__qualname__ = cmd_name
     cmd.__doc__, cmd.__module__ = body.__doc__, body.__module__
+    cmd.options = list(options)  # type: ignore[attr-defined]  # what --config files are checked against
     return cmd
 
 
