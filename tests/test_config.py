@@ -129,8 +129,9 @@ def test_resume_with_no_other_option_continues_the_run(data_dir, tmp_path):
     assert r.exit_code == 0, r.stderr
     assert_same(weights(tmp_path / "a/checkpoints/step-00000004"), weights(tmp_path / "b/checkpoints/step-00000004"))
     # what defines the run may not change
-    r = did("train", "--out", tmp_path / "b", "--resume", "--lr", "1e-2")
-    assert r.exit_code == 2 and "--lr" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for flag, value in (("--lr", "1e-2"), ("--layers", 3)):
+        r = did("train", "--out", tmp_path / "b", "--resume", flag, value)
+        assert r.exit_code == 2 and f"--resume: {flag}" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_custom_size_model_trains_saves_and_reloads_without_flags(data_dir, tmp_path):
@@ -158,6 +159,11 @@ def test_custom_size_model_trains_saves_and_reloads_without_flags(data_dir, tmp_
     # drafting reads the size from the checkpoint: no size flags
     r = did("draft", "--model", tmp_path / "run", "-n", 1, "--length", 16, "--block-size", 4)
     assert r.exit_code == 0 and json.loads(r.stdout.splitlines()[0])["tokens"], r.stderr
+    # its test perplexity: one readable line on stderr (no dict), the JSON only with --json
+    r = did("eval-ppl", "--model", tmp_path / "run", "--data", data_dir, "--block-size", 4, "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("test NELBO ") and "{" not in r.stderr and r.stdout == "", r.stderr
     # a fine-tune whose warm-up exceeds its steps says so too
     r = did("finetune-mixscale", "--init", tmp_path / "run", "--data", data_dir, "--out", tmp_path / "ft", "--steps", 1,
             "--batch-size", 2, "--eval-batches", 2, "--warmup", 10, "-q")
@@ -243,3 +249,22 @@ def test_the_openwebtext_recipe_file_is_valid_for_each_of_its_commands():
     # and a command without a section says so
     with pytest.raises(Exception, match="no section for did train"):
         config_file.file_values(recipe, "train", train.train.options)
+
+
+def test_help_of_each_command_mentions_config():
+    for name in ("train", "finetune-mixscale", "draft", "eval-ppl"):
+        r = CliRunner().invoke(APP, [name, "--help"], env={"COLUMNS": "200"})
+        assert r.exit_code == 0 and "--config" in r.stdout and "YAML or JSON" in r.stdout, (name, r.stdout[-500:])
+
+
+def test_resume_of_a_run_without_saved_options_reads_the_flags(data_dir, tmp_path):
+    """A run built in Python saves no command-line options: --resume then takes the flags as given."""
+    from did_cli.training import TrainConfig, train as run_train
+
+    kw = dict(batch_size=2, lr=1e-3, warmup=1, ema=0.9, eval_every=0, eval_batches=1, save_every=0, progress=False)
+    run_train(TrainConfig(data=str(data_dir), out=str(tmp_path / "py"), steps=2, **kw))
+    assert "options" not in json.loads((tmp_path / "py/config.json").read_text())
+    r = did("train", "--data", data_dir, "--out", tmp_path / "py", "--resume", "--steps", 3, "--batch-size", 2, "--lr", "1e-3",
+            "--warmup", 1, "--ema", 0.9, "--eval-every", 0, "--eval-batches", 1, "-q")
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "py/checkpoints/step-00000003").is_dir()

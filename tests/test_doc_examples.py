@@ -132,6 +132,7 @@ def examples(path: Path) -> list[tuple[int, str, str]]:
 PROVIDED = {
     "draft.md": ["data", "run", "prompts.jsonl"],
     "eval-ppl.md": ["data", "run", "samples.jsonl"],
+    "finetune-mixscale.md": ["data", "run"],
     "formats.md": ["data", "run", "in.jsonl"],
     "multi-gpu.md": ["data"],
     "prepare.md": ["notes", "books.jsonl.gz"],

@@ -173,7 +173,7 @@ def apply(values: dict[str, Any], options: list[Opt], command: str,
     if implicit is not None:
         merged = dict(values, **(layers[0] if layers else {}))
         extra = implicit(merged)
-        if extra is not None and extra.is_file():
+        if extra is not None and _has_saved_options(extra):
             layers.append(file_values(extra, command, options))
     for layer in layers:
         for name, value in layer.items():
@@ -185,6 +185,15 @@ def apply(values: dict[str, Any], options: list[Opt], command: str,
             what = "argument " + o.name.upper() if o.argument else "option " + _flag(o)
             raise UsageError(f"missing {what} (give it on the command line or in --config)")
     return values
+
+
+def _has_saved_options(path: Path) -> bool:
+    """Whether a run's config.json holds saved options (runs of older versions, or built in
+    Python, do not; the trainer then checks the flags against the run as before)."""
+    try:
+        return path.is_file() and isinstance(read_file(path).get("options"), dict)
+    except UsageError:  # unreadable: the trainer reports it in its own words
+        return False
 
 
 def record(command: str, values: dict[str, Any]) -> dict[str, Any]:

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from did_cli.checkpoint import load_model
-from did_cli.config import ModelConfig, preset
+from did_cli.config import JSON_KEYS, ModelConfig, preset
 from did_cli.errors import DidError, UsageError
 from did_cli.model import DiT
 from did_cli.diffusion import check_resample
-from did_cli.training.config import FULL_RANGE, TrainConfig, model_overrides
+from did_cli.training.config import FULL_RANGE, SIZE_FLAGS, TrainConfig, model_overrides
 from did_cli.training.init_source import fetch_init, init_clip_ranges, init_data_start
 from did_cli.training import tracking  # noqa: E402
 from did_cli.training.state import step_seed
@@ -163,6 +163,11 @@ def check_resume(cfg: TrainConfig, saved: dict, sizes: list[int], weights: list[
             a = list(a)
         if b is not None and a != b:
             raise UsageError(f"--resume: --{name.replace('_', '-')} {a} differs from the run's {b}")
+    model = saved.get("model", {})
+    for opt, name in SIZE_FLAGS.items():  # a resumed run keeps its checkpoint's size
+        want, key = getattr(cfg, opt), JSON_KEYS.get(name, name)
+        if want is not None and model.get(key, want) != want:
+            raise UsageError(f"--resume: --{opt.replace('_', '-')} {want} differs from the run's {model[key]}")
     if saved.get("block_sizes") != sizes:
         raise UsageError(f"--resume: --block-sizes {','.join(map(str, sizes))} differs from the run's "
                          f"{','.join(map(str, saved.get('block_sizes', [])))}")
