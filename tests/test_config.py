@@ -134,21 +134,29 @@ def test_resume_with_no_other_option_continues_the_run(data_dir, tmp_path):
         assert r.exit_code == 2 and f"--resume: {flag}" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_custom_size_model_trains_saves_and_reloads_without_flags(data_dir, tmp_path):
-    from did_cli.api import load_model
-
+@pytest.fixture(scope="module")
+def custom_run(data_dir, tmp_path_factory):
+    """A model of no preset's size, trained 2 steps from the command line (default --warmup)."""
+    run = tmp_path_factory.mktemp("custom") / "run"
     size = ["--layers", 3, "--hidden", 48, "--heads", 4, "--mlp-ratio", 2, "--cond-dim", 16, "--dropout", 0.05]
-    r = did("train", "--data", data_dir, "--out", tmp_path / "run", "--steps", 2, "--batch-size", 2, "--eval-batches", 2,
+    r = did("train", "--data", data_dir, "--out", run, "--steps", 2, "--batch-size", 2, "--eval-batches", 2,
             "--eval-every", 0, "-q", *size)
     assert r.exit_code == 0, r.stderr
+    return run, r.stderr
+
+
+def test_custom_size_model_trains_saves_and_reloads_without_flags(custom_run):
+    from did_cli.api import load_model
+
+    run, stderr = custom_run
     # the default --warmup 2500 exceeds the 2 steps: one warning says so
-    warned = [ln for ln in r.stderr.splitlines() if ln.startswith("did: warning:")]
-    assert len(warned) == 1 and "--warmup 2500" in warned[0] and "2 steps" in warned[0], r.stderr
-    model, _ = load_model(tmp_path / "run", device="cpu")
+    warned = [ln for ln in stderr.splitlines() if ln.startswith("did: warning:")]
+    assert len(warned) == 1 and "--warmup 2500" in warned[0] and "2 steps" in warned[0], stderr
+    model, _ = load_model(run, device="cpu")
     mc = model.config
     assert (mc.n_layers, mc.hidden_dim, mc.n_heads, mc.mlp_ratio, mc.cond_dim, mc.dropout, mc.model_length) == (3, 48, 4, 2, 16, 0.05, L)
     assert len(model.blocks) == 3 and sum(p.numel() for p in model.parameters()) == mc.n_params()
-    ckpt = tmp_path / "run/checkpoints/step-00000002"
+    ckpt = run / "checkpoints/step-00000002"
     saved = json.loads((ckpt / "config.json").read_text())
     assert saved["n_blocks"] == 3 and saved["hidden_dim"] == 48 and saved["mlp_ratio"] == 2
     stored = weights(ckpt)
@@ -157,18 +165,26 @@ def test_custom_size_model_trains_saves_and_reloads_without_flags(data_dir, tmp_
             assert torch.equal(v.float(), stored["backbone." + k].float()), k
     assert sum(("backbone." + k) in stored for k in model.state_dict()) >= 3 * 6
     # drafting reads the size from the checkpoint: no size flags
-    r = did("draft", "--model", tmp_path / "run", "-n", 1, "--length", 16, "--block-size", 4)
+    r = did("draft", "--model", run, "-n", 1, "--length", 16, "--block-size", 4)
     assert r.exit_code == 0 and json.loads(r.stdout.splitlines()[0])["tokens"], r.stderr
-    # its test perplexity: one readable line on stderr (no dict), the JSON only with --json
-    r = did("eval-ppl", "--model", tmp_path / "run", "--data", data_dir, "--block-size", 4, "--device", "cpu")
+
+
+def test_eval_ppl_model_prints_one_readable_line(custom_run, data_dir):
+    run, _ = custom_run
+    r = did("eval-ppl", "--model", run, "--data", data_dir, "--block-size", 4, "--device", "cpu")
     assert r.exit_code == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("test NELBO ") and "{" not in r.stderr and r.stdout == "", r.stderr
-    # a fine-tune whose warm-up exceeds its steps says so too
-    r = did("finetune-mixscale", "--init", tmp_path / "run", "--data", data_dir, "--out", tmp_path / "ft", "--steps", 1,
+
+
+def test_finetune_warmup_longer_than_the_run_is_reported(custom_run, data_dir, tmp_path):
+    run, _ = custom_run
+    r = did("finetune-mixscale", "--init", run, "--data", data_dir, "--out", tmp_path / "ft", "--steps", 1,
             "--batch-size", 2, "--eval-batches", 2, "--warmup", 10, "-q")
     assert r.exit_code == 0, r.stderr
-    assert "did: warning: --warmup 10 is longer than the run's 1 steps" in r.stderr
+    warned = [ln for ln in r.stderr.splitlines() if ln.startswith("did: warning:")]
+    assert warned == ["did: warning: --warmup 10 is longer than the run's 1 steps: the learning rate stops at 3e-05, "
+                      "not --lr 0.0003; scale --warmup with --steps (e.g. --warmup 1)"], r.stderr
 
 
 @pytest.mark.parametrize("flags, expect", [(["--hidden", 50, "--heads", 4], "--hidden 50 is not divisible by --heads 4"),
