@@ -152,7 +152,7 @@ def file_values(path: str | Path, command: str, options: list[Opt]) -> dict[str,
             raise UsageError(f"--config {path}: key 'config': a config file cannot name another one")
         if name not in by_name:
             close = difflib.get_close_matches(name, list(by_name), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = f" (closest: {close[0]!r})" if close else ""
             raise UsageError(f"--config {path}: unknown key {key!r} for did {command}{hint}")
         out[name] = convert(by_name[name], value, str(key), path)
     return out
