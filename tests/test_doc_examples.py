@@ -200,6 +200,7 @@ def test_page_examples_run(page, provided, tmp_path):
     root, scorer = provided
     work = tmp_path / "work"
     work.mkdir()
+    (work / "examples").symlink_to(REPO / "examples")  # the pages run from a checkout: examples/ is there
     for name in PROVIDED.get(page.name, []):
         (shutil.copytree if (root / name).is_dir() else shutil.copy)(root / name, work / name)
     env = _env(str(scorer))
