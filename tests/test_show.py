@@ -255,3 +255,35 @@ def test_output_to_stdout_and_through_a_non_regular_file(made, tmp_path):
     got = reader.communicate(timeout=30)[0].decode()
     assert r.exit_code == 0, r.stderr
     assert got.startswith("<!DOCTYPE html>") and fifo.exists() and not fifo.is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_page_in_chromium(browser, tmp_path):
+    """`did quickstart` at its smallest writes view.html and links it from report.md; Chromium
+    renders it (a screenshot kept beside it) with every shown record's text visible."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from did_cli.quickstart import QuickstartConfig, run
+    from did_cli.records import read_records
+    from did_cli.tokenizer import load_tokenizer
+
+    sc = tmp_path / "scorer"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=50257)).save_pretrained(sc)
+    load_tokenizer("gpt2").hf.save_pretrained(sc)
+    out = tmp_path / "qs"
+    run(QuickstartConfig(out=str(out), minutes=1, samples=3, seq_len=32, preset="tiny", scorer=str(sc), device="cpu"))
+    assert "[view.html](view.html)" in (out / "report.md").read_text()
+    browser.get((out / "view.html").as_uri())
+    png = browser.get_screenshot_as_png()
+    (out / "view.png").write_bytes(png)
+    (w, h), colours = _colours(png)
+    assert w >= 800 and h >= 800 and len(colours) > 50
+    text = browser.execute_script("return document.body.innerText")
+    drafts, refined = (list(read_records(str(out / f))) for f in ("draft.jsonl", "refined.jsonl"))
+    assert len(drafts) == len(refined) == 3
+    for k, (d, r) in enumerate(zip(drafts, refined)):
+        cols = browser.execute_script(f"return [...document.querySelectorAll('#s{k} .tokens')].map(e => e.innerText)")
+        assert [_norm(c) for c in cols] == [_norm(d["text"]), _norm(r["text"])]
+        assert d["id"] in text

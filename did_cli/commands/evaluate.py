@@ -73,7 +73,6 @@ def _test_ppl(cfg: EvalConfig) -> None:
         se = "" if res["nelbo_se"] is None else f" +- {res['nelbo_se']:.4f} (s.e.)"
         _console().print(f"test NELBO {res['nelbo']:.4f}{se} nats/token, PPL <= {res['ppl']:.3f}; {res['rows']} rows x "
                          f"{res['draws']} draws, block {res['block_size']}, split {res['split']}", markup=False, highlight=False)
-        _console().print(res)
 
 
 def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
@@ -149,7 +148,7 @@ eval_ppl = command(_eval_ppl, [
     *fields_of(EvalConfig, "max_gen_ppl", "min_entropy", "plot", kw={"rich_help_panel": GEN}),
     Opt("device", EvalConfig),
     *fields_of(EvalConfig, "model", "data", "block_size", "split", "draws", "nelbo_weight", "seed", kw={"rich_help_panel": TEST}),
-], name="eval_ppl")
+], name="eval_ppl", config=True)
 
 
 def _unique_names(inputs: list[str]) -> list[str]:

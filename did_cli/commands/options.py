@@ -17,11 +17,13 @@ import functools
 import inspect
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 
 _FROM_FIELD = object()
+CONTEXT = "did_context"  # the parameter that receives Typer's context in commands with --config
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,8 +82,12 @@ class Opt:
             typ = Optional[typ]
         return typ, default, help_text
 
-    def parameter(self) -> inspect.Parameter:
+    def parameter(self, optional: bool = False) -> inspect.Parameter:
+        """The signature parameter Typer reads; `optional`: a required option may come from
+        --config instead (checked after the file is read)."""
         typ, default, help_text = self.resolve()
+        if optional and default is ...:
+            typ, default, help_text = Optional[typ], None, (help_text + " Required (here or in --config).").strip()
         if self.argument:
             info = typer.Argument(default, help=help_text, show_default=False, **self.kw)
         else:
@@ -126,30 +132,49 @@ def fields_of(cls: type, *names: str, **kw: Any) -> list[Opt]:
     return [Opt(n, source=cls, **kw) for n in names]
 
 
-def command(body: Callable[..., Any], options: list[Opt], name: str | None = None) -> Callable[..., Any]:
+def command(body: Callable[..., Any], options: list[Opt], name: str | None = None, config: bool = False,
+            implicit: Callable[[dict[str, Any]], Any] | None = None) -> Callable[..., Any]:
     """A function with `options` as its signature that calls `body(**values)`; Typer reads
     the signature (and the annotations) to build the command. The body's docstring is the
-    command's help."""
+    command's help. `config`: the command also takes --config FILE (did_cli.commands.config_file),
+    whose values fill the options not given on the command line; `implicit(values)` may name
+    one more file read under it (a resumed run's config.json)."""
     names = [o.name for o in options]
     if len(set(names)) != len(names):
         raise TypeError(f"duplicate option in {body.__name__}: {sorted(n for n in names if names.count(n) > 1)}")
+    cmd_name = name or body.__name__
 
     def cmd(**values: Any) -> Any:
+        if config:
+            from did_cli.commands import config_file
+
+            ctx = values.pop(CONTEXT)
+            values = config_file.apply(values, options, cmd_name, implicit, given=lambda n: explicit(n, ctx))
         return body(**values)
 
-    params = [o.parameter() for o in options]
+    params = [o.parameter(optional=config) for o in options]
+    if config:
+        from did_cli.commands.config_file import CONFIG_HELP
+
+        if "config" in names:
+            raise TypeError(f"{body.__name__} declares its own --config")
+        params.append(Opt("config", type=Path, default=None, help=CONFIG_HELP, flags=("--config", "-c")).parameter())
+        params.append(inspect.Parameter(CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
     cmd.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     cmd.__annotations__ = {p.name: p.annotation for p in params}
-    cmd.__name__ = cmd.__qualname__ = name or body.__name__
+    cmd.__name__ = cmd.__qualname__ = cmd_name
     cmd.__doc__, cmd.__module__ = body.__doc__, body.__module__
+    cmd.options = list(options)  # type: ignore[attr-defined]  # what --config files are checked against
     return cmd
 
 
-def explicit(name: str) -> bool:
-    """Whether option `name` was given on the command line (not left at its default)."""
-    import click
+def explicit(name: str, ctx: Any = None) -> bool:
+    """Whether option `name` was given on the command line (not left at its default), in the
+    command's context `ctx` (default: the current one)."""
+    if ctx is None:
+        import click
 
-    ctx = click.get_current_context(silent=True)
+        ctx = click.get_current_context(silent=True)
     if ctx is None:
         return True
     src = ctx.get_parameter_source(name)

@@ -36,4 +36,4 @@ prepare = command(_prepare, [
         help="Tokenizer worker processes (with 1, the bundled fast tokenizer already uses every core)."),
     Opt("force", run_prepare, type=bool,
         help="Replace what a non-empty --out holds (other prepared data, or files named like ours) instead of refusing."),
-], name="prepare")
+], name="prepare", config=True)

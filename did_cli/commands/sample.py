@@ -90,7 +90,7 @@ draft = command(_draft, [
     Opt("prompt", type=list[str], default=None, help="Prompt text (repeatable); -n samples per prompt continue it after BOS."),
     Opt("prompts", type=str, default=None, help='JSONL file of {"id", "prompt"} lines (\'-\' = stdin); -n samples per prompt.'),
     Opt("suffix", DraftConfig, type=str),
-], name="draft")
+], name="draft", config=True)
 
 
 def _refine(**kw: Any) -> None:
@@ -133,4 +133,4 @@ refine = command(_refine, [
     Opt("stages", RefineConfig, type=str, default="L:0.25",
         extra="As text: BLOCK:RATIO,... in order; BLOCK 'L' (or >= the length) = global pass. E.g. 1024:0.25 or 64:0.3,L:0.2."),
     Opt("confidence", RefineConfig), *SAMPLER, *PLACEMENT, OUTPUT,
-], name="refine")
+], name="refine", config=True)

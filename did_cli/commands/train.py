@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
+from did_cli.commands.config_file import record
 from did_cli.commands.options import Opt, command, fields_of
 from did_cli.config import parse_clip, parse_float_list
 from did_cli.errors import DidError, UsageError
@@ -30,6 +31,17 @@ RUNTIME = fields_of(TrainConfig, "dropout", "num_workers", "on_nonfinite") + [
 ]
 DATA = Opt("data", TrainConfig, type=Path, default=...)
 OUT = Opt("out", TrainConfig, type=Path, default=...)
+SIZE = fields_of(TrainConfig, "layers", "hidden", "heads", "mlp_ratio", "cond_dim",
+                 kw={"rich_help_panel": "Model size (a fresh model; default: the preset's)"})
+LOG_WITH = Opt("log_with", TrainConfig, type=str)
+
+
+def _saved_run_options(values: dict[str, Any]) -> Optional[Path]:
+    """--resume: the run's config.json, whose saved options fill those not given (so
+    `did train --out RUN --resume` is enough)."""
+    if values.get("resume") and values.get("out") is not None:
+        return Path(values["out"]) / "config.json"
+    return None
 
 
 def _block_sizes(text: str) -> list[Any]:
@@ -79,6 +91,10 @@ def _config(kw: dict[str, Any]) -> TrainConfig:
     if kw.get("init") is not None:
         kw["init"] = str(kw["init"])
     kw["progress"] = not kw.pop("quiet")
+    if kw.get("log_with") is not None:
+        from did_cli.training.tracking import parse_log_with
+
+        parse_log_with(kw["log_with"])  # an unknown or missing tracker fails before the data is read
     return TrainConfig(**kw)
 
 
@@ -93,6 +109,7 @@ def _run(cfg: TrainConfig) -> None:
 
 def _train(**kw: Any) -> None:
     """Train a block-diffusion model on prepared data over one or several block sizes."""
+    kw["options"] = record("train", kw)
     sizes = _block_sizes(kw.pop("block_sizes"))
     bw = kw.pop("block_weights")
     defaults = TrainConfig()
@@ -110,13 +127,14 @@ train = command(_train, [
     Opt("block_sizes", TrainConfig, extra="Comma-separated, e.g. 4,L or 4,1024."),
     Opt("block_weights", TrainConfig, type=str, default=None, extra="Default: 0.9,0.1 for the default 4,L; equal otherwise."),
     Opt("steps", TrainConfig), Opt("tokens", TrainConfig), *LOOP, Opt("init", TrainConfig), CLIP, *CLIP_SEARCH,
-    MIXED_PRECISION,
-    *RUNTIME[:1], Opt("model_length", TrainConfig), *RUNTIME[1:],
-], name="train")
+    MIXED_PRECISION, LOG_WITH,
+    *RUNTIME[:1], Opt("model_length", TrainConfig), *RUNTIME[1:], *SIZE,
+], name="train", config=True, implicit=_saved_run_options)
 
 
 def _finetune(**kw: Any) -> None:
     """Mix-scale fine-tune: block size --draft-block with weight 1-lambda, the global block L with lambda."""
+    kw["options"] = record("finetune-mixscale", kw)
     mix = MixScaleConfig(**{k: kw.pop(k) for k in ("draft_block", "global_weight", "budget_fraction", "baseline_steps",
                                                     "baseline_batch_tokens")})
     steps, tokens = kw.pop("steps"), kw.pop("tokens")
@@ -140,5 +158,5 @@ finetune_mixscale = command(_finetune, [
              "tokens, in steps of this run's global batch)."),
     Opt("tokens", TrainConfig),
     *fields_of(MixScaleConfig, "budget_fraction", "baseline_steps", "baseline_batch_tokens"),
-    *LOOP, CLIP, *CLIP_SEARCH, MIXED_PRECISION, *RUNTIME,
-], name="finetune_mixscale")
+    *LOOP, CLIP, *CLIP_SEARCH, MIXED_PRECISION, LOG_WITH, *RUNTIME,
+], name="finetune_mixscale", config=True, implicit=_saved_run_options)

@@ -181,9 +181,12 @@ def write_report(out: Path, results: dict, run_dir: Path, drafts: list[dict], re
         if p is not None:
             lines += [f"## {title[0].upper() + title[1:]}", "", f"![{title}]({p.name})", ""]
     lines += ["## Samples (draft, then refined)", ""]
+    if (out / "view.html").is_file():
+        lines += ["Every sample, each token shaded by its snapshot confidence, the re-masked and changed tokens marked, "
+                  "draft beside refined: [view.html](view.html) (`did show`, docs/show.md).", ""]
     for dr, rf in list(zip(drafts, refined))[:3]:
         lines += [f"**{dr['id']}**", "", "```text", dr["text"].strip(), "```", "", "```text", rf["text"].strip(), "```", ""]
-    lines += ["Files: `draft.jsonl`, `refined.jsonl` (did.sample/1 records), `results.json`, `run/` (checkpoints, metrics.jsonl).", ""]
+    lines += ["Files: `draft.jsonl`, `refined.jsonl` (did.sample/1 records), `results.json`, `view.html`, `run/` (checkpoints, metrics.jsonl).", ""]
     path = out / "report.md"
     write_bytes(path, "\n".join(lines))
     return path

@@ -110,6 +110,51 @@ class TrainConfig:
     inductor on a CPU compiles for minutes."""
     time_limit: float | None = None
     """Stop after this many seconds of training (evaluating and saving as at the last step)."""
+    layers: int | None = None
+    """Transformer layers of a fresh model (default: the preset's)."""
+    hidden: int | None = None
+    """Model width of a fresh model (default: the preset's); a multiple of --heads."""
+    heads: int | None = None
+    """Attention heads of a fresh model (default: the preset's); the head width hidden/heads must be even."""
+    mlp_ratio: int | None = None
+    """MLP width of a fresh model as a multiple of --hidden (default: the preset's, 4)."""
+    cond_dim: int | None = None
+    """Width of the conditioning (time) embedding of a fresh model (default: the preset's)."""
+    log_with: str | None = None
+    """Experiment trackers besides metrics.jsonl, comma-separated: tensorboard, wandb, mlflow,
+    trackio, aim, comet_ml, clearml, dvclive, swanlab (through Accelerate; each needs its
+    package)."""
+    options: dict | None = None
+    """The command's resolved options (saved in the run's config.json, which is then a valid
+    --config); None for a run built in Python."""
+
+
+SIZE_FLAGS = {"layers": "n_layers", "hidden": "hidden_dim", "heads": "n_heads", "mlp_ratio": "mlp_ratio", "cond_dim": "cond_dim"}
+
+
+def model_overrides(cfg: TrainConfig) -> dict[str, int]:
+    """The ModelConfig fields the size options set (only those given)."""
+    return {field_name: getattr(cfg, opt) for opt, field_name in SIZE_FLAGS.items() if getattr(cfg, opt) is not None}
+
+
+def check_model_size(cfg: TrainConfig) -> None:
+    """The size options against each other and the preset, before any data is read."""
+    from did_cli.config import PRESETS
+
+    given = {opt: getattr(cfg, opt) for opt in SIZE_FLAGS if getattr(cfg, opt) is not None}
+    for opt, v in given.items():
+        if v < 1:
+            raise UsageError(f"--{opt.replace('_', '-')} {v}: must be >= 1")
+    if given and cfg.init:
+        raise UsageError(f"--{next(iter(given)).replace('_', '-')}: the model comes from --init; size options are for a fresh model")
+    if cfg.preset not in PRESETS:
+        raise UsageError(f"unknown --preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
+    hidden = cfg.hidden or PRESETS[cfg.preset]["hidden_dim"]
+    heads = cfg.heads or PRESETS[cfg.preset]["n_heads"]
+    if hidden % heads:
+        raise UsageError(f"--hidden {hidden} is not divisible by --heads {heads}")
+    if (hidden // heads) % 2:
+        raise UsageError(f"--hidden {hidden} / --heads {heads} = {hidden // heads}: the head width must be even (rotary embeddings)")
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -183,6 +228,7 @@ def check_train_config(cfg: TrainConfig) -> None:
         except ValueError:
             raise UsageError(f"--clip-widths {','.join(map(str, cfg.clip_widths))} / --clip-delta {cfg.clip_delta}: "
                              "widths must be in (0, 1] and delta > 0") from None
+    check_model_size(cfg)
     if not cfg.data:
         raise UsageError("--data is required")
     if not cfg.out:

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from did_cli.checkpoint import load_model
-from did_cli.config import ModelConfig, preset
+from did_cli.config import JSON_KEYS, ModelConfig, preset
 from did_cli.data import check_token_ids
 from did_cli.errors import DidError, UsageError
 from did_cli.model import DiT
 from did_cli.diffusion import check_resample
-from did_cli.training.config import FULL_RANGE, TrainConfig
+from did_cli.training.config import FULL_RANGE, SIZE_FLAGS, TrainConfig, model_overrides
 from did_cli.training.init_source import fetch_init, init_clip_ranges, init_data_start
+from did_cli.training import tracking  # noqa: E402
 from did_cli.training.state import step_seed
 from did_cli.util import atomic_write, first_line, warn
 
@@ -42,7 +43,8 @@ def make_accelerator(cfg: TrainConfig):
     # environment (torchrun / `accelerate launch --multi_gpu`) on a machine without CUDA means that
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
+        return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu,
+                           **tracking.accelerator_kwargs(cfg.log_with, Path(cfg.out)))
     except (RuntimeError, ValueError) as e:  # e.g. an FSDP config on a machine without GPUs
         raise DidError(f"accelerate could not set up this run ({first_line(e)}); check the accelerate config "
                        "(FSDP needs GPUs; on a CPU use plain or --multi_gpu launches)") from None
@@ -72,7 +74,7 @@ def build_model(cfg: TrainConfig, data: Any, run: Path, resume_ckpt: Path | None
         init_info = {"init": str(folder), "init_clip": list(info["clip"]) if "clip" in info else None,
                      "data_start": init_data_start(folder, data.meta, cfg.seed)}
         return with_dropout(model, cfg.dropout), clip_from_init, init_info
-    mc = preset(cfg.preset, model_length=data.seq_len, vocab_size=data.vocab_size, dropout=cfg.dropout,
+    mc = preset(cfg.preset, model_length=data.seq_len, vocab_size=data.vocab_size, dropout=cfg.dropout, **model_overrides(cfg),
                 tokenizer=data.meta["tokenizer"], mask_id=data.meta.get("mask_id", data.vocab_size - 1),
                 bos_id=data.meta.get("bos_id"), eos_id=data.meta.get("eos_id"))
     torch.manual_seed(step_seed(cfg.seed, 0, 0, 0, 7))  # same initial weights on every rank
@@ -163,6 +165,11 @@ def check_resume(cfg: TrainConfig, saved: dict, sizes: list[int], weights: list[
             a = list(a)
         if b is not None and a != b:
             raise UsageError(f"--resume: --{name.replace('_', '-')} {a} differs from the run's {b}")
+    model = saved.get("model", {})
+    for opt, name in SIZE_FLAGS.items():  # a resumed run keeps its checkpoint's size
+        want, key = getattr(cfg, opt), JSON_KEYS.get(name, name)
+        if want is not None and model.get(key, want) != want:
+            raise UsageError(f"--resume: --{opt.replace('_', '-')} {want} differs from the run's {model[key]}")
     if saved.get("block_sizes") != sizes:
         raise UsageError(f"--resume: --block-sizes {','.join(map(str, sizes))} differs from the run's "
                          f"{','.join(map(str, saved.get('block_sizes', [])))}")
@@ -171,6 +178,26 @@ def check_resume(cfg: TrainConfig, saved: dict, sizes: list[int], weights: list[
     if saved.get("world_size", world) != world:
         print(f"did: warning: resuming with {world} processes instead of {saved['world_size']}: "
               "the data order changes from here on", file=sys.stderr)
+
+
+def run_config(cfg: TrainConfig, model: dict, sizes: list[int], weights: list[float], world: int, global_batch: int,
+               data_meta: dict, compiled: bool, init_info: dict) -> dict:
+    """What RUN/config.json holds: the settings (`train`), the resolved command-line options
+    (`options`: the file is a valid --config), the model, the block mix and the data."""
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "options"}
+    out = {"train": train, "model": model, "block_sizes": sizes, "block_weights": weights, "world_size": world,
+           "global_batch": global_batch, "data": data_meta, "compiled": compiled, **init_info}
+    if cfg.options is not None:
+        out["options"] = cfg.options
+    return out
+
+
+def check_warmup(cfg: TrainConfig) -> None:
+    """A warm-up longer than the run never reaches the peak learning rate: say so."""
+    if cfg.warmup > cfg.steps:
+        warn(f"--warmup {cfg.warmup} is longer than the run's {cfg.steps} steps: the learning rate stops at "
+             f"{cfg.lr * cfg.steps / cfg.warmup:.3g}, not --lr {cfg.lr:g}; scale --warmup with --steps "
+             f"(e.g. --warmup {max(1, cfg.steps // 10)})")
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -35,7 +35,7 @@ from did_cli.config import DiffusionConfig
 from did_cli.data import PreparedData
 from did_cli.diffusion import nelbo
 from did_cli.errors import DidError
-from did_cli.training import setup
+from did_cli.training import setup, tracking
 from did_cli.training.clip_search import clip_grid, search_clip
 from did_cli.training.config import TrainConfig, check_train_config, normalise_weights, resolve_block_sizes
 from did_cli.training.console import Interrupt, LogWindow, TrainProgress, fmt_rate
@@ -107,6 +107,8 @@ class Trainer:
         self.schedule = RowSchedule(len(self.train_rows), cfg.batch_size, cfg.grad_accum, self.world, cfg.seed)
         if cfg.tokens:  # a token budget: the steps follow from the global batch
             self.cfg = cfg = dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.tokens / (self.schedule.rows_per_step * self.length))))
+        if self.main:
+            setup.check_warmup(cfg)
         if cfg.clip == "auto" and len(val_rows) < 2:
             raise DidError(f"--clip auto needs a validation split with at least 2 rows; {cfg.data} has {len(val_rows)}")
         self.clip_ranges, self.searched = setup.clip_ranges(cfg, self.sizes, self.length, clip_from_init)
@@ -146,14 +148,15 @@ class Trainer:
         self.clip_ranges = self.state.clip_ranges_by_size()
 
     def _write_run_config(self) -> None:
-        if not self.main:
-            return
-        self.run.mkdir(parents=True, exist_ok=True)
-        save_json({"train": dataclasses.asdict(self.cfg), "model": self.unwrapped.config.to_dict(), "block_sizes": self.sizes,
-                   "block_weights": self.weights, "world_size": self.world, "global_batch": self.schedule.rows_per_step,
-                   "data": self.data.meta, "compiled": self.compiled, **self.state.init_info}, self.run / "config.json")
-        if self.resume_ckpt is not None:
-            setup.truncate_metrics(self.metrics_path, self.state.step)
+        if self.main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            save_json(setup.run_config(self.cfg, self.unwrapped.config.to_dict(), self.sizes, self.weights, self.world,
+                                       self.schedule.rows_per_step, self.data.meta, self.compiled, self.state.init_info),
+                      self.run / "config.json")
+            if self.resume_ckpt is not None:
+                setup.truncate_metrics(self.metrics_path, self.state.step)
+        hp = tracking.hyperparameters(self.cfg.options, dataclasses.asdict(self.cfg), self.unwrapped.config.to_dict())
+        tracking.start(self.accel, self.run, hp)
 
     @property
     def unwrapped(self):
@@ -167,6 +170,7 @@ class Trainer:
         if self.main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(event) + "\n")
+        tracking.log(self.accel, event)
 
     # ---------------------------------------------------------------------------- one step
 
@@ -320,6 +324,7 @@ class Trainer:
                         break
         finally:
             self.progress.close()
+            tracking.end(self.accel)
             if self.pool:
                 self.pool.shutdown(wait=False, cancel_futures=True)
         if interrupted:
