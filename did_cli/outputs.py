@@ -138,6 +138,23 @@ def write_bytes(path: str | Path, data: Any, fsync: bool = False) -> None:
                 pass
 
 
+def write_stdout(text: str) -> None:
+    """Write `text` to stdout in one call and flush, so a downstream reader sees whole lines. A
+    failed write (a full disk behind `> FILE`) is one DidError; stdout then points at /dev/null so
+    the interpreter's exit does not fail on the same buffer again. A closed pipe stays a
+    BrokenPipeError (the CLI exits 0 on it: `| head` is not an error)."""
+    import sys
+
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise DidError(f"cannot write stdout: {e.strerror or e}") from None
+
+
 def _write_all(f: Any, raw: Any) -> None:
     data = memoryview(raw).cast("B")
     while data:

@@ -254,15 +254,9 @@ class RecordWriter:
         if self._fh is None:
             if self.dest is not None:
                 raise DidError(f"{self.name}: writer is closed")
-            # the whole line in one call, then flush, so a downstream reader sees whole lines
-            try:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            except BrokenPipeError:
-                raise
-            except OSError as e:  # e.g. a full disk; point stdout at devnull so exit does not retry
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                raise DidError(f"cannot write stdout: {e.strerror or e}") from None
+            from did_cli.outputs import write_stdout
+
+            write_stdout(line)
         else:
             data = memoryview(line.encode("utf-8"))
             try:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from did_cli.config import DiffusionConfig
-from did_cli.diffusion import allowed_counts, block_nll, corrupt, nelbo, nelbo_loop_reference, sample_t
+from did_cli.diffusion import allowed_counts, corrupt, nelbo, nelbo_loop_reference, sample_t
 from did_cli.errors import DidError, UsageError
 from did_cli.evaluation import bootstrap as bs
 from did_cli.evaluation.scorer import CLEANUP, Scorer, clean_up

@@ -183,7 +183,7 @@ def apply(values: dict[str, Any], options: list[Opt], command: str,
     for o in options:
         if o.resolve()[1] is ... and values.get(o.name) is None:
             what = "argument " + o.name.upper() if o.argument else "option " + _flag(o)
-            raise UsageError(f"missing {what} (give it on the command line or in --config)")
+            raise UsageError(f"missing {what} (give it on the command line or in --config; see 'did {command} --help')")
     return values
 
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import typer
 
 from did_cli.commands.options import Opt, command, fields_of
-from did_cli.errors import DidError, UsageError
+from did_cli.errors import UsageError
 from did_cli.evaluation.config import EvalConfig
 
 
@@ -165,14 +163,9 @@ def _emit_json(obj: object, target: str | None) -> None:
         return
     text = json.dumps(obj, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o))
     if target == "-":
-        try:
-            sys.stdout.write(text + "\n")
-            sys.stdout.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as e:  # e.g. a full disk; point stdout at devnull so exit does not retry
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise DidError(f"cannot write stdout: {e.strerror or e}") from None
+        from did_cli.outputs import write_stdout
+
+        write_stdout(text + "\n")
         return
     from did_cli.util import save_json
 

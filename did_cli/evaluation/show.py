@@ -18,7 +18,6 @@ import os
 import statistics
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 from did_cli.errors import DidError
