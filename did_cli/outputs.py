@@ -138,15 +138,19 @@ def write_bytes(path: str | Path, data: Any, fsync: bool = False) -> None:
                 pass
 
 
-def write_stdout(text: str) -> None:
-    """Write `text` to stdout in one call and flush, so a downstream reader sees whole lines. A
+def write_stdout(text: str | bytes) -> None:
+    """Write `text` (str, or bytes to the binary layer) to stdout in one call and flush, so a downstream reader sees whole lines. A
     failed write (a full disk behind `> FILE`) is one DidError; stdout then points at /dev/null so
     the interpreter's exit does not fail on the same buffer again. A closed pipe stays a
     BrokenPipeError (the CLI exits 0 on it: `| head` is not an error)."""
     import sys
 
     try:
-        sys.stdout.write(text)
+        if isinstance(text, bytes):
+            sys.stdout.flush()
+            sys.stdout.buffer.write(text)
+        else:
+            sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:
         raise

@@ -16,12 +16,11 @@ import json
 import math
 import os
 import statistics
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from did_cli.errors import DidError
-from did_cli.outputs import target, write_bytes
+from did_cli.outputs import target, write_bytes, write_stdout
 from did_cli.evaluation.gen_ppl import sample_tokens
 from did_cli.util import unigram_entropy
 from did_cli.evaluation.show_html import Pieces, column, css, esc, legend
@@ -364,13 +363,6 @@ def write_page(page: str, path: str) -> None:
     a device or pipe (/dev/stdout, a FIFO) is written straight through."""
     data = page.encode("utf-8", "replace")  # a lone surrogate from a record must not abort the write
     if path == "-":
-        try:
-            sys.stdout.buffer.write(data)
-            sys.stdout.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise DidError(f"cannot write stdout: {e.strerror or e}") from None
+        write_stdout(data)
         return
     write_bytes(path, data)
