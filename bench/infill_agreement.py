@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from did_cli.sources import BUNDLED_CORPUS
+from did_cli.io.sources import BUNDLED_CORPUS
 
 
 def prepare_and_train(work: Path, steps: int, chars: int) -> Path:
-    from did_cli.checkpoint import latest_checkpoint
-    from did_cli.data import prepare
+    from did_cli.io.checkpoint import latest_checkpoint
+    from did_cli.io.data import prepare
     from did_cli.training import TrainConfig, train
 
     run = work / "run"
@@ -64,7 +64,7 @@ def prepare_and_train(work: Path, steps: int, chars: int) -> Path:
 
 
 def val_rows(work: Path, count: int, eos: int) -> list[list[int]]:
-    from did_cli.data import PreparedData
+    from did_cli.io.data import PreparedData
 
     rows = PreparedData(str(work / "data")).rows("validation")
     out = []
@@ -111,7 +111,7 @@ def measure(run: Path, work: Path, samples: int, prompt_tokens: int, suffix_toke
             scorer_spec: str | None, batch: int = 24) -> None:
     from did_cli import api
     from did_cli.evaluation.gen_ppl import gen_ppl
-    from did_cli.records import make_record
+    from did_cli.io.records import make_record
     from did_cli.evaluation.scorer import load_scorer
 
     model, tok = api.load_model(run / "best" if (run / "best.json").exists() else run, device="cpu")

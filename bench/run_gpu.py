@@ -64,8 +64,8 @@ def log(*a) -> None:
 
 
 def random_model(preset_name: str, length: int):
-    from did_cli.config import preset
-    from did_cli.model import DiT
+    from did_cli.core.model_config import preset
+    from did_cli.core.dit import DiT
 
     torch.manual_seed(0)
     model = DiT(preset(preset_name, model_length=length, dropout=0.0))
@@ -117,9 +117,9 @@ def section_draft(model, a, device, part: dict) -> dict:
 
 def section_refine(model, a, device, want_ppl: bool, part: dict) -> dict:
     from did_cli.sampling.fast import FastFirstHitting
-    from did_cli.records import make_record
+    from did_cli.io.records import make_record
     from did_cli.sampling import RefineConfig, refine
-    from did_cli.tokenizer import load_tokenizer
+    from did_cli.io.tokenizer import load_tokenizer
 
     tok = load_tokenizer(getattr(model.config, "tokenizer", "gpt2"))
     b = a.refine_batch
@@ -325,7 +325,7 @@ def run_sections(a, device, fig: dict, save) -> None:
     if "draft" in sections or "refine" in sections:
         try:
             if a.model:
-                from did_cli.checkpoint import load_model, resolve_checkpoint
+                from did_cli.io.checkpoint import load_model, resolve_checkpoint
 
                 model, _ = load_model(resolve_checkpoint(a.model), device=device)
                 a.length = min(a.length, model.config.model_length)

@@ -31,19 +31,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from devinfo import peak_bytes, peaks, reset_peak  # noqa: E402
 
-from did_cli.config import PRESETS, preset  # noqa: E402
+from did_cli.core.model_config import PRESETS, preset  # noqa: E402
 from did_cli.sampling.fast import FastFirstHitting, weight_bytes  # noqa: E402
-from did_cli.checkpoint import load_model  # noqa: E402
-from did_cli.model import DiT  # noqa: E402
+from did_cli.io.checkpoint import load_model  # noqa: E402
+from did_cli.core.dit import DiT  # noqa: E402
 from did_cli.sampling import RefineConfig, refine  # noqa: E402
 from did_cli.sampling import DraftConfig, draft  # noqa: E402
 from did_cli.util import resolve_device  # noqa: E402
-from did_cli.tokenizer import load_tokenizer  # noqa: E402
+from did_cli.io.tokenizer import load_tokenizer  # noqa: E402
 
 
 def build(args) -> DiT:
     if args.model:
-        from did_cli.checkpoint import resolve_checkpoint
+        from did_cli.io.checkpoint import resolve_checkpoint
 
         model, _ = load_model(resolve_checkpoint(args.model), device="cpu")
     else:

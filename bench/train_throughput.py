@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from devinfo import device_name, peak_bytes, peaks, process_max_rss_bytes, reset_peak, sync  # noqa: E402
 
-from did_cli import attention  # noqa: E402
-from did_cli.config import DiffusionConfig, preset  # noqa: E402
-from did_cli.diffusion import nelbo  # noqa: E402
-from did_cli.model import DiT  # noqa: E402
+from did_cli.core import attention  # noqa: E402
+from did_cli.core.model_config import DiffusionConfig, preset  # noqa: E402
+from did_cli.core.diffusion import nelbo  # noqa: E402
+from did_cli.core.dit import DiT  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -224,8 +224,8 @@ def bench_data(folder: Path, seq_len: int, rows: int) -> Path:
     import json
     import lzma
 
-    from did_cli.data import prepare
-    from did_cli.sources import BUNDLED_CORPUS
+    from did_cli.io.data import prepare
+    from did_cli.io.sources import BUNDLED_CORPUS
 
     folder.mkdir(parents=True, exist_ok=True)
     docs, chars = [], 0

@@ -22,8 +22,8 @@ from did_cli.errors import UsageError
 
 if TYPE_CHECKING:  # heavy imports only for type checkers; `import did_cli` stays light
     from did_cli.evaluation.scorer import Scorer
-    from did_cli.model import DiT
-    from did_cli.tokenizer import Tokenizer
+    from did_cli.core.dit import DiT
+    from did_cli.io.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
 
@@ -36,9 +36,9 @@ def load_model(path: str | Path, device: str = "auto") -> tuple["DiT", "Tokenize
     'cpu', 'cuda', 'cuda:N'. Returns the model in eval mode and the tokenizer named in its
     config. The model maps token ids [batch, length] (int64) to logits [batch, length, vocab].
     """
-    from did_cli import checkpoint
+    from did_cli.io import checkpoint
     from did_cli.errors import DidError
-    from did_cli.tokenizer import load_tokenizer
+    from did_cli.io.tokenizer import load_tokenizer
     from did_cli.util import resolve_device
 
     p = Path(path)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from did_cli.errors import DidError, UsageError
-from did_cli.outputs import write_bytes
+from did_cli.io.outputs import write_bytes
 
 
 def first_line(e: BaseException) -> str:
@@ -41,7 +41,7 @@ def info(msg: str) -> None:
 
 
 def atomic_write(path: str | Path, data: Any, fsync: bool = False) -> None:
-    """Write `data` to `path` so that nothing is lost (did_cli.outputs): a regular file is
+    """Write `data` to `path` so that nothing is lost (did_cli.io.outputs): a regular file is
     replaced via a temporary file of its own in the same folder and a rename, so a crash never
     leaves a half-written file under the real name, and the temporary file is removed on every
     failure; a symlink is followed; a device or pipe is written straight through. `data`: text,

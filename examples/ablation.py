@@ -42,9 +42,9 @@ def main() -> None:
     import torch
 
     from did_cli.evaluation import gen_ppl as evaluate
-    from did_cli.checkpoint import read_best, resolve_checkpoint
-    from did_cli.checkpoint import load_model
-    from did_cli.records import RecordWriter
+    from did_cli.io.checkpoint import read_best, resolve_checkpoint
+    from did_cli.io.checkpoint import load_model
+    from did_cli.io.records import RecordWriter
     from did_cli.sampling import RefineConfig, refine
     from did_cli.sampling import DraftConfig, draft
     from did_cli.evaluation.scorer import load_scorer

@@ -61,7 +61,7 @@ else
 fi
 
 # 3. sampling and scoring in one process on one GPU, from the checkpoint with the best validation NELBO
-BEST=$(python -c 'import sys; from did_cli.checkpoint import resolve_checkpoint; print(resolve_checkpoint(sys.argv[1], "best"))' "$OUT")
+BEST=$(python -c 'import sys; from did_cli.io.checkpoint import resolve_checkpoint; print(resolve_checkpoint(sys.argv[1], "best"))' "$OUT")
 did draft --model "$BEST" -n "$SAMPLES" --block-size "$BLOCK" --batch-size 32 --dtype bf16 -o "$OUT/drafts.jsonl"
 did refine --model "$BEST" --stages "L:$RATIO" --batch-size 32 --dtype bf16 "$OUT/drafts.jsonl" -o "$OUT/refined.jsonl"
 did eval-ppl --scorer "$SCORER" "$OUT/drafts.jsonl" "$OUT/refined.jsonl" --json "$OUT/gen_ppl.json"

@@ -27,8 +27,8 @@ def golden_dir() -> Path:
 
 def tiny_model(length: int = 64, seed: int = 0, std: float = 0.05, **overrides):
     """A tiny DiT with random, non-trivial weights (BD3-LM zero-inits adaLN and the output)."""
-    from did_cli.config import preset
-    from did_cli.model import DiT
+    from did_cli.core.model_config import preset
+    from did_cli.core.dit import DiT
 
     torch.manual_seed(seed)
     model = DiT(preset("tiny", model_length=length, dropout=0.0, **overrides))
@@ -42,7 +42,7 @@ def tiny_model(length: int = 64, seed: int = 0, std: float = 0.05, **overrides):
 @pytest.fixture(scope="session")
 def tok():
     """The bundled GPT-2 tokenizer (loaded once per test session)."""
-    from did_cli.tokenizer import load_tokenizer
+    from did_cli.io.tokenizer import load_tokenizer
 
     return load_tokenizer("gpt2")
 

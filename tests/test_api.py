@@ -12,7 +12,7 @@ import torch
 
 import did_cli
 from did_cli.errors import UsageError
-from did_cli.checkpoint import save_model
+from did_cli.io.checkpoint import save_model
 from did_cli.sampling import DraftConfig, draft
 
 from conftest import REPO, tiny_model
@@ -31,7 +31,7 @@ def ckpt(tmp_path_factory):
 def scorer_dir(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from did_cli.tokenizer import load_tokenizer
+    from did_cli.io.tokenizer import load_tokenizer
 
     d = tmp_path_factory.mktemp("scorer")
     torch.manual_seed(0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from did_cli import attention
-from did_cli.attention import attend, causal_predicate, dense_mask, mask_spec, train_predicate
+from did_cli.core import attention
+from did_cli.core.attention import attend, causal_predicate, dense_mask, mask_spec, train_predicate
 
 
 def test_train_predicate_hand_written_case():

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from did_cli import checkpoint as ck
-from did_cli.data import prepare
+from did_cli.io import checkpoint as ck
+from did_cli.io.data import prepare
 from did_cli.errors import DidError
-from did_cli.checkpoint import load_model
+from did_cli.io.checkpoint import load_model
 from did_cli.training import TrainConfig, train
 
 from test_train import corpus_slice

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from did_cli.config import DiffusionConfig
-from did_cli.diffusion import corrupt, eval_nelbo, masked_token_loss, nelbo, nelbo_loop_reference, sample_t
+from did_cli.core.model_config import DiffusionConfig
+from did_cli.core.diffusion import corrupt, eval_nelbo, masked_token_loss, nelbo, nelbo_loop_reference, sample_t
 
 from conftest import tiny_model
 

@@ -159,8 +159,8 @@ def provided(tmp_path_factory):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from did_cli.sources import BUNDLED_CORPUS
-    from did_cli.tokenizer import load_tokenizer
+    from did_cli.io.sources import BUNDLED_CORPUS
+    from did_cli.io.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("provided")
     scorer = root / "scorer"

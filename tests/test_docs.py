@@ -252,7 +252,7 @@ def tiny_scorer(tmp_path_factory) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from did_cli.tokenizer import load_tokenizer
+    from did_cli.io.tokenizer import load_tokenizer
 
     d = tmp_path_factory.mktemp("scorer")
     torch.manual_seed(0)
@@ -265,7 +265,7 @@ def _text_slice(folder: Path, docs: int = 30) -> Path:
     """The first documents of the bundled corpus as a small .jsonl source for `did prepare`."""
     import lzma
 
-    from did_cli.sources import BUNDLED_CORPUS
+    from did_cli.io.sources import BUNDLED_CORPUS
 
     folder.mkdir(parents=True, exist_ok=True)
     with lzma.open(BUNDLED_CORPUS, "rt", encoding="utf-8") as f:

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from did_cli.evaluation import gen_ppl as evaluate  # noqa: E402
 from did_cli import util  # noqa: E402
 from did_cli.errors import DidError  # noqa: E402
-from did_cli.records import RecordWriter, make_record  # noqa: E402
+from did_cli.io.records import RecordWriter, make_record  # noqa: E402
 from did_cli.evaluation.scorer import default_gguf_path, load_scorer  # noqa: E402
 
 CTX = 64
@@ -30,7 +30,7 @@ LONG = " ".join(f"Sentence number {i} is about a dog called Rex." for i in range
 
 @pytest.fixture(scope="module")
 def tok():
-    from did_cli.tokenizer import load_tokenizer
+    from did_cli.io.tokenizer import load_tokenizer
 
     return load_tokenizer("gpt2")
 
@@ -202,7 +202,7 @@ def test_cli_bad_input_line(scorer_dir, tmp_path):
 
 
 def test_bad_inputs_library(tmp_path):
-    from did_cli.records import read_records
+    from did_cli.io.records import read_records
 
     with pytest.raises(DidError, match="not a file/folder and not reachable on the hub"):
         load_scorer(str(tmp_path / "nowhere"), device="cpu")

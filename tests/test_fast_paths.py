@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from did_cli import attention
-from did_cli.config import preset
-from did_cli.model import DiT
+from did_cli.core import attention
+from did_cli.core.model_config import preset
+from did_cli.core.dit import DiT
 from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
 from did_cli.sampling import core
 from did_cli.sampling.fast import low_precision_copy
@@ -216,7 +216,7 @@ def test_mixed_block_training_compiles_one_graph_per_shape(tmp_path):
     from torch._dynamo.utils import counters
     from test_train import corpus_slice
 
-    from did_cli.data import prepare
+    from did_cli.io.data import prepare
     from did_cli.training import TrainConfig, train
 
     prepare([str(corpus_slice(tmp_path / "slice.jsonl"))], tmp_path / "data", seq_len=32, progress=False)
@@ -244,8 +244,8 @@ def _peak_rss_of(cmd: list[str]) -> tuple[int, int]:
 def test_parallel_refine_peak_memory(tmp_path, tok):
     """`did refine --sampler parallel` at batch 32, L = 64, ratio 0.5 (1000 masked rows per call,
     a [1000, V] float64 tensor is 400 MB): the process peaks well below 1.5 GB."""
-    from did_cli.checkpoint import save_model
-    from did_cli.records import dumps, make_record
+    from did_cli.io.checkpoint import save_model
+    from did_cli.io.records import dumps, make_record
 
     torch.manual_seed(0)
     model = DiT(preset("tiny", model_length=64, dropout=0.0))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from did_cli.data import prepare
+from did_cli.io.data import prepare
 from did_cli.training import TrainConfig, train
 from did_cli.training.state import BlockSizeSampler, RowSchedule
 
@@ -294,7 +294,7 @@ def test_steps_default_to_the_budget_fraction(bd3lm_init, data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     train_cfg = json.loads((out / "config.json").read_text())["train"]
     assert train_cfg["steps"] == 3 and train_cfg["tokens"] == round(0.26 * 10 * 2 * L)
-    from did_cli.training.config import MixScaleConfig
+    from did_cli.training.train_config import MixScaleConfig
 
     # the paper's figure: 26% of 150K steps of 512 x 1024 tokens
     assert MixScaleConfig().budget_tokens() == round(0.26 * 150_000 * 512 * 1024) == 20_447_232_000

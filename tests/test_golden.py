@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from did_cli import attention
-from did_cli.checkpoint import load_model
+from did_cli.core import attention
+from did_cli.io.checkpoint import load_model
 
 TOL = 1e-4
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from did_cli import attention
-from did_cli.config import DiffusionConfig
-from did_cli.diffusion import nelbo
-from did_cli.model import DiT
+from did_cli.core import attention
+from did_cli.core.model_config import DiffusionConfig
+from did_cli.core.diffusion import nelbo
+from did_cli.core.dit import DiT
 from did_cli.sampling.fast import FastFirstHitting
 from did_cli.sampling import DraftConfig, draft
 from did_cli.sampling.core import make_generator, mix_seed

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from did_cli.config import ModelConfig, preset
+from did_cli.core.model_config import ModelConfig, preset
 from did_cli.errors import DidError
-from did_cli.checkpoint import export_state_dict, load_model, load_state_dict_strict, save_model
-from did_cli.model import DiT
+from did_cli.io.checkpoint import export_state_dict, load_model, load_state_dict_strict, save_model
+from did_cli.core.dit import DiT
 
 from conftest import tiny_model
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from did_cli import checkpoint as ck
-from did_cli.data import prepare
+from did_cli.io import checkpoint as ck
+from did_cli.io.data import prepare
 
 from test_train import corpus_slice
 
@@ -88,8 +88,8 @@ def test_two_cpu_processes_split_the_data_and_follow_one_process(tmp_path):
         assert abs(a["loss"] - b["loss"]) < 0.05 * b["loss"], (a, b)
     # the final (EMA) models, scored on the same rows with the same t draws (the logged val NELBO
     # is not comparable: eval batches are per process, so their shapes and t draws differ)
-    from did_cli.checkpoint import load_model
-    from did_cli.data import PreparedData
+    from did_cli.io.checkpoint import load_model
+    from did_cli.io.data import PreparedData
     from did_cli.training.val_nelbo import val_nelbo
 
     rows = torch.from_numpy(np.asarray(PreparedData(tmp_path / "data").rows("validation")[:16], dtype=np.int64))

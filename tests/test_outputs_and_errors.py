@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from did_cli import cli
-from did_cli.checkpoint import save_model
+from did_cli.io.checkpoint import save_model
 from did_cli.commands import evaluate, prepare as prepare_cmd, quickstart, sample, show, train
-from did_cli.data import prepare
+from did_cli.io.data import prepare
 
 from conftest import tiny_model
 from test_train import corpus_slice

@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from did_cli.data import PreparedData, prepare
+from did_cli.io.data import PreparedData, prepare
 from did_cli.errors import DidError, UsageError
-from did_cli.tokenizer import load_tokenizer
+from did_cli.io.tokenizer import load_tokenizer
 
 BOS = EOS = 50256
 HELLO_WORLD = [15496, 995]

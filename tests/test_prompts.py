@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from did_cli import cli
 from did_cli.commands import sample
 from did_cli.errors import UsageError
-from did_cli.checkpoint import save_model
-from did_cli.records import validate
+from did_cli.io.checkpoint import save_model
+from did_cli.io.records import validate
 from did_cli.sampling import RefineConfig, refine
 from did_cli.sampling import DraftConfig, draft
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from did_cli.config import DiffusionConfig
-from did_cli.diffusion import allowed_counts, corrupt, nelbo, nelbo_loop_reference, sample_t
+from did_cli.core.model_config import DiffusionConfig
+from did_cli.core.diffusion import allowed_counts, corrupt, nelbo, nelbo_loop_reference, sample_t
 from did_cli.errors import DidError, UsageError
 from did_cli.evaluation import bootstrap as bs
 from did_cli.evaluation.scorer import CLEANUP, Scorer, clean_up
@@ -117,7 +117,7 @@ def test_resampling_leaves_allowed_blocks_alone_and_reaches_the_loss():
 
 
 def test_a_range_without_an_allowed_count_is_refused():
-    from did_cli.diffusion import check_resample
+    from did_cli.core.diffusion import check_resample
 
     with pytest.raises(UsageError, match="--no-resample"):
         check_resample(4, (0.3, 0.45))
@@ -129,7 +129,7 @@ def test_a_range_without_an_allowed_count_is_refused():
 
 
 def test_stratified_t_and_the_weights():
-    from did_cli.diffusion import posterior_weights, stratified_t
+    from did_cli.core.diffusion import posterior_weights, stratified_t
 
     t = stratified_t(1000, torch.Generator().manual_seed(0), "cpu", (1e-3, 1.0))
     u = ((t.double() - 1e-3) / (1 - 1e-3)).sort().values
@@ -145,7 +145,7 @@ def test_stratified_t_and_the_weights():
 def test_seed_to_seed_spread_at_the_global_block_shrinks():
     """Same 32 rows, 8 seeds: one plain-Monte-Carlo t per row (the old estimator) against t
     stratified over the set, the posterior weight and the default draws."""
-    from did_cli.diffusion import estimate_nelbo, eval_nelbo
+    from did_cli.core.diffusion import estimate_nelbo, eval_nelbo
 
     model = tiny_model(length=32, std=0.3)
     g = torch.Generator().manual_seed(0)
@@ -172,7 +172,7 @@ def test_seed_to_seed_spread_at_the_global_block_shrinks():
                                               (1024, 256, 3, 512, 1024), (1024, 1024, 1, 1024, 1024), (2048, 4, 448, 260, 2048)])
 def test_entropy_check_boundaries(L, B, n, first, last):
     # the reference checks after a block once the sample holds more than 256 tokens
-    from did_cli.sampling.config import ENTROPY_WINDOW
+    from did_cli.sampling.sampler_config import ENTROPY_WINDOW
 
     at = [e for e in range(B, L + 1, B) if e > ENTROPY_WINDOW]
     assert (len(at), at[0], at[-1]) == (n, first, last)
@@ -294,7 +294,7 @@ def test_compare_carries_intervals():
 def test_raw_row_layout(tmp_path, tok):
     import json
 
-    from did_cli.data import PreparedData, prepare
+    from did_cli.io.data import PreparedData, prepare
 
     docs = ["one two three four five six seven", "eight nine ten", "eleven twelve thirteen fourteen"]
     src = tmp_path / "docs.jsonl"

@@ -12,14 +12,14 @@ import textwrap
 import pytest
 
 from did_cli.errors import DidError
-from did_cli.records import SCHEMA, RecordWriter, make_record, read_records, validate
+from did_cli.io.records import SCHEMA, RecordWriter, make_record, read_records, validate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from did_cli.tokenizer import load_tokenizer
+    from did_cli.io.tokenizer import load_tokenizer
 
     return load_tokenizer("gpt2")
 
@@ -133,7 +133,7 @@ def test_failed_write_never_leaves_half_a_line(tmp_path):
         f"""
         import resource, signal, json
         from did_cli.errors import DidError
-        from did_cli.records import RecordWriter, SCHEMA
+        from did_cli.io.records import RecordWriter, SCHEMA
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         rec = {{"schema": SCHEMA, "id": "0", "tokens": list(range(1000)), "confidence": [0.5] * 1000, "text": "x"}}
         size = len(json.dumps(rec, separators=(",", ":"))) + 1

@@ -18,8 +18,8 @@ import typer
 from did_cli import cli
 from did_cli.commands import sample
 from did_cli.errors import DidError
-from did_cli.checkpoint import save_model
-from did_cli.records import validate
+from did_cli.io.checkpoint import save_model
+from did_cli.io.records import validate
 from did_cli.sampling import RefineConfig, parse_stages, refine
 from did_cli.sampling import DraftConfig, draft
 
@@ -291,7 +291,7 @@ def test_cli_malformed_line_in_a_subprocess(ckpt):
 
 @pytest.mark.slow
 def test_model_may_name_a_run_folder_or_its_best_checkpoint(model, tmp_path):
-    from did_cli import checkpoint as ck
+    from did_cli.io import checkpoint as ck
 
     run_dir = tmp_path / "run"
     for step in (1, 2):

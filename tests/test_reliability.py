@@ -20,11 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from did_cli import checkpoint as ck
-from did_cli.data import PreparedData, prepare
-from did_cli.checkpoint import export_state_dict, load_model, save_model
-from did_cli.records import make_record
-from did_cli.tokenizer import load_tokenizer
+from did_cli.io import checkpoint as ck
+from did_cli.io.data import PreparedData, prepare
+from did_cli.io.checkpoint import export_state_dict, load_model, save_model
+from did_cli.io.records import make_record
+from did_cli.io.tokenizer import load_tokenizer
 from did_cli.training.state import RowSchedule
 
 from conftest import tiny_model

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from did_cli.errors import UsageError
-from did_cli.records import validate
+from did_cli.io.records import validate
 from did_cli.sampling import DraftConfig, draft
 from did_cli.sampling.core import gumbel_argmax, nucleus, token_probs
 from did_cli.util import unigram_entropy

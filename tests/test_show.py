@@ -21,9 +21,9 @@ from did_cli import cli
 from did_cli.commands import evaluate, show
 from did_cli.evaluation.gen_ppl import sample_tokens
 from did_cli.util import unigram_entropy
-from did_cli.evaluation.show import render_page
-from did_cli.evaluation.show_html import Pieces, palette
-from did_cli.records import RecordWriter
+from did_cli.pipeline.page import render_page
+from did_cli.pipeline.page_html import Pieces, palette
+from did_cli.io.records import RecordWriter
 from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
 
 from conftest import REPO, tiny_model
@@ -263,9 +263,9 @@ def test_quickstart_page_in_chromium(browser, tmp_path):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from did_cli.quickstart import QuickstartConfig, run
-    from did_cli.records import read_records
-    from did_cli.tokenizer import load_tokenizer
+    from did_cli.pipeline.end_to_end import QuickstartConfig, run
+    from did_cli.io.records import read_records
+    from did_cli.io.tokenizer import load_tokenizer
 
     sc = tmp_path / "scorer"
     torch.manual_seed(0)

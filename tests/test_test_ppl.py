@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from did_cli.config import preset
-from did_cli.data import prepare
-from did_cli.checkpoint import save_model
-from did_cli.model import DiT
+from did_cli.core.model_config import preset
+from did_cli.io.data import prepare
+from did_cli.io.checkpoint import save_model
+from did_cli.core.dit import DiT
 from did_cli.training import TrainConfig, train
 
 from test_train import corpus_slice

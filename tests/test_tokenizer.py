@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from did_cli.config import BOS_ID, EOS_ID, GPT2_VOCAB, MASK_ID
+from did_cli.core.model_config import BOS_ID, EOS_ID, GPT2_VOCAB, MASK_ID
 from did_cli.errors import DidError
-from did_cli.tokenizer import GPT2_DIR, canonical_name, load_tokenizer
-from did_cli.sources import BUNDLED_CORPUS
+from did_cli.io.tokenizer import GPT2_DIR, canonical_name, load_tokenizer
+from did_cli.io.sources import BUNDLED_CORPUS
 
 
 @pytest.fixture(scope="module")

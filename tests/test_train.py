@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from did_cli import checkpoint as ck
-from did_cli.data import prepare
-from did_cli.sources import BUNDLED_CORPUS
+from did_cli.io import checkpoint as ck
+from did_cli.io.data import prepare
+from did_cli.io.sources import BUNDLED_CORPUS
 from did_cli.errors import DidError
-from did_cli.checkpoint import load_model
+from did_cli.io.checkpoint import load_model
 from did_cli.training import TrainConfig, train
 
 L = 32
@@ -154,9 +154,9 @@ def test_cli_bad_input_is_one_line(case, data_dir, tmp_path):
         args += ["--clip", "0.5,1.5"]
         expect_text = "--clip"
     else:
-        from did_cli.config import preset
-        from did_cli.checkpoint import save_model
-        from did_cli.model import DiT
+        from did_cli.core.model_config import preset
+        from did_cli.io.checkpoint import save_model
+        from did_cli.core.dit import DiT
 
         save_model(DiT(preset("tiny", model_length=L, tokenizer="bert-base-uncased")), tmp_path / "bert")
         args += ["--init", str(tmp_path / "bert")]

@@ -12,7 +12,7 @@ import typer
 
 from did_cli.commands.options import Opt, command, fields_of
 from did_cli.errors import UsageError
-from did_cli.evaluation.config import EvalConfig
+from did_cli.evaluation.eval_config import EvalConfig
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:
@@ -31,7 +31,7 @@ def _check_json_target(path: str | None, flag: str = "--json") -> None:
     """Fail on an output that cannot be written before the (slow) evaluation."""
     if path is None or path == "-":
         return
-    from did_cli.outputs import check_free, target
+    from did_cli.io.outputs import check_free, target
 
     check_free(target(path))
 
@@ -59,7 +59,7 @@ def _console():
 
 
 def _test_ppl(cfg: EvalConfig) -> None:
-    from did_cli.evaluation.test_ppl import test_ppl
+    from did_cli.evaluation.nelbo_bound import test_ppl
 
     if cfg.data is None:
         raise UsageError("--model needs --data DIR (a prepared data folder)")
@@ -76,7 +76,7 @@ def _test_ppl(cfg: EvalConfig) -> None:
 def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
     from did_cli.evaluation import gen_ppl as gp
     from did_cli.evaluation.scorer import load_scorer
-    from did_cli.records import read_records
+    from did_cli.io.records import read_records
 
     if inputs.count("-") > 1:
         raise UsageError("stdin ('-') can be read only once")
@@ -103,7 +103,7 @@ def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
     reasons = [f"{name}: {why}" if multi else why for name, res in results.items()
                for why in gp.check_thresholds(res["summary"], cfg.max_gen_ppl, cfg.min_entropy)]
     if cfg.plot is not None:
-        from did_cli.evaluation.plots import plot_distributions
+        from did_cli.pipeline.plots import plot_distributions
 
         plot_distributions(results, cfg.plot)
         err.print(f"plot: {cfg.plot}", markup=False, highlight=False, soft_wrap=True)
@@ -163,7 +163,7 @@ def _emit_json(obj: object, target: str | None) -> None:
         return
     text = json.dumps(obj, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o))
     if target == "-":
-        from did_cli.outputs import write_stdout
+        from did_cli.io.outputs import write_stdout
 
         write_stdout(text + "\n")
         return

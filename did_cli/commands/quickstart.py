@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from did_cli.commands.options import Opt, command
-from did_cli.quickstart import QuickstartConfig
+from did_cli.pipeline.end_to_end import QuickstartConfig
 
 
 def _quickstart(**kw: Any) -> None:
     """Run the whole pipeline on the bundled corpus and write a report."""
-    from did_cli.quickstart import run
+    from did_cli.pipeline.end_to_end import run
 
     _check_out(kw["out"], kw.pop("force"))
     run(QuickstartConfig(**dict(kw, out=str(kw["out"]))))
@@ -21,7 +21,7 @@ def _check_out(out: Path, force: bool) -> None:
     """--out must be a folder (or a new path); a non-empty one that is not an earlier
     quickstart's (data/, run/) is refused without --force."""
     from did_cli.errors import DidError
-    from did_cli.outputs import check_out_folder, describe_folder, is_empty_folder
+    from did_cli.io.outputs import check_out_folder, describe_folder, is_empty_folder
 
     check_out_folder(out)
     if force or not out.is_dir() or is_empty_folder(out) or (out / "data").is_dir() or (out / "run").is_dir():

@@ -12,13 +12,13 @@ from typing import Any
 
 from did_cli.commands.options import Opt, command, fields_of
 from did_cli.errors import DidError, UsageError
-from did_cli.sampling.config import DraftConfig, RefineConfig, SamplerConfig
+from did_cli.sampling.sampler_config import DraftConfig, RefineConfig, SamplerConfig
 
 MODEL_HELP = "Checkpoint folder, or a run folder (its latest complete checkpoint)."
 
 
 def _checkpoint(path: str) -> Path:
-    from did_cli.checkpoint import resolve_checkpoint
+    from did_cli.io.checkpoint import resolve_checkpoint
 
     p = Path(path)
     # RUN/best and RUN/latest name checkpoints of run RUN without existing as folders
@@ -32,7 +32,7 @@ def _check_output(output: str) -> None:
     (RecordWriter takes the lock later)."""
     if output == "-":
         return
-    from did_cli.outputs import check_free, target
+    from did_cli.io.outputs import check_free, target
 
     check_free(target(output))
 
@@ -52,10 +52,10 @@ PLACEMENT = fields_of(SamplerConfig, "device", "dtype", "allow_longer", "fast_pa
 def _draft(**kw: Any) -> None:
     """Draft samples with block diffusion; records (with snapshot confidence) as JSONL."""
     from did_cli import sampling
-    from did_cli.checkpoint import load_model, read_config
-    from did_cli.records import RecordWriter
+    from did_cli.io.checkpoint import load_model, read_config
+    from did_cli.io.records import RecordWriter
     from did_cli.sampling.prompts import resolve_prompts
-    from did_cli.tokenizer import load_tokenizer
+    from did_cli.io.tokenizer import load_tokenizer
     from did_cli.util import resolve_device
 
     model, output, prompt, prompts = kw.pop("model"), kw.pop("output"), kw.pop("prompt"), kw.pop("prompts")
@@ -96,9 +96,9 @@ draft = command(_draft, [
 def _refine(**kw: Any) -> None:
     """Re-mask the least confident tokens of drafts and regenerate them (global refine)."""
     from did_cli import sampling
-    from did_cli.checkpoint import load_model, read_config
-    from did_cli.records import RecordWriter, read_records, unique_ids
-    from did_cli.tokenizer import load_tokenizer
+    from did_cli.io.checkpoint import load_model, read_config
+    from did_cli.io.records import RecordWriter, read_records, unique_ids
+    from did_cli.io.tokenizer import load_tokenizer
     from did_cli.util import resolve_device
 
     source, model, output = kw.pop("input"), kw.pop("model"), kw.pop("output")

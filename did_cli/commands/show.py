@@ -1,4 +1,4 @@
-"""`did show`: a thin wrapper over did_cli.evaluation.show (one self-contained HTML page)."""
+"""`did show`: a thin wrapper over did_cli.pipeline.page (one self-contained HTML page)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import typer
 
 from did_cli.commands.options import Opt, command
 from did_cli.errors import DidError, UsageError
-from did_cli.evaluation.show import render_page
+from did_cli.pipeline.page import render_page
 
 
 def _show(inputs: list[str], output: str, scores: str | None, limit: int, tokenizer: str) -> None:
     """Write one self-contained HTML page: each sample's tokens shaded by confidence, re-masked and
     changed tokens marked, draft beside refined, entropy, gen PPL and the settings."""
-    from did_cli.evaluation.show import check_target, write_page
-    from did_cli.records import read_records
-    from did_cli.tokenizer import load_tokenizer
+    from did_cli.pipeline.page import check_target, write_page
+    from did_cli.io.records import read_records
+    from did_cli.io.tokenizer import load_tokenizer
 
     if len(inputs) > 2:
         raise UsageError(f"at most two inputs (SAMPLES.jsonl [REFINED.jsonl]), got {len(inputs)}")

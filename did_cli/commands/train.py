@@ -12,9 +12,9 @@ from typing import Any, Optional
 
 from did_cli.commands.config_file import record
 from did_cli.commands.options import Opt, command, fields_of
-from did_cli.config import parse_clip, parse_float_list
+from did_cli.core.model_config import parse_clip, parse_float_list
 from did_cli.errors import DidError, UsageError
-from did_cli.training.config import LENGTH_WORDS, MixScaleConfig, TrainConfig
+from did_cli.training.train_config import LENGTH_WORDS, MixScaleConfig, TrainConfig
 
 LOOP = fields_of(TrainConfig, "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "betas", "grad_clip", "ema",
                  "eval_every", "eval_batches", "val_draws", "val_weight", "save_every", "keep_last", "log_every", "seed", "resume")

@@ -1,3 +1,3 @@
-"""Evaluation: generative perplexity under an autoregressive scorer (`gen_ppl`, `scorer`), the
-NELBO bound of a checkpoint (`test_ppl`), and the figures and pages a person reads
-(`plots`, `report`)."""
+"""Evaluation numbers: generative perplexity under an autoregressive scorer (`gen_ppl`,
+`scorer`), paired bootstrap intervals (`bootstrap`) and the NELBO bound of a checkpoint
+(`nelbo_bound`)."""

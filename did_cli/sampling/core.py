@@ -200,7 +200,7 @@ def place(model: torch.nn.Module, device: str) -> torch.device:
 
 def tokenizer_for(model: Any, tokenizer: Any) -> Any:
     if tokenizer is None:
-        from did_cli.tokenizer import load_tokenizer
+        from did_cli.io.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(getattr(model.config, "tokenizer", "gpt2"))
     if tokenizer.vocab_size != model.config.vocab_size:

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import torch
 
-from did_cli.sampling.config import ENTROPY_WINDOW, DraftConfig
+from did_cli.sampling.sampler_config import ENTROPY_WINDOW, DraftConfig
 from did_cli.errors import DidError
 from did_cli.sampling.core import (DTYPES, EvalMode, Progress, RowLogits, SamplerSettings, autocast, fill,
                                    make_generator, mix_seed, model_info, place, tokenizer_for)
@@ -140,7 +140,7 @@ def check_finite_conf(what: str, conf: list, lo: int, hi: int, block: int | None
 
 
 def _record(tok: Any, rid: str, tokens: list[int], conf: list[float], prompt_len: int = 1, **extra: Any) -> dict:
-    from did_cli.records import make_record
+    from did_cli.io.records import make_record
 
     return make_record(tokens, conf, id=rid, tokenizer=tok, prompt_len=prompt_len, **extra)
 

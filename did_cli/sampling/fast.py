@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from did_cli.model import DiT
+from did_cli.core.dit import DiT
 from did_cli.sampling.core import DTYPES, autocast
 from did_cli.sampling.graph import EagerStep, GraphedStep
 from did_cli.sampling.nucleus import sample_rows

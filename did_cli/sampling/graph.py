@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from did_cli.model import DiT, KVCache
+from did_cli.core.dit import DiT, KVCache
 from did_cli.util import first_line, warn
 
 _COMPILED: set[tuple] = set()

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from did_cli.sampling.config import RefineConfig
+from did_cli.sampling.sampler_config import RefineConfig
 from did_cli.sampling.core import DTYPES
 from did_cli.sampling.fast import cached_step, low_precision_copy
 from did_cli.util import first_line, warn

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from did_cli.errors import DidError, UsageError
 
 if TYPE_CHECKING:
-    from did_cli.sampling.config import DraftConfig
+    from did_cli.sampling.sampler_config import DraftConfig
 
 
 def read_prompts(source: str | Any) -> tuple[list[str], list[str]]:

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from did_cli.errors import DidError
-from did_cli.sampling.config import RefineConfig
+from did_cli.sampling.sampler_config import RefineConfig
 from did_cli.sampling.core import (EvalMode, Progress, RowLogits, SamplerSettings, autocast, fill, make_generator,
                                    mix_seed, place, tokenizer_for)
 from did_cli.sampling.passes import RefinePasses
@@ -30,7 +30,7 @@ def check_record(rec: dict, where: str, mc: Any, tokenizer: Any, cfg: RefineConf
     """Raise DidError when a record cannot be refined by a model of config `mc` (a
     ModelConfig; `where` names the record in messages). Needs no weights, so the CLI runs it
     on a whole input file before loading the model."""
-    from did_cli.records import validate
+    from did_cli.io.records import validate
 
     validate(rec, vocab_size=mc.vocab_size, need=("id", "tokens"), source=where)
     minfo = rec.get("model")
@@ -234,7 +234,7 @@ def _remask(x, conf, ranges, recs, ratio: float, si: int, cfg: RefineConfig, mas
 
 
 def _record_keep(tok, rec: dict, tokens: list[int], conf: list, lo: int, extra: dict) -> dict:
-    from did_cli.records import make_record
+    from did_cli.io.records import make_record
 
     r = make_record(tokens, conf, id=rec["id"], tokenizer=tok, prompt_len=lo, **extra)
     if tokens == rec["tokens"] and "text" in rec:

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from did_cli.config import DiffusionConfig
+from did_cli.core.model_config import DiffusionConfig
 
 EPS = 1e-3
 FULL = (EPS, 1.0)
@@ -63,7 +63,7 @@ def search_clip(model, batches: list[torch.Tensor], block_size: int, mask_id: in
     Every candidate sees the same seeded noise (common random numbers: the comparison between
     candidates does not carry the noise of separate draws). Candidates that allow no masked
     count of a block under resampling are left out."""
-    from did_cli.diffusion import allowed_counts, block_nll, resamples, sample_t
+    from did_cli.core.diffusion import allowed_counts, block_nll, resamples, sample_t
 
     scores: dict[str, float] = {}
     chosen = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from did_cli import checkpoint as ck
+from did_cli.io import checkpoint as ck
 from did_cli.errors import DidError
 from did_cli.util import first_line
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from did_cli.errors import DidError
-from did_cli.model import DiT
+from did_cli.core.dit import DiT
 from did_cli.util import save_json
 
 

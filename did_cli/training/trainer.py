@@ -30,18 +30,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from did_cli import checkpoint as ck
-from did_cli.config import DiffusionConfig
-from did_cli.data import PreparedData
-from did_cli.diffusion import nelbo
+from did_cli.io import checkpoint as ck
+from did_cli.core.model_config import DiffusionConfig
+from did_cli.io.data import PreparedData
+from did_cli.core.diffusion import nelbo
 from did_cli.errors import DidError
 from did_cli.training import setup, tracking
 from did_cli.training.clip_search import clip_grid, search_clip
-from did_cli.training.config import TrainConfig, check_train_config, normalise_weights, resolve_block_sizes
+from did_cli.training.train_config import TrainConfig, check_train_config, normalise_weights, resolve_block_sizes
 from did_cli.training.console import Interrupt, LogWindow, TrainProgress, fmt_rate
 from did_cli.training.state import EMA, BlockSizeSampler, RowSchedule, TrainState, rng_state, set_rng_state, step_seed
 from did_cli.training.val_nelbo import validation_figures
-from did_cli.outputs import describe_folder, is_empty_folder
+from did_cli.io.outputs import describe_folder, is_empty_folder
 from did_cli.util import save_json
 
 

@@ -2,7 +2,7 @@
 evaluations of one run are comparable with each other), with its standard error.
 
 The noise is stratified over the whole validation set and large blocks get several draws per
-row (`did_cli.diffusion.estimate_nelbo`), which is what makes the figure at the global block
+row (`did_cli.core.diffusion.estimate_nelbo`), which is what makes the figure at the global block
 worth reading: with one t per row it moved by ~0.1 nats from seed to seed on 64 rows."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from did_cli.diffusion import EVAL_T_RANGE, estimate_nelbo
+from did_cli.core.diffusion import EVAL_T_RANGE, estimate_nelbo
 
 __all__ = ["EVAL_T_RANGE", "val_nelbo", "validation_figures"]
 

@@ -1,7 +1,7 @@
 """The DiT backbone of BD3-LM, weight-compatible with its public checkpoints.
 
 Read top to bottom: rotary embeddings, norms, one transformer block, the model, then its three
-forward passes. Loading and saving weights is `did_cli.checkpoint`.
+forward passes. Loading and saving weights is `did_cli.io.checkpoint`.
 
 - `forward(xt, block_size, x0=x0, select=mask)`: the vectorised `[x_t ; x_0]` training pass,
   logits of the noisy half only, and only at `select`ed positions (the 50258-wide output layer is
@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from did_cli.attention import MaskSpec, attend, attend_kind, mask_for, mask_spec
-from did_cli.config import ModelConfig
+from did_cli.core.attention import MaskSpec, attend, attend_kind, mask_for, mask_spec
+from did_cli.core.model_config import ModelConfig
 from did_cli.errors import DidError
 
 # ---------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from did_cli.checkpoint import load_model, resolve_checkpoint
-from did_cli.data import PreparedData, check_token_ids
-from did_cli.diffusion import estimate_nelbo
+from did_cli.io.checkpoint import load_model, resolve_checkpoint
+from did_cli.io.data import PreparedData, check_token_ids
+from did_cli.core.diffusion import estimate_nelbo
 from did_cli.errors import DidError, UsageError
 from did_cli.util import resolve_device
 
@@ -29,7 +29,7 @@ def test_ppl(
     standard error.
 
     t in [1e-3, 1], one per (row, draw, block), stratified over the whole split
-    (`did_cli.diffusion.estimate_nelbo`); `draws` noise draws per row (default: enough for 2
+    (`did_cli.core.diffusion.estimate_nelbo`); `draws` noise draws per row (default: enough for 2
     noise levels per row); `weight` 'posterior' (E[1/t | masked count]) or 'inverse-t' (1/t).
     The checkpoint's EMA weights (model.safetensors); position 0 is neither masked nor counted. `block_size` defaults to the model's length (MDLM bound);
     `model_path` may be a checkpoint folder or a run folder (its latest checkpoint).

@@ -9,11 +9,11 @@ import math
 from pathlib import Path
 
 from did_cli.errors import DidError
-from did_cli.outputs import write_bytes
+from did_cli.io.outputs import write_bytes
 
 
 def _save(fig, path, dpi: int) -> None:
-    """Render in memory, then write as did_cli.outputs does (no half-written PNG, devices and
+    """Render in memory, then write as did_cli.io.outputs does (no half-written PNG, devices and
     pipes written straight through, symlinks followed)."""
     import io
 

@@ -12,7 +12,7 @@ Run folder
     RUN/best.json            the checkpoint with the best validation NELBO (never pruned)
     RUN/checkpoints/step-00000100/
         config.json          model config (+ block sizes, clip ranges)
-        model.safetensors    EMA weights: `did_cli.model.load_model(folder)` loads them alone
+        model.safetensors    EMA weights: `did_cli.core.dit.load_model(folder)` loads them alone
         train_state/
             raw_model.safetensors   the optimised (non-EMA) weights
             optimizer.pt, scheduler.pt, rng.pt   torch.save; read with weights_only=True
@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from did_cli.config import ModelConfig
+from did_cli.core.model_config import ModelConfig
 from did_cli.errors import DidError
 from did_cli import util
 from did_cli.util import atomic_write, first_line, os_reason, save_json
 
 if TYPE_CHECKING:
-    from did_cli.model import DiT
+    from did_cli.core.dit import DiT
 
 CKPT_DIR = "checkpoints"
 STATE_DIR = "train_state"
@@ -350,7 +350,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", finite: boo
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from did_cli.model import DiT
+    from did_cli.core.dit import DiT
 
     folder = resolve_checkpoint(path)
     cfg = read_config(folder)

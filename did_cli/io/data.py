@@ -1,7 +1,7 @@
 """`did prepare`: read text -> tokenise -> pack into fixed-length rows -> memory-mapped files.
 
 Sources
-    Files, folders, the bundled corpus or a `datasets` hub name: `did_cli.sources`.
+    Files, folders, the bundled corpus or a `datasets` hub name: `did_cli.io.sources`.
 
 Row layout
     Each split is its own token stream: every document followed by EOS, documents in source
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from did_cli.errors import DidError, UsageError
-from did_cli.sources import collect_sources, documents
+from did_cli.io.sources import collect_sources, documents
 from did_cli.util import atomic_write, info
 
 FORMAT = "did.prepared/1"
@@ -53,7 +53,7 @@ def _worker_init(name: str) -> None:
     global _worker_tok
     # each worker is one process; let it use one core so num_proc means what it says
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from did_cli.tokenizer import load_tokenizer
+    from did_cli.io.tokenizer import load_tokenizer
 
     _worker_tok = load_tokenizer(name)
 
@@ -157,7 +157,7 @@ def prepare(
     identical earlier result was kept. A non-empty `out` that is not this preparation (other
     prepared data, or files of the user's) is refused unless `force`.
     """
-    from did_cli.tokenizer import load_tokenizer
+    from did_cli.io.tokenizer import load_tokenizer
 
     val_fraction = _check_settings(seq_len, val_docs, val_fraction, num_proc)
     if layout not in LAYOUTS:
@@ -275,7 +275,7 @@ def _write_folder(out: Path, rows: dict, meta: dict) -> None:
 def _refuse_other_folder(out: Path, mine: dict) -> None:
     """A non-empty --out that is not this preparation is not replaced without --force. The
     same sources and settings whose bytes changed are this preparation, refreshed."""
-    from did_cli.outputs import describe_folder, is_empty_folder
+    from did_cli.io.outputs import describe_folder, is_empty_folder
 
     if not out.is_dir() or is_empty_folder(out):
         return
@@ -355,7 +355,7 @@ class PreparedData:
 
     def check_compatible(self, *, tokenizer: str, vocab_size: int, seq_len: int | None = None) -> None:
         """Raise DidError naming the mismatch if a model with these settings cannot use this data."""
-        from did_cli.tokenizer import canonical_name
+        from did_cli.io.tokenizer import canonical_name
 
         mine = canonical_name(self.meta["tokenizer"])
         if canonical_name(tokenizer) != mine and not _same_folder(tokenizer, mine):

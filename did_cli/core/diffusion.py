@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from did_cli.config import DiffusionConfig
+from did_cli.core.model_config import DiffusionConfig
 from did_cli.errors import DidError, UsageError
 
 # redraw rounds before giving up: each round accepts a block with probability >= ~0.3 for any

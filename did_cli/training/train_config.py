@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from did_cli.config import DiffusionConfig, check_block_sizes
+from did_cli.core.model_config import DiffusionConfig, check_block_sizes
 from did_cli.errors import UsageError
 
 FULL_RANGE = (0.0, 1.0)
@@ -139,7 +139,7 @@ def model_overrides(cfg: TrainConfig) -> dict[str, int]:
 
 def check_model_size(cfg: TrainConfig) -> None:
     """The size options against each other and the preset, before any data is read."""
-    from did_cli.config import PRESETS
+    from did_cli.core.model_config import PRESETS
 
     given = {opt: getattr(cfg, opt) for opt in SIZE_FLAGS if getattr(cfg, opt) is not None}
     for opt, v in given.items():

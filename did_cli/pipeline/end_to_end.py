@@ -36,7 +36,7 @@ class QuickstartConfig:
     seq_len: int = 128
     """Sequence length L of the quickstart model (and of the global refine block)."""
     preset: str = "quick"
-    """Model preset (see did_cli.config.PRESETS)."""
+    """Model preset (see did_cli.core.model_config.PRESETS)."""
     draft_block: int = 4
     """Drafting block size."""
     global_weight: float = 0.1
@@ -133,10 +133,10 @@ class _Timer:
 
 def run(cfg: QuickstartConfig) -> dict:
     """Run the pipeline; returns the results dict also written to OUT/results.json."""
-    from did_cli.checkpoint import load_model
-    from did_cli.data import PreparedData, prepare
-    from did_cli.evaluation import report
-    from did_cli.tokenizer import load_tokenizer
+    from did_cli.io.checkpoint import load_model
+    from did_cli.io.data import PreparedData, prepare
+    from did_cli.pipeline import report
+    from did_cli.io.tokenizer import load_tokenizer
     from did_cli.util import atomic_write, resolve_device
 
     cfg.check()
@@ -184,7 +184,7 @@ def run(cfg: QuickstartConfig) -> dict:
 
 def _view(out: Path, drafts: list, refined: list, scores: dict, tok: Any) -> None:
     """OUT/view.html: `did show` of the drafts and their refinements, with their gen PPL."""
-    from did_cli.evaluation.show import render_page, write_page
+    from did_cli.pipeline.page import render_page, write_page
 
     names = {"draft": "draft.jsonl", "refined": "refined.jsonl"}
     evals = {"inputs": {names["draft"]: scores["draft"], names["refined"]: scores["refined"]}}
@@ -261,7 +261,7 @@ def _results(cfg: QuickstartConfig, res: dict, data: Any, drafts: list, refined:
     """The comparison of drafts and refined samples, read against the entropy control, with
     paired bootstrap intervals; the verdicts follow the intervals (beats / level / worse)."""
     from did_cli.evaluation import bootstrap as bs
-    from did_cli.evaluation.report import comparison_intervals, draft_ppl_at_entropy, ngram_copy_rate
+    from did_cli.pipeline.report import comparison_intervals, draft_ppl_at_entropy, ngram_copy_rate
 
     train_rows = data.rows("train")
     d, r, c = res["draft"]["summary"], res["refined"]["summary"], res["control"]["summary"]
@@ -302,7 +302,7 @@ ENTROPY_BAND = 0.03
 
 def _save(path: Path, records: Any) -> list[dict]:
     """Write records to `path` as they come (a crash keeps the finished ones) and return them."""
-    from did_cli.records import RecordWriter
+    from did_cli.io.records import RecordWriter
 
     kept = []
     with RecordWriter(path) as w:

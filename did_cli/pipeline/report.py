@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from did_cli.outputs import write_bytes
-from did_cli.evaluation.plots import plot_confidence, plot_ppl_pairs, plot_training
+from did_cli.io.outputs import write_bytes
+from did_cli.pipeline.plots import plot_confidence, plot_ppl_pairs, plot_training
 
 
 def ngram_copy_rate(samples: list[list[int]], train_rows: Any, n: int = 8, max_train_tokens: int = 20_000_000) -> float | None:

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from did_cli.errors import DidError
-from did_cli.outputs import target, write_bytes, write_stdout
+from did_cli.io.outputs import target, write_bytes, write_stdout
 from did_cli.evaluation.gen_ppl import sample_tokens
 from did_cli.util import unigram_entropy
-from did_cli.evaluation.show_html import Pieces, column, css, esc, legend
+from did_cli.pipeline.page_html import Pieces, column, css, esc, legend
 
 DOT = " \u00b7 "
 OUTCOMES = ("remasked", "changed", "nfe", "seconds")  # per-stage results, not settings
@@ -315,7 +315,7 @@ def render_page(
         drafts, refined = None, drafts
         names = {"draft": None, "refined": (names or {}).get("draft")}
     if tokenizer is None:
-        from did_cli.tokenizer import load_tokenizer
+        from did_cli.io.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer("gpt2")
     _check_tokenizer(tokenizer, [*(drafts or []), *(refined or [])])
@@ -358,7 +358,7 @@ def check_target(path: str) -> None:
 
 
 def write_page(page: str, path: str) -> None:
-    """Write the page to `path` ('-' = stdout) as did_cli.outputs does: a regular file is
+    """Write the page to `path` ('-' = stdout) as did_cli.io.outputs does: a regular file is
     replaced atomically (temp file in the same folder, then rename), a symlink is followed, and
     a device or pipe (/dev/stdout, a FIFO) is written straight through."""
     data = page.encode("utf-8", "replace")  # a lone surrogate from a record must not abort the write

@@ -212,7 +212,7 @@ class RecordWriter:
     """Write records as JSONL to a file or stdout, one whole line at a time.
 
     ``RecordWriter(None)`` or ``RecordWriter("-")`` writes to stdout. A file path is checked
-    and locked at construction (did_cli.outputs), so an unwritable destination, or one that
+    and locked at construction (did_cli.io.outputs), so an unwritable destination, or one that
     another process is writing, fails before any work. Records go to ``<path>.partial``, which
     is renamed to ``<path>`` when the writer closes without an error; after a crash or Ctrl-C
     the final path is untouched and ``<path>.partial`` holds every record written so far, each
@@ -222,7 +222,7 @@ class RecordWriter:
     """
 
     def __init__(self, dest: str | Path | None):
-        from did_cli.outputs import Lock, special_mode, target
+        from did_cli.io.outputs import Lock, special_mode, target
 
         self.dest = None if dest is None or str(dest) == "-" else Path(dest)
         self.count = 0
@@ -254,7 +254,7 @@ class RecordWriter:
         if self._fh is None:
             if self.dest is not None:
                 raise DidError(f"{self.name}: writer is closed")
-            from did_cli.outputs import write_stdout
+            from did_cli.io.outputs import write_stdout
 
             write_stdout(line)
         else:

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from did_cli.errors import DidError
 from did_cli.util import hub_unreachable, one_line
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 GPT2_DIR = ASSETS / "gpt2"
 GPT2_ALIASES = ("gpt2", "openai-community/gpt2")
 

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 from did_cli.errors import DidError, UsageError
 from did_cli.util import first_line, hub_unreachable, warn
 
-BUNDLED_CORPUS = Path(__file__).resolve().parent / "assets" / "corpus" / "corpus.jsonl.xz"
+BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "assets" / "corpus" / "corpus.jsonl.xz"
 BUNDLED_NAME = "bundled:corpus.jsonl.xz"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 COMPRESSED = {".gz": gzip.decompress, ".xz": lzma.decompress, ".bz2": bz2.decompress}
