@@ -56,9 +56,26 @@ def prepare_and_train(work: Path, steps: int, chars: int) -> Path:
         src.write_text("".join(out), encoding="utf-8")
     prepare([str(src)], work / "data", seq_len=64, val_fraction=0.05, progress=False)
     t0 = time.time()
-    train(TrainConfig(data=str(work / "data"), out=str(run), preset="quick", block_sizes=[4, "L"],
-                      block_weights=[0.5, 0.5], steps=steps, batch_size=16, lr=1e-3, warmup=50, ema=0.99,
-                      eval_every=100, eval_batches=4, save_every=100, keep_last=1, log_every=50, progress=True))
+    train(
+        TrainConfig(
+            data=str(work / "data"),
+            out=str(run),
+            preset="quick",
+            block_sizes=[4, "L"],
+            block_weights=[0.5, 0.5],
+            steps=steps,
+            batch_size=16,
+            lr=1e-3,
+            warmup=50,
+            ema=0.99,
+            eval_every=100,
+            eval_batches=4,
+            save_every=100,
+            keep_last=1,
+            log_every=50,
+            progress=True,
+        )
+    )
     print(f"trained {steps} steps in {time.time() - t0:.0f} s", file=sys.stderr)
     return run
 
@@ -96,7 +113,7 @@ def model_suffix_nll(model, recs: list[dict]) -> list[float]:
 def scorer_suffix_nll(scorer, tok, recs: list[dict]) -> list[float]:
     """Scorer NLL of the suffix text given the text before it, per suffix scorer token."""
     full = [tok.decode(r["tokens"][1:]) for r in recs]
-    head = [tok.decode(r["tokens"][1:len(r["tokens"]) - r["suffix_len"]]) for r in recs]
+    head = [tok.decode(r["tokens"][1 : len(r["tokens"]) - r["suffix_len"]]) for r in recs]
     a, b = scorer.nll(full, batch_size=16), scorer.nll(head, batch_size=16)
     return [(na - nb) / max(1, ka - kb) for (na, ka), (nb, kb) in zip(a, b)]
 
@@ -107,18 +124,31 @@ def mean_se(v: list[float]) -> str:
     return f"{m:.3f} ± {se:.3f}"
 
 
-def measure(run: Path, work: Path, samples: int, prompt_tokens: int, suffix_tokens: int, block: int, seed: int,
-            scorer_spec: str | None, batch: int = 24) -> None:
+def measure(
+    run: Path,
+    work: Path,
+    samples: int,
+    prompt_tokens: int,
+    suffix_tokens: int,
+    block: int,
+    seed: int,
+    scorer_spec: str | None,
+    batch: int = 24,
+) -> None:
     from did_cli import api
     from did_cli.evaluation.gen_ppl import gen_ppl
-    from did_cli.io.records import make_record
     from did_cli.evaluation.scorer import load_scorer
+    from did_cli.io.records import make_record
 
     model, tok = api.load_model(run / "best" if (run / "best.json").exists() else run, device="cpu")
     L = model.config.model_length
     rows = val_rows(work, samples, tok.eos_id)
-    print(f"model {model.checkpoint_path}; {len(rows)} validation rows, L = {L}, prompt {prompt_tokens} tokens, "
-          f"suffix {suffix_tokens} tokens, draft block {block}", file=sys.stderr)
+    print(
+        f"model {model.checkpoint_path}; {len(rows)} validation rows, L = {L}, prompt {prompt_tokens} "
+        "tokens, "
+        f"suffix {suffix_tokens} tokens, draft block {block}",
+        file=sys.stderr,
+    )
     t0 = time.time()
     # one sample per row with its own prompt and suffix: the batch routine takes a prompt per
     # row (the public API shares one suffix across prompts)
@@ -131,26 +161,61 @@ def measure(run: Path, work: Path, samples: int, prompt_tokens: int, suffix_toke
     sp = cfg.settings(model.config.mask_id)
     drafts = []
     for s0 in range(0, len(rows), batch):
-        part = rows[s0:s0 + batch]
-        prs = [Prompt(f"row{s0 + k}", r[1:1 + prompt_tokens], r[L - suffix_tokens:]) for k, r in enumerate(part)]
+        part = rows[s0 : s0 + batch]
+        prs = [
+            Prompt(f"row{s0 + k}", r[1 : 1 + prompt_tokens], r[L - suffix_tokens :])
+            for k, r in enumerate(part)
+        ]
         gens = [make_generator(mix_seed(seed, p.id), "cpu") for p in prs]
-        for p, (toks, conf, nfe, secs) in zip(prs, draft_batch(model, cfg, sp, L, prs, gens, torch.device("cpu"))):
-            drafts.append(make_record(toks, conf, id=p.id, tokenizer=tok, prompt_len=1 + prompt_tokens,
-                                      suffix_len=suffix_tokens, nfe=nfe))
+        for p, (toks, conf, nfe, _secs, _notes) in zip(
+            prs, draft_batch(model, cfg, sp, L, prs, gens, torch.device("cpu"))
+        ):
+            drafts.append(
+                make_record(
+                    toks,
+                    conf,
+                    id=p.id,
+                    tokenizer=tok,
+                    prompt_len=1 + prompt_tokens,
+                    suffix_len=suffix_tokens,
+                    nfe=nfe,
+                )
+            )
     print(f"drafted {len(drafts)} in {time.time() - t0:.0f} s", file=sys.stderr)
-    real = [make_record(row, None, id=f"row{k}", tokenizer=tok, prompt_len=1 + prompt_tokens, suffix_len=suffix_tokens)
-            for k, row in enumerate(rows)]
+    real = [
+        make_record(
+            row, None, id=f"row{k}", tokenizer=tok, prompt_len=1 + prompt_tokens, suffix_len=suffix_tokens
+        )
+        for k, row in enumerate(rows)
+    ]
     settings = {
         "draft (block 4)": drafts,
-        "refine L:0.25 snapshot": api.refine(model, drafts, stages=[(None, 0.25)], tokenizer=tok, seed=seed, batch_size=batch),
-        "refine L:0.5 snapshot": api.refine(model, drafts, stages=[(None, 0.5)], tokenizer=tok, seed=seed, batch_size=batch),
-        "refine L:0.25 random": api.refine(model, drafts, stages=[(None, 0.25)], confidence="random", tokenizer=tok, seed=seed, batch_size=batch),
-        f"refine {block}:0.25 snapshot (no look-ahead)": api.refine(model, drafts, stages=[(block, 0.25)], tokenizer=tok, seed=seed, batch_size=batch),
+        "refine L:0.25 snapshot": api.refine(
+            model, drafts, stages=[(None, 0.25)], tokenizer=tok, seed=seed, batch_size=batch
+        ),
+        "refine L:0.5 snapshot": api.refine(
+            model, drafts, stages=[(None, 0.5)], tokenizer=tok, seed=seed, batch_size=batch
+        ),
+        "refine L:0.25 random": api.refine(
+            model,
+            drafts,
+            stages=[(None, 0.25)],
+            confidence="random",
+            tokenizer=tok,
+            seed=seed,
+            batch_size=batch,
+        ),
+        f"refine {block}:0.25 snapshot (no look-ahead)": api.refine(
+            model, drafts, stages=[(block, 0.25)], tokenizer=tok, seed=seed, batch_size=batch
+        ),
         "real middle (data)": real,
     }
     scorer = load_scorer(scorer_spec, device="cpu")
     base_m = base_s = None
-    print(f"\n{len(rows)} samples; scorer {scorer.name}; ± = standard error; Δ = paired difference vs the draft\n")
+    print(
+        f"\n{len(rows)} samples; scorer {scorer.name}; ± = standard error; Δ = paired difference vs the "
+        "draft\n"
+    )
     print("| setting | model suffix NLL | Δ | scorer suffix NLL | Δ | gen PPL (whole text) | entropy |")
     print("|---|---|---|---|---|---|---|")
     for name, recs in settings.items():
@@ -161,7 +226,11 @@ def measure(run: Path, work: Path, samples: int, prompt_tokens: int, suffix_toke
             base_m, base_s = m, sc
         dm = mean_se([a - b for a, b in zip(m, base_m)]) if m is not base_m else "-"
         ds = mean_se([a - b for a, b in zip(sc, base_s)]) if sc is not base_s else "-"
-        print(f"| {name} | {mean_se(m)} | {dm} | {mean_se(sc)} | {ds} | {g['mean_ppl']:.1f} | {g['mean_entropy']:.3f} |", flush=True)
+        print(
+            f"| {name} | {mean_se(m)} | {dm} | {mean_se(sc)} | {ds} | {g['mean_ppl']:.1f} | "
+            f"{g['mean_entropy']:.3f} |",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -175,13 +244,24 @@ def main() -> None:
     ap.add_argument("--suffix-tokens", type=int, default=14)
     ap.add_argument("--block", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--scorer", default=None, help="as `did eval-ppl --scorer` (default: the offline default)")
+    ap.add_argument(
+        "--scorer", default=None, help="as `did eval-ppl --scorer` (default: the offline default)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     run = prepare_and_train(Path(args.work), args.steps, args.chars)
     if args.train_only:
         return
-    measure(run, Path(args.work), args.samples, args.prompt_tokens, args.suffix_tokens, args.block, args.seed, args.scorer)
+    measure(
+        run,
+        Path(args.work),
+        args.samples,
+        args.prompt_tokens,
+        args.suffix_tokens,
+        args.block,
+        args.seed,
+        args.scorer,
+    )
 
 
 if __name__ == "__main__":

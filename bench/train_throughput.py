@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from devinfo import device_name, peak_bytes, peaks, process_max_rss_bytes, reset_peak, sync  # noqa: E402
 
 from did_cli.core import attention  # noqa: E402
-from did_cli.core.model_config import DiffusionConfig, preset  # noqa: E402
 from did_cli.core.diffusion import nelbo  # noqa: E402
 from did_cli.core.dit import DiT  # noqa: E402
+from did_cli.core.model_config import DiffusionConfig, preset  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,10 +88,22 @@ def _mask_misses() -> int:
     return attention.flex_mask.cache_info().misses + attention.dense_mask.cache_info().misses
 
 
-def train_figures(preset_name: str = "tiny", seq_len: int = 128, batch: int = 8, block: int = 4, steps: int = 10,
-                  warmup: int = 3, device: str | torch.device = "cpu", dtype: str = "fp32",
-                  peak_tflops: float | None = None, compile: bool | None = None, backends: list[str] | None = None,
-                  log=print, time_left=None, rows: list | None = None) -> dict:
+def train_figures(
+    preset_name: str = "tiny",
+    seq_len: int = 128,
+    batch: int = 8,
+    block: int = 4,
+    steps: int = 10,
+    warmup: int = 3,
+    device: str | torch.device = "cpu",
+    dtype: str = "fp32",
+    peak_tflops: float | None = None,
+    compile: bool | None = None,
+    backends: list[str] | None = None,
+    log=print,
+    time_left=None,
+    rows: list | None = None,
+) -> dict:
     """Run every training measurement; returns {"rows": [...], "ratios": {...}, ...} and logs lines.
     `time_left()`: seconds before the caller's deadline; rows that would start after it are
     skipped (and listed under "skipped"); `rows`: a list the rows are appended to as measured."""
@@ -110,23 +122,49 @@ def train_figures(preset_name: str = "tiny", seq_len: int = 128, batch: int = 8,
     L, B = seq_len, min(block, seq_len)
     tokens = batch * L
     params = sum(p.numel() for p in model.parameters())
-    info = {"preset": preset_name, "params": params, "seq_len": L, "batch": batch, "block": B, "dtype": dtype,
-            "device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "peak_tflops": peak_tflops, "useful_tflop_per_seq": {str(B): useful_flops(cfg, L, B) / 1e12,
-                                                                  str(L): useful_flops(cfg, L, L) / 1e12}}
-    log(f"preset {preset_name}: {params / 1e6:.1f}M params, L={L}, batch {batch}, {dtype} on {info['device']} "
-        f"(torch {torch.__version__}, {torch.get_num_threads()} threads); useful {info['useful_tflop_per_seq'][str(B)]:.3f} "
-        f"TFLOP/seq at block {B}, {info['useful_tflop_per_seq'][str(L)]:.3f} at block L")
+    info = {
+        "preset": preset_name,
+        "params": params,
+        "seq_len": L,
+        "batch": batch,
+        "block": B,
+        "dtype": dtype,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "peak_tflops": peak_tflops,
+        "useful_tflop_per_seq": {
+            str(B): useful_flops(cfg, L, B) / 1e12,
+            str(L): useful_flops(cfg, L, L) / 1e12,
+        },
+    }
+    log(
+        f"preset {preset_name}: {params / 1e6:.1f}M params, L={L}, batch {batch}, {dtype} on "
+        f"{info['device']} "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads); useful "
+        f"{info['useful_tflop_per_seq'][str(B)]:.3f} "
+        f"TFLOP/seq at block {B}, {info['useful_tflop_per_seq'][str(L)]:.3f} at block L"
+    )
     rows = [] if rows is None else rows
 
-    def record(name: str, backend: str, blocks: list[int], compiled: bool, s: float, extra: dict | None = None) -> dict:
+    def record(
+        name: str, backend: str, blocks: list[int], compiled: bool, s: float, extra: dict | None = None
+    ) -> dict:
         flops = statistics.fmean(useful_flops(cfg, L, b) for b in blocks) * batch
         pk = peak_bytes(device)
-        row = {"name": name, "backend": backend, "blocks": blocks, "compiled": compiled, "ms_per_step": s * 1e3,
-               "tokens_per_s": tokens / s, "mfu": flops / s / (peak_tflops * 1e12) if peak_tflops else None,
-               "peak_gib": pk / 2**30 if pk is not None else None, **(extra or {})}
+        row = {
+            "name": name,
+            "backend": backend,
+            "blocks": blocks,
+            "compiled": compiled,
+            "ms_per_step": s * 1e3,
+            "tokens_per_s": tokens / s,
+            "mfu": flops / s / (peak_tflops * 1e12) if peak_tflops else None,
+            "peak_gib": pk / 2**30 if pk is not None else None,
+            **(extra or {}),
+        }
         rows.append(row)
-        line = (f"{name:<28} {tokens / s:10.0f} tokens/s {s * 1e3:9.1f} ms/step")
+        line = f"{name:<28} {tokens / s:10.0f} tokens/s {s * 1e3:9.1f} ms/step"
         if row["mfu"] is not None:
             line += f"  MFU {row['mfu'] * 100:5.1f}%"
         if row["peak_gib"] is not None:
@@ -151,9 +189,17 @@ def train_figures(preset_name: str = "tiny", seq_len: int = 128, batch: int = 8,
                 time_steps(m, o, x0, blocks, 0, len(blocks), amp, device)
                 g0, m0 = _graph_count(), _mask_misses()
                 s = time_steps(m, o, x0, blocks, steps, 0, amp, device)
-                return record(name, backend, blocks, compiled, s,
-                              {"new_graphs": _graph_count() - g0, "mask_builds": _mask_misses() - m0})
-            return record(name, backend, blocks, compiled, time_steps(m, o, x0, blocks, steps, warmup, amp, device))
+                return record(
+                    name,
+                    backend,
+                    blocks,
+                    compiled,
+                    s,
+                    {"new_graphs": _graph_count() - g0, "mask_builds": _mask_misses() - m0},
+                )
+            return record(
+                name, backend, blocks, compiled, time_steps(m, o, x0, blocks, steps, warmup, amp, device)
+            )
         finally:
             attention.set_backend("auto")
 
@@ -171,7 +217,9 @@ def train_figures(preset_name: str = "tiny", seq_len: int = 128, batch: int = 8,
             res[(first, L, compiled)] = measure(m, o, f"[{tag}] block L (1L pass)", first, [L], compiled)
             res[(first, "alt", compiled)] = measure(m, o, f"[{tag}] alternate {B}/L", first, [B, L], compiled)
         if mid:
-            res[(first, "mid", compiled)] = measure(m, o, f"[{tag}] alternate {B}/{mid}", first, [B, mid], compiled)
+            res[(first, "mid", compiled)] = measure(
+                m, o, f"[{tag}] alternate {B}/{mid}", first, [B, mid], compiled
+            )
 
     if compile:
         t0 = time.perf_counter()
@@ -198,7 +246,9 @@ def train_figures(preset_name: str = "tiny", seq_len: int = 128, batch: int = 8,
 
     ratio("block_B_over_L", (first, B, False), (first, L, False), f"block {B} / block L ({first}, eager)")
     if "sdpa" in backends and "flex" in backends:
-        ratio("flex_over_sdpa", ("flex", B, False), ("sdpa", B, False), f"flex / dense-mask SDPA at block {B}")
+        ratio(
+            "flex_over_sdpa", ("flex", B, False), ("sdpa", B, False), f"flex / dense-mask SDPA at block {B}"
+        )
     ratio("compiled_over_eager", (first, B, True), (first, B, False), f"compiled / eager at block {B}")
     ratio("compiled_over_eager_L", (first, L, True), (first, L, False), "compiled / eager at block L")
     # alternation costs nothing extra when a step at B/L alternately takes the mean of the two
@@ -207,7 +257,10 @@ def train_figures(preset_name: str = "tiny", seq_len: int = 128, batch: int = 8,
             mean = (res[(first, B, c)]["ms_per_step"] + res[(first, L, c)]["ms_per_step"]) / 2
             r = res[(first, "alt", c)]["ms_per_step"] / mean
             ratios[f"alternate_over_fixed{'_compiled' if c else ''}"] = r
-            log(f"ratio alternating {B}/L / mean of fixed {B} and L ({'compiled' if c else 'eager'}): {r:.2f}x")
+            log(
+                f"ratio alternating {B}/L / mean of fixed {B} and L ({'compiled' if c else 'eager'}): "
+                f"{r:.2f}x"
+            )
     for c in (False, True):
         if (first, "mid", c) in res and (first, B, c) in res:
             r = res[(first, "mid", c)]["ms_per_step"] / res[(first, B, c)]["ms_per_step"]
@@ -240,8 +293,19 @@ def bench_data(folder: Path, seq_len: int, rows: int) -> Path:
     return folder / "data"
 
 
-def trainer_figures(data: Path, out: Path, preset_name: str, batch: int, blocks: list, weights: list[float], steps: int,
-                    device: torch.device, compile: bool | None = None, log=print, time_left=None) -> dict:
+def trainer_figures(
+    data: Path,
+    out: Path,
+    preset_name: str,
+    batch: int,
+    blocks: list,
+    weights: list[float],
+    steps: int,
+    device: torch.device,
+    compile: bool | None = None,
+    log=print,
+    time_left=None,
+) -> dict:
     """`did train`'s own step, `Trainer.train_step` (the loss, backward, gradient clip, fused
     AdamW and EMA update of a real run, under its accelerator's mixed precision), on prepared
     data: warm-up until every block size ran once (compiles), then `steps` timed steps with the
@@ -251,8 +315,20 @@ def trainer_figures(data: Path, out: Path, preset_name: str, batch: int, blocks:
     from did_cli.training.console import Interrupt
     from did_cli.training.trainer import Trainer
 
-    cfg = TrainConfig(data=str(data), out=str(out), preset=preset_name, block_sizes=blocks, block_weights=weights,
-                      steps=10**6, batch_size=batch, warmup=10, eval_every=0, save_every=0, progress=False, compile=compile)
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(out),
+        preset=preset_name,
+        block_sizes=blocks,
+        block_weights=weights,
+        steps=10**6,
+        batch_size=batch,
+        warmup=10,
+        eval_every=0,
+        save_every=0,
+        progress=False,
+        compile=compile,
+    )
     t0 = time.perf_counter()
     tr = Trainer(cfg).setup()
     intr, seen, step = Interrupt(), set(), 0
@@ -272,15 +348,27 @@ def trainer_figures(data: Path, out: Path, preset_name: str, batch: int, blocks:
         per.setdefault(res.block, []).append(time.perf_counter() - t)
     n = sum(len(v) for v in per.values())
     total = time.perf_counter() - t_all
-    row = {"name": "did train step (Trainer.train_step)", "compiled": tr.compiled, "blocks": tr.sizes, "steps": n,
-           "warmup_steps": step, "warmup_s": warm_s, "tokens_per_s": n * batch * tr.length / total if n else None,
-           "ms_per_step": total / n * 1e3 if n else None, "new_graphs": _graph_count() - g0, "peak_gib": None,
-           "ms_per_step_by_block": {str(b): statistics.median(v) * 1e3 for b, v in per.items()}}
+    row = {
+        "name": "did train step (Trainer.train_step)",
+        "compiled": tr.compiled,
+        "blocks": tr.sizes,
+        "steps": n,
+        "warmup_steps": step,
+        "warmup_s": warm_s,
+        "tokens_per_s": n * batch * tr.length / total if n else None,
+        "ms_per_step": total / n * 1e3 if n else None,
+        "new_graphs": _graph_count() - g0,
+        "peak_gib": None,
+        "ms_per_step_by_block": {str(b): statistics.median(v) * 1e3 for b, v in per.items()},
+    }
     pk = peak_bytes(device)
     row["peak_gib"] = pk / 2**30 if pk is not None else None
     if n:
-        log(f"{row['name']:<28} {row['tokens_per_s']:10.0f} tokens/s {row['ms_per_step']:9.1f} ms/step  compiled {tr.compiled}"
-            f"  new graphs {row['new_graphs']}  by block {row['ms_per_step_by_block']}")
+        log(
+            f"{row['name']:<28} {row['tokens_per_s']:10.0f} tokens/s {row['ms_per_step']:9.1f} ms/step  "
+            f"compiled {tr.compiled}"
+            f"  new graphs {row['new_graphs']}  by block {row['ms_per_step_by_block']}"
+        )
     return row
 
 
@@ -294,14 +382,28 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=list(DTYPES))
-    ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="Device dense bf16 peak for MFU (default: by device name; H100 SXM / H200: 989).")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="Device dense bf16 peak for MFU (default: by device name; H100 SXM / H200: 989).",
+    )
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on CUDA only")
     ap.add_argument("--backends", default=None, help="comma-separated: flex,sdpa (default: both on CUDA)")
     args = ap.parse_args()
-    train_figures(args.preset, args.seq_len, args.batch_size, args.block_size, args.steps, args.warmup, args.device,
-                  args.dtype, args.peak_tflops, {"auto": None, "on": True, "off": False}[args.compile],
-                  args.backends.split(",") if args.backends else None)
+    train_figures(
+        args.preset,
+        args.seq_len,
+        args.batch_size,
+        args.block_size,
+        args.steps,
+        args.warmup,
+        args.device,
+        args.dtype,
+        args.peak_tflops,
+        {"auto": None, "on": True, "off": False}[args.compile],
+        args.backends.split(",") if args.backends else None,
+    )
 
 
 if __name__ == "__main__":

@@ -15,20 +15,21 @@ the record the CLI would write with the same settings. Records are plain dicts i
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from did_cli.errors import UsageError
 
 if TYPE_CHECKING:  # heavy imports only for type checkers; `import did_cli` stays light
-    from did_cli.evaluation.scorer import Scorer
     from did_cli.core.dit import DiT
+    from did_cli.evaluation.scorer import Scorer
     from did_cli.io.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
 
 
-def load_model(path: str | Path, device: str = "auto") -> tuple["DiT", "Tokenizer"]:
+def load_model(path: str | Path, device: str = "auto") -> tuple[DiT, Tokenizer]:
     """Load a checkpoint for sampling.
 
     `path` is a checkpoint folder (ours or a public BD3-LM/MDLM one), a run folder (its latest
@@ -36,8 +37,8 @@ def load_model(path: str | Path, device: str = "auto") -> tuple["DiT", "Tokenize
     'cpu', 'cuda', 'cuda:N'. Returns the model in eval mode and the tokenizer named in its
     config. The model maps token ids [batch, length] (int64) to logits [batch, length, vocab].
     """
-    from did_cli.io import checkpoint
     from did_cli.errors import DidError
+    from did_cli.io import checkpoint
     from did_cli.io.tokenizer import load_tokenizer
     from did_cli.util import resolve_device
 
@@ -60,13 +61,13 @@ def _overrides(cls: type, cfg: Any, overrides: dict[str, Any]) -> Any:
 
 
 def draft(
-    model: "DiT",
+    model: DiT,
     n: int | None = None,
     prompt: Prompt | Sequence[Prompt] | None = None,
     suffix: Prompt | None = None,
     cfg: Any = None,
     *,
-    tokenizer: "Tokenizer | None" = None,
+    tokenizer: Tokenizer | None = None,
     progress: bool = False,
     **overrides: Any,
 ) -> list[dict]:
@@ -82,7 +83,8 @@ def draft(
     Each record's `confidence` holds per position the snapshot probability (float) of the
     generated token, None at BOS, prompt and suffix positions.
     """
-    from did_cli.sampling import DraftConfig, draft as _draft
+    from did_cli.sampling import DraftConfig
+    from did_cli.sampling import draft as _draft
 
     if n is not None:
         overrides["n"] = n
@@ -92,17 +94,25 @@ def draft(
     if suffix is not None:
         overrides["suffix"] = suffix
     c = _overrides(DraftConfig, cfg, overrides)
-    return list(_draft(model, c, tokenizer=tokenizer, progress=progress, model_path=getattr(model, "checkpoint_path", None)))
+    return list(
+        _draft(
+            model,
+            c,
+            tokenizer=tokenizer,
+            progress=progress,
+            model_path=getattr(model, "checkpoint_path", None),
+        )
+    )
 
 
 def refine(
-    model: "DiT",
+    model: DiT,
     records: Iterable[dict],
     stages: Sequence[tuple[int | None, float]] | str | None = None,
     confidence: str | None = None,
     cfg: Any = None,
     *,
-    tokenizer: "Tokenizer | None" = None,
+    tokenizer: Tokenizer | None = None,
     progress: bool = False,
     **overrides: Any,
 ) -> list[dict]:
@@ -116,19 +126,32 @@ def refine(
     and the suffix; BOS, prompt and suffix are never re-masked. Returns refined records (same
     length as the inputs) in input order, with `draft_tokens` and one `stages` entry per stage.
     """
-    from did_cli.sampling import RefineConfig, parse_stages, refine as _refine
+    from did_cli.sampling import RefineConfig, parse_stages
+    from did_cli.sampling import refine as _refine
 
     if stages is not None:
         overrides["stages"] = parse_stages(stages) if isinstance(stages, str) else [tuple(s) for s in stages]
     if confidence is not None:
         overrides["confidence"] = confidence
     c = _overrides(RefineConfig, cfg, overrides)
-    return list(_refine(model, [dict(r) for r in records], c, tokenizer=tokenizer, progress=progress,
-                        model_path=getattr(model, "checkpoint_path", None)))
+    return list(
+        _refine(
+            model,
+            [dict(r) for r in records],
+            c,
+            tokenizer=tokenizer,
+            progress=progress,
+            model_path=getattr(model, "checkpoint_path", None),
+        )
+    )
 
 
-def gen_ppl(records: Sequence[dict], scorer: "str | Scorer | None" = None, device: str | None = None,
-            batch_size: int = 8) -> dict:
+def gen_ppl(
+    records: Sequence[dict],
+    scorer: str | Scorer | None = None,
+    device: str | None = None,
+    batch_size: int = 8,
+) -> dict:
     """Generative perplexity and unigram entropy of records' `text` under a causal LM.
 
     `scorer`: a loaded `Scorer`, or what `did eval-ppl --scorer` takes (a `.gguf` file, a local

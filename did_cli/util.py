@@ -8,8 +8,9 @@ import math
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from did_cli.errors import DidError, UsageError
 from did_cli.io.outputs import write_bytes

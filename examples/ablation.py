@@ -29,7 +29,9 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quickstart", required=True, help="folder of a did quickstart run (holds data/ and run/)")
+    ap.add_argument(
+        "--quickstart", required=True, help="folder of a did quickstart run (holds data/ and run/)"
+    )
     ap.add_argument("--out", default="ablation")
     ap.add_argument("--samples", type=int, default=96)
     ap.add_argument("--scorer", default=None, help="scorer spec (default: as did eval-ppl)")
@@ -42,12 +44,10 @@ def main() -> None:
     import torch
 
     from did_cli.evaluation import gen_ppl as evaluate
-    from did_cli.io.checkpoint import read_best, resolve_checkpoint
-    from did_cli.io.checkpoint import load_model
-    from did_cli.io.records import RecordWriter
-    from did_cli.sampling import RefineConfig, refine
-    from did_cli.sampling import DraftConfig, draft
     from did_cli.evaluation.scorer import load_scorer
+    from did_cli.io.checkpoint import load_model, read_best, resolve_checkpoint
+    from did_cli.io.records import RecordWriter
+    from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
     from did_cli.training import TrainConfig, train
 
     qs, out = Path(args.quickstart), Path(args.out)
@@ -71,13 +71,25 @@ def main() -> None:
 
     block = int(cfg_run["block_sizes"][0])
     say(f"drafting {args.samples} samples with the mix-scale model {mix_ckpt}")
-    drafts = list(draft(mix, DraftConfig(n=args.samples, length=L, block_size=block, batch_size=32, seed=args.seed),
-                        progress=False, model_path=str(mix_ckpt)))
+    drafts = list(
+        draft(
+            mix,
+            DraftConfig(n=args.samples, length=L, block_size=block, batch_size=32, seed=args.seed),
+            progress=False,
+            model_path=str(mix_ckpt),
+        )
+    )
     save("mix_draft", drafts)
 
     def refined(model, recs, stages, confidence="snapshot"):
-        return list(refine(model, recs, RefineConfig(stages=stages, confidence=confidence, batch_size=32, seed=args.seed),
-                           progress=False))
+        return list(
+            refine(
+                model,
+                recs,
+                RefineConfig(stages=stages, confidence=confidence, batch_size=32, seed=args.seed),
+                progress=False,
+            )
+        )
 
     for conf in ("snapshot", "posthoc", "random"):
         say(f"global refine, ratio 0.25, {conf} confidence")
@@ -97,29 +109,63 @@ def main() -> None:
         t = cfg_run["train"]
         ctrl_run = out / "control_run"
         say(f"training the block-{block}-only control for {steps} steps")
-        train(TrainConfig(data=str(qs / "data"), out=str(ctrl_run), preset=t["preset"], block_sizes=[block],
-                          block_weights=[1.0], steps=steps, batch_size=t["batch_size"], lr=t["lr"], warmup=t["warmup"],
-                          ema=t["ema"], eval_every=t["eval_every"], eval_batches=t["eval_batches"],
-                          save_every=t["save_every"], keep_last=1, seed=t["seed"], resume=(ctrl_run / "checkpoints").is_dir(),
-                          progress=False))
+        train(
+            TrainConfig(
+                data=str(qs / "data"),
+                out=str(ctrl_run),
+                preset=t["preset"],
+                block_sizes=[block],
+                block_weights=[1.0],
+                steps=steps,
+                batch_size=t["batch_size"],
+                lr=t["lr"],
+                warmup=t["warmup"],
+                ema=t["ema"],
+                eval_every=t["eval_every"],
+                eval_batches=t["eval_batches"],
+                save_every=t["save_every"],
+                keep_last=1,
+                seed=t["seed"],
+                resume=(ctrl_run / "checkpoints").is_dir(),
+                progress=False,
+            )
+        )
         ctrl_ckpt = resolve_checkpoint(ctrl_run, which="best")
         ctrl, _ = load_model(ctrl_ckpt)
         say("drafting and refining with the control")
-        cd = list(draft(ctrl, DraftConfig(n=args.samples, length=L, block_size=block, batch_size=32, seed=args.seed),
-                        progress=False, model_path=str(ctrl_ckpt)))
+        cd = list(
+            draft(
+                ctrl,
+                DraftConfig(n=args.samples, length=L, block_size=block, batch_size=32, seed=args.seed),
+                progress=False,
+                model_path=str(ctrl_ckpt),
+            )
+        )
         save("block4only_draft", cd)
         save("block4only_refine_L_0.25_snapshot", refined(ctrl, cd, [(None, 0.25)]))
 
     say("scoring")
     scorer = load_scorer(args.scorer)
     results = {name: evaluate.gen_ppl(recs, scorer) for name, recs in sets.items()}
-    for name, res in results.items():
+    for res in results.values():
         ppls = [s["ppl"] for s in res["samples"] if s["ppl"] is not None]
-        res["summary"]["stderr_mean_ppl"] = statistics.stdev(ppls) / math.sqrt(len(ppls)) if len(ppls) > 1 else None
-    (out / "ablation.json").write_text(json.dumps({"scorer": scorer.name, "samples": args.samples, "length": L,
-                                                   "mix_checkpoint": str(mix_ckpt), "torch": torch.__version__,
-                                                   "seconds": round(time.perf_counter() - t0),
-                                                   "results": {k: v["summary"] for k, v in results.items()}}, indent=2))
+        res["summary"]["stderr_mean_ppl"] = (
+            statistics.stdev(ppls) / math.sqrt(len(ppls)) if len(ppls) > 1 else None
+        )
+    (out / "ablation.json").write_text(
+        json.dumps(
+            {
+                "scorer": scorer.name,
+                "samples": args.samples,
+                "length": L,
+                "mix_checkpoint": str(mix_ckpt),
+                "torch": torch.__version__,
+                "seconds": round(time.perf_counter() - t0),
+                "results": {k: v["summary"] for k, v in results.items()},
+            },
+            indent=2,
+        )
+    )
     write_table(out / "ablation.md", results, scorer.name)
     say(f"done: {out / 'ablation.md'}")
 
@@ -128,16 +174,24 @@ def write_table(path: Path, results: dict, scorer: str) -> None:
     def ref_of(name: str) -> dict:
         return results["block4only_draft" if name.startswith("block4only") else "mix_draft"]["summary"]
 
-    rows = ["| setting | mean gen PPL ± s.e. | median | mean entropy | gen PPL vs draft | entropy vs draft |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| setting | mean gen PPL ± s.e. | median | mean entropy | gen PPL vs draft | entropy vs draft |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, res in results.items():
         s, ref = res["summary"], ref_of(name)
         dp = (s["mean_ppl"] - ref["mean_ppl"]) / ref["mean_ppl"] * 100
         de = (s["mean_entropy"] - ref["mean_entropy"]) / ref["mean_entropy"] * 100
         se = s.get("stderr_mean_ppl")
-        rows.append(f"| {name} | {s['mean_ppl']:.1f} ± {se:.1f} | {s['median_ppl']:.1f} | {s['mean_entropy']:.3f} | "
-                    f"{dp:+.1f}% | {de:+.1f}% |")
-    path.write_text(f"Scorer: {scorer}; {results['mix_draft']['summary']['n']} samples per setting.\n\n" + "\n".join(rows) + "\n")
+        rows.append(
+            f"| {name} | {s['mean_ppl']:.1f} ± {se:.1f} | {s['median_ppl']:.1f} | {s['mean_entropy']:.3f} | "
+            f"{dp:+.1f}% | {de:+.1f}% |"
+        )
+    path.write_text(
+        f"Scorer: {scorer}; {results['mix_draft']['summary']['n']} samples per setting.\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -27,15 +27,17 @@ def golden_dir() -> Path:
 
 def tiny_model(length: int = 64, seed: int = 0, std: float = 0.05, **overrides):
     """A tiny DiT with random, non-trivial weights (BD3-LM zero-inits adaLN and the output)."""
-    from did_cli.core.model_config import preset
     from did_cli.core.dit import DiT
+    from did_cli.core.model_config import preset
 
     torch.manual_seed(seed)
     model = DiT(preset("tiny", model_length=length, dropout=0.0, **overrides))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, std)
-        model.rotary_emb.inv_freq.copy_(1.0 / (10000 ** (torch.arange(0, model.config.head_dim, 2).float() / model.config.head_dim)))
+        model.rotary_emb.inv_freq.copy_(
+            1.0 / (10000 ** (torch.arange(0, model.config.head_dim, 2).float() / model.config.head_dim))
+        )
     return model.eval()
 
 

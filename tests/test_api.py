@@ -9,13 +9,12 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, tiny_model
 
 import did_cli
 from did_cli.errors import UsageError
 from did_cli.io.checkpoint import save_model
 from did_cli.sampling import DraftConfig, draft
-
-from conftest import REPO, tiny_model
 
 L = 32
 
@@ -35,7 +34,9 @@ def scorer_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("scorer")
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=50257)).save_pretrained(d)
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=50257)
+    ).save_pretrained(d)
     load_tokenizer("gpt2").hf.save_pretrained(d)
     return d
 
@@ -54,8 +55,10 @@ def test_docs_example_runs(ckpt, scorer_dir, monkeypatch, capsys):
 
 def test_import_is_light_and_api_is_lazy():
     # the API module itself imports torch only inside its functions
-    code = ("import sys, did_cli; assert 'torch' not in sys.modules; f = did_cli.draft; "
-            "assert f.__module__ == 'did_cli.api' and 'torch' not in sys.modules")
+    code = (
+        "import sys, did_cli; assert 'torch' not in sys.modules; f = did_cli.draft; "
+        "assert f.__module__ == 'did_cli.api' and 'torch' not in sys.modules"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     with pytest.raises(AttributeError):
@@ -66,8 +69,15 @@ def test_api_equals_library(ckpt):
     model, tok = did_cli.load_model(ckpt, device="cpu")
     kw = dict(length=16, block_size=4, top_p=1.0, seed=4)
     a = did_cli.draft(model, n=2, prompt=[11, 12, 13], suffix=" end", tokenizer=tok, **kw)
-    b = list(draft(model, DraftConfig(n=2, prompts=[[11, 12, 13]], suffix=" end", **kw), tokenizer=tok,
-                   progress=False, model_path=str(ckpt)))
+    b = list(
+        draft(
+            model,
+            DraftConfig(n=2, prompts=[[11, 12, 13]], suffix=" end", **kw),
+            tokenizer=tok,
+            progress=False,
+            model_path=str(ckpt),
+        )
+    )
     strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
     assert [strip(r) for r in a] == [strip(r) for r in b]
     assert a[0]["model"]["path"] == str(ckpt)

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from did_cli.io import checkpoint as ck
-from did_cli.io.data import prepare
-from did_cli.errors import DidError
-from did_cli.io.checkpoint import load_model
-from did_cli.training import TrainConfig, train
-
 from test_train import corpus_slice
+
+from did_cli.errors import DidError
+from did_cli.io import checkpoint as ck
+from did_cli.io.checkpoint import load_model
+from did_cli.io.data import prepare
+from did_cli.training import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +23,24 @@ def run3(tmp_path_factory) -> Path:
     """A run with checkpoints at steps 1, 2 and 3."""
     root = tmp_path_factory.mktemp("ckpt")
     prepare([str(corpus_slice(root / "slice.jsonl", every=100))], root / "data", seq_len=32, progress=False)
-    train(TrainConfig(data=str(root / "data"), out=str(root / "run"), block_sizes=[4], block_weights=None, steps=3,
-                      batch_size=2, lr=1e-3, warmup=1, ema=0.9, eval_every=0, eval_batches=2, save_every=1,
-                      log_every=1, progress=False))
+    train(
+        TrainConfig(
+            data=str(root / "data"),
+            out=str(root / "run"),
+            block_sizes=[4],
+            block_weights=None,
+            steps=3,
+            batch_size=2,
+            lr=1e-3,
+            warmup=1,
+            ema=0.9,
+            eval_every=0,
+            eval_batches=2,
+            save_every=1,
+            log_every=1,
+            progress=False,
+        )
+    )
     return root / "run"
 
 
@@ -94,7 +108,9 @@ def test_training_state_is_loaded_with_weights_only(run):
 def test_manifest_lists_every_file_and_model_loads_alone(run):
     ckpt = ck.resolve_checkpoint(run)
     files = json.loads((ckpt / "manifest.json").read_text())["files"]
-    on_disk = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    on_disk = {
+        p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json"
+    }
     assert set(files) == on_disk
     solo = run.parent / "solo"
     solo.mkdir()

@@ -13,26 +13,40 @@ import torch
 import typer
 import yaml
 from safetensors.torch import load_file
+from test_train import corpus_slice
 from typer.testing import CliRunner
 
 from did_cli import cli
 from did_cli.commands import evaluate, sample, train
 from did_cli.io.data import prepare
 
-from test_train import corpus_slice
-
 L = 32
 APP = typer.Typer(pretty_exceptions_enable=False)
-for _name, _fn in (("train", train.train), ("finetune-mixscale", train.finetune_mixscale), ("draft", sample.draft),
-                   ("eval-ppl", evaluate.eval_ppl)):
+for _name, _fn in (
+    ("train", train.train),
+    ("finetune-mixscale", train.finetune_mixscale),
+    ("draft", sample.draft),
+    ("eval-ppl", evaluate.eval_ppl),
+):
     APP.command(_name)(cli._guarded(_fn))
 
 # a few steps of the tiny model; warm-up inside the run
-FAST = dict(batch_size=2, lr="1e-3", warmup=1, ema=0.9, eval_every=0, eval_batches=2, save_every=0, log_every=1,
-            block_sizes=[4, "L"], block_weights=[0.5, 0.5], quiet=True)
+FAST = dict(
+    batch_size=2,
+    lr="1e-3",
+    warmup=1,
+    ema=0.9,
+    eval_every=0,
+    eval_batches=2,
+    save_every=0,
+    log_every=1,
+    block_sizes=[4, "L"],
+    block_weights=[0.5, 0.5],
+    quiet=True,
+)
 
 
-def did(*args) -> "CliRunner":
+def did(*args) -> CliRunner:
     r = CliRunner().invoke(APP, [str(a) for a in args])
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         raise r.exception
@@ -72,18 +86,36 @@ def test_config_file_sets_options_flags_override_and_the_run_config_reproduces_t
     # the run folder is itself a --config: the same run, bit for bit
     r = did("train", "--config", tmp_path / "a", "--out", tmp_path / "b")
     assert r.exit_code == 0, r.stderr
-    assert_same(weights(tmp_path / "a/checkpoints/step-00000003"), weights(tmp_path / "b/checkpoints/step-00000003"))
+    assert_same(
+        weights(tmp_path / "a/checkpoints/step-00000003"), weights(tmp_path / "b/checkpoints/step-00000003")
+    )
     again = json.loads((tmp_path / "b/config.json").read_text())
     assert again["train"] == dict(saved["train"], out=str(tmp_path / "b"))
     # a JSON file with one section per command: train reads its own
-    both = write_config(tmp_path / "recipe.json", {"train": dict(FAST, data=str(tmp_path / "elsewhere"), steps=3),
-                                                   "draft": {"n": 2}})
+    both = write_config(
+        tmp_path / "recipe.json",
+        {"train": dict(FAST, data=str(tmp_path / "elsewhere"), steps=3), "draft": {"n": 2}},
+    )
     r = did("train", "--config", both, "--out", tmp_path / "c")
     assert r.exit_code == 1 and "--data" in r.stderr and "elsewhere" in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("case", ["unknown", "type-int", "type-bool", "type-float", "section", "outside", "yaml", "missing",
-                                  "required", "draft-unknown", "eval-type"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown",
+        "type-int",
+        "type-bool",
+        "type-float",
+        "section",
+        "outside",
+        "yaml",
+        "missing",
+        "required",
+        "draft-unknown",
+        "eval-type",
+    ],
+)
 def test_config_errors_are_one_line_naming_the_key(case, data_dir, tmp_path):
     cmd, body, expect = "train", dict(data=str(data_dir), out=str(tmp_path / "run")), None
     if case == "unknown":
@@ -118,8 +150,29 @@ def test_config_errors_are_one_line_naming_the_key(case, data_dir, tmp_path):
 
 
 def test_resume_with_no_other_option_continues_the_run(data_dir, tmp_path):
-    base = ["--data", data_dir, "--steps", 4, "--batch-size", 2, "--lr", "2e-3", "--warmup", 2, "--ema", 0.9,
-            "--eval-every", 0, "--eval-batches", 2, "--save-every", 2, "--seed", 5, "-q"]
+    base = [
+        "--data",
+        data_dir,
+        "--steps",
+        4,
+        "--batch-size",
+        2,
+        "--lr",
+        "2e-3",
+        "--warmup",
+        2,
+        "--ema",
+        0.9,
+        "--eval-every",
+        0,
+        "--eval-batches",
+        2,
+        "--save-every",
+        2,
+        "--seed",
+        5,
+        "-q",
+    ]
     assert did("train", "--out", tmp_path / "a", *base).exit_code == 0
     # a run that stopped after its step-2 checkpoint
     shutil.copytree(tmp_path / "a", tmp_path / "b")
@@ -127,20 +180,52 @@ def test_resume_with_no_other_option_continues_the_run(data_dir, tmp_path):
     (tmp_path / "b/best.json").unlink(missing_ok=True)
     r = did("train", "--out", tmp_path / "b", "--resume")
     assert r.exit_code == 0, r.stderr
-    assert_same(weights(tmp_path / "a/checkpoints/step-00000004"), weights(tmp_path / "b/checkpoints/step-00000004"))
+    assert_same(
+        weights(tmp_path / "a/checkpoints/step-00000004"), weights(tmp_path / "b/checkpoints/step-00000004")
+    )
     # what defines the run may not change
     for flag, value in (("--lr", "1e-2"), ("--layers", 3)):
         r = did("train", "--out", tmp_path / "b", "--resume", flag, value)
-        assert r.exit_code == 2 and f"--resume: {flag}" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert (
+            r.exit_code == 2 and f"--resume: {flag}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        ), r.stderr
 
 
 @pytest.fixture(scope="module")
 def custom_run(data_dir, tmp_path_factory):
     """A model of no preset's size, trained 2 steps from the command line (default --warmup)."""
     run = tmp_path_factory.mktemp("custom") / "run"
-    size = ["--layers", 3, "--hidden", 48, "--heads", 4, "--mlp-ratio", 2, "--cond-dim", 16, "--dropout", 0.05]
-    r = did("train", "--data", data_dir, "--out", run, "--steps", 2, "--batch-size", 2, "--eval-batches", 2,
-            "--eval-every", 0, "-q", *size)
+    size = [
+        "--layers",
+        3,
+        "--hidden",
+        48,
+        "--heads",
+        4,
+        "--mlp-ratio",
+        2,
+        "--cond-dim",
+        16,
+        "--dropout",
+        0.05,
+    ]
+    r = did(
+        "train",
+        "--data",
+        data_dir,
+        "--out",
+        run,
+        "--steps",
+        2,
+        "--batch-size",
+        2,
+        "--eval-batches",
+        2,
+        "--eval-every",
+        0,
+        "-q",
+        *size,
+    )
     assert r.exit_code == 0, r.stderr
     return run, r.stderr
 
@@ -154,7 +239,15 @@ def test_custom_size_model_trains_saves_and_reloads_without_flags(custom_run):
     assert len(warned) == 1 and "--warmup 2500" in warned[0] and "2 steps" in warned[0], stderr
     model, _ = load_model(run, device="cpu")
     mc = model.config
-    assert (mc.n_layers, mc.hidden_dim, mc.n_heads, mc.mlp_ratio, mc.cond_dim, mc.dropout, mc.model_length) == (3, 48, 4, 2, 16, 0.05, L)
+    assert (
+        mc.n_layers,
+        mc.hidden_dim,
+        mc.n_heads,
+        mc.mlp_ratio,
+        mc.cond_dim,
+        mc.dropout,
+        mc.model_length,
+    ) == (3, 48, 4, 2, 16, 0.05, L)
     assert len(model.blocks) == 3 and sum(p.numel() for p in model.parameters()) == mc.n_params()
     ckpt = run / "checkpoints/step-00000002"
     saved = json.loads((ckpt / "config.json").read_text())
@@ -174,24 +267,49 @@ def test_eval_ppl_model_prints_one_readable_line(custom_run, data_dir):
     r = did("eval-ppl", "--model", run, "--data", data_dir, "--block-size", 4, "--device", "cpu")
     assert r.exit_code == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("test NELBO ") and "{" not in r.stderr and r.stdout == "", r.stderr
+    assert (
+        len(lines) == 1 and lines[0].startswith("test NELBO ") and "{" not in r.stderr and r.stdout == ""
+    ), r.stderr
 
 
 def test_finetune_warmup_longer_than_the_run_is_reported(custom_run, data_dir, tmp_path):
     run, _ = custom_run
-    r = did("finetune-mixscale", "--init", run, "--data", data_dir, "--out", tmp_path / "ft", "--steps", 1,
-            "--batch-size", 2, "--eval-batches", 2, "--warmup", 10, "-q")
+    r = did(
+        "finetune-mixscale",
+        "--init",
+        run,
+        "--data",
+        data_dir,
+        "--out",
+        tmp_path / "ft",
+        "--steps",
+        1,
+        "--batch-size",
+        2,
+        "--eval-batches",
+        2,
+        "--warmup",
+        10,
+        "-q",
+    )
     assert r.exit_code == 0, r.stderr
     warned = [ln for ln in r.stderr.splitlines() if ln.startswith("did: warning:")]
-    assert warned == ["did: warning: --warmup 10 is longer than the run's 1 steps: the learning rate stops at 3e-05, "
-                      "not --lr 0.0003; scale --warmup with --steps (e.g. --warmup 1)"], r.stderr
+    assert warned == [
+        "did: warning: --warmup 10 is longer than the run's 1 steps: the learning rate stops at 3e-05, "
+        "not --lr 0.0003; scale --warmup with --steps (e.g. --warmup 1)"
+    ], r.stderr
 
 
-@pytest.mark.parametrize("flags, expect", [(["--hidden", 50, "--heads", 4], "--hidden 50 is not divisible by --heads 4"),
-                                           (["--hidden", 12, "--heads", 4], "head width must be even"),
-                                           (["--preset", "quick", "--heads", 3], "--hidden 128 is not divisible by --heads 3"),
-                                           (["--layers", 0], "--layers"),
-                                           (["--layers", 2, "--init", "somewhere"], "--layers: the model comes from --init")])
+@pytest.mark.parametrize(
+    "flags, expect",
+    [
+        (["--hidden", 50, "--heads", 4], "--hidden 50 is not divisible by --heads 4"),
+        (["--hidden", 12, "--heads", 4], "head width must be even"),
+        (["--preset", "quick", "--heads", 3], "--hidden 128 is not divisible by --heads 3"),
+        (["--layers", 0], "--layers"),
+        (["--layers", 2, "--init", "somewhere"], "--layers: the model comes from --init"),
+    ],
+)
 def test_model_size_is_checked_before_any_work(flags, expect, data_dir, tmp_path):
     r = did("train", "--data", data_dir, "--out", tmp_path / "run", *flags)
     assert r.exit_code == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -202,7 +320,9 @@ def test_tensorboard_event_file_holds_the_metrics_and_hyperparameters(data_dir, 
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = write_config(tmp_path / "tb.yaml", dict(FAST, data=str(data_dir), steps=3, eval_every=2, log_with="tensorboard"))
+    cfg = write_config(
+        tmp_path / "tb.yaml", dict(FAST, data=str(data_dir), steps=3, eval_every=2, log_with="tensorboard")
+    )
     r = did("train", "--config", cfg, "--out", tmp_path / "run")
     assert r.exit_code == 0, r.stderr
     logs = list((tmp_path / "run/logs").rglob("events.out.tfevents.*"))
@@ -213,7 +333,10 @@ def test_tensorboard_event_file_holds_the_metrics_and_hyperparameters(data_dir, 
     train_ev = [e for e in metrics if e["event"] == "train"]
     eval_ev = [e for e in metrics if e["event"] == "eval" and "val_nelbo" in e]
     assert len(train_ev) == 3 and len(eval_ev) == 3  # steps 0, 2 and 3
-    for kind, evs, keys in (("train", train_ev, ("loss", "lr", "tokens_per_s")), ("eval", eval_ev, ("val_nelbo", "val_nelbo_b4"))):
+    for kind, evs, keys in (
+        ("train", train_ev, ("loss", "lr", "tokens_per_s")),
+        ("eval", eval_ev, ("val_nelbo", "val_nelbo_b4")),
+    ):
         for key in keys:
             got = acc.Scalars(f"{kind}/{key}")
             assert [s.step for s in got] == [e["step"] for e in evs], (kind, key)
@@ -240,10 +363,18 @@ def test_tensorboard_event_file_holds_the_metrics_and_hyperparameters(data_dir, 
 
 def test_log_with_unknown_or_uninstalled_tracker_is_one_line(data_dir, tmp_path):
     r = did("train", "--data", data_dir, "--out", tmp_path / "run", "--log-with", "tensorbored")
-    assert r.exit_code == 2 and "--log-with 'tensorbored'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (
+        r.exit_code == 2
+        and "--log-with 'tensorbored'" in r.stderr
+        and len(r.stderr.strip().splitlines()) == 1
+    )
     from accelerate.tracking import get_available_trackers
 
-    absent = [t for t in ("wandb", "mlflow", "trackio", "aim") if t not in {str(x) for x in get_available_trackers()}]
+    absent = [
+        t
+        for t in ("wandb", "mlflow", "trackio", "aim")
+        if t not in {str(x) for x in get_available_trackers()}
+    ]
     if not absent:
         pytest.skip("every tracker is installed")
     r = did("train", "--data", data_dir, "--out", tmp_path / "run", "--log-with", absent[0])
@@ -252,11 +383,17 @@ def test_log_with_unknown_or_uninstalled_tracker_is_one_line(data_dir, tmp_path)
 
 
 def test_the_openwebtext_recipe_file_is_valid_for_each_of_its_commands():
-    from did_cli.commands import config_file, prepare as prep
+    from did_cli.commands import config_file
+    from did_cli.commands import prepare as prep
 
     recipe = Path(__file__).resolve().parents[1] / "examples" / "owt.yaml"
-    commands = {"prepare": prep.prepare, "finetune-mixscale": train.finetune_mixscale, "draft": sample.draft,
-                "refine": sample.refine, "eval-ppl": evaluate.eval_ppl}
+    commands = {
+        "prepare": prep.prepare,
+        "finetune-mixscale": train.finetune_mixscale,
+        "draft": sample.draft,
+        "refine": sample.refine,
+        "eval-ppl": evaluate.eval_ppl,
+    }
     assert set(yaml.safe_load(recipe.read_text())) == set(commands)
     got = {name: config_file.file_values(recipe, name, fn.options) for name, fn in commands.items()}
     assert got["finetune-mixscale"]["lr"] == 3e-4 and got["finetune-mixscale"]["clip"] == "auto"
@@ -270,17 +407,44 @@ def test_the_openwebtext_recipe_file_is_valid_for_each_of_its_commands():
 def test_help_of_each_command_mentions_config():
     for name in ("train", "finetune-mixscale", "draft", "eval-ppl"):
         r = CliRunner().invoke(APP, [name, "--help"], env={"COLUMNS": "200"})
-        assert r.exit_code == 0 and "--config" in r.stdout and "YAML or JSON" in r.stdout, (name, r.stdout[-500:])
+        assert r.exit_code == 0 and "--config" in r.stdout and "YAML or JSON" in r.stdout, (
+            name,
+            r.stdout[-500:],
+        )
 
 
 def test_resume_of_a_run_without_saved_options_reads_the_flags(data_dir, tmp_path):
     """A run built in Python saves no command-line options: --resume then takes the flags as given."""
-    from did_cli.training import TrainConfig, train as run_train
+    from did_cli.training import TrainConfig
+    from did_cli.training import train as run_train
 
-    kw = dict(batch_size=2, lr=1e-3, warmup=1, ema=0.9, eval_every=0, eval_batches=1, save_every=0, progress=False)
+    kw = dict(
+        batch_size=2, lr=1e-3, warmup=1, ema=0.9, eval_every=0, eval_batches=1, save_every=0, progress=False
+    )
     run_train(TrainConfig(data=str(data_dir), out=str(tmp_path / "py"), steps=2, **kw))
     assert "options" not in json.loads((tmp_path / "py/config.json").read_text())
-    r = did("train", "--data", data_dir, "--out", tmp_path / "py", "--resume", "--steps", 3, "--batch-size", 2, "--lr", "1e-3",
-            "--warmup", 1, "--ema", 0.9, "--eval-every", 0, "--eval-batches", 1, "-q")
+    r = did(
+        "train",
+        "--data",
+        data_dir,
+        "--out",
+        tmp_path / "py",
+        "--resume",
+        "--steps",
+        3,
+        "--batch-size",
+        2,
+        "--lr",
+        "1e-3",
+        "--warmup",
+        1,
+        "--ema",
+        0.9,
+        "--eval-every",
+        0,
+        "--eval-batches",
+        1,
+        "-q",
+    )
     assert r.exit_code == 0, r.stderr
     assert (tmp_path / "py/checkpoints/step-00000003").is_dir()

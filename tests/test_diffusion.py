@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from did_cli.core.model_config import DiffusionConfig
-from did_cli.core.diffusion import corrupt, eval_nelbo, masked_token_loss, nelbo, nelbo_loop_reference, sample_t
-
 from conftest import tiny_model
+
+from did_cli.core.diffusion import (
+    corrupt,
+    eval_nelbo,
+    masked_token_loss,
+    nelbo,
+    nelbo_loop_reference,
+    sample_t,
+)
+from did_cli.core.model_config import DiffusionConfig
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 64])

@@ -26,14 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^(\s*)(```+|~~~+)\s*([\w+-]*)")
 SHELL = {"", "bash", "sh", "shell", "console"}
-START = re.compile(r"^\s*(\$ )?(did |python |python3 |accelerate |torchrun |pip |cat |echo |[A-Z_]+=\S* |examples/|tensorboard )")
+START = re.compile(
+    r"^\s*(\$ )?(did |python |python3 |accelerate |torchrun |pip |cat |echo |[A-Z_]+=\S* "
+    r"|examples/|tensorboard )"
+)
 SYNOPSIS = re.compile(r"\[OPTIONS\]|\[SOURCES|\.\.\.|\bCKPT\b|(?<![=/\w])(DIR|RUN|FILE|N)\b(?!=)")
 
 # examples that cannot run on this machine, offline: (pattern, reason)
 NOT_HERE = [
     (r"\bpip install\b", "installs packages"),
-    (r"Skylion007/|kuleshov-group/|runs/did-owt|--data owt/|owt\.yaml|\bdrafts\.jsonl",
-     "needs the Hugging Face hub (OpenWebText, public checkpoints) or what the OpenWebText recipe makes"),
+    (
+        r"Skylion007/|kuleshov-group/|runs/did-owt|--data owt/|owt\.yaml|\bdrafts\.jsonl",
+        "needs the Hugging Face hub (OpenWebText, public checkpoints) or what the OpenWebText recipe makes",
+    ),
     (r"accelerate launch --config_file", "needs several GPUs"),
     (r"tensorboard --logdir", "starts a server"),
     (r"-m pytest", "the test suite itself"),
@@ -52,13 +57,18 @@ def shrink(code: str, scorer: str) -> str:
     subs = [
         (r"(--steps[ =]|^steps: |steps=)(\d+)", _steps),
         (r"(?<![\w-])(-n|--n|--samples) \d+", r"\1 2"),
-        (r"\b(SAMPLES)=\d+", r"\1=2"), (r"\bMINUTES=\d+", "MINUTES=0.5 PRESET=tiny SEQ_LEN=32"),
+        (r"\b(SAMPLES)=\d+", r"\1=2"),
+        (r"\bMINUTES=\d+", "MINUTES=0.5 PRESET=tiny SEQ_LEN=32"),
         (r"--minutes \S+", "--minutes 0.5"),
         (r"--batch-size \d+", "--batch-size 2"),
         (r"--preset (quick|small|medium)", "--preset tiny"),
-        (r"--seq-len 1024", "--seq-len 128"), (r"\b1024:", "128:"), (r",1024\b", ",128"),
-        (r"--device cuda", "--device cpu"), (r'device="cuda"', 'device="cpu"'),
-        (r"--scorer (gpt2-large|models/gpt2-large)", f"--scorer {scorer}"), (r'"models/gpt2-large"', repr(scorer)),
+        (r"--seq-len 1024", "--seq-len 128"),
+        (r"\b1024:", "128:"),
+        (r",1024\b", ",128"),
+        (r"--device cuda", "--device cpu"),
+        (r'device="cuda"', 'device="cpu"'),
+        (r"--scorer (gpt2-large|models/gpt2-large)", f"--scorer {scorer}"),
+        (r'"models/gpt2-large"', repr(scorer)),
         (r"--max-gen-ppl \S+", "--max-gen-ppl 1e9"),
         (r"--num-proc \d+", "--num-proc 1"),
         (r"step-00000500", "step-00000002"),
@@ -69,8 +79,12 @@ def shrink(code: str, scorer: str) -> str:
     if "eval-ppl" in code:  # a gate's bars, for a model trained 2 steps
         code = re.sub(r"--min-entropy \S+", "--min-entropy 0", code)
     if re.search(r"(^|\s)did quickstart\b", code):  # the pipeline at its smallest
-        code = re.sub(r"(did quickstart\b[^\n#]*?)(\s*(#.*)?)$", r"\1 --preset tiny --seq-len 32 --samples 2 --minutes 0.5\2", code,
-                      flags=re.M)
+        code = re.sub(
+            r"(did quickstart\b[^\n#]*?)(\s*(#.*)?)$",
+            r"\1 --preset tiny --seq-len 32 --samples 2 --minutes 0.5\2",
+            code,
+            flags=re.M,
+        )
     return code
 
 
@@ -84,7 +98,9 @@ def blocks(path: Path) -> list[tuple[int, str, str]]:
             continue
         if fence is not None:
             if line.strip().startswith(fence):
-                out.append((start, lang, "\n".join(ln[indent:] if not ln[:indent].strip() else ln for ln in buf)))
+                out.append(
+                    (start, lang, "\n".join(ln[indent:] if not ln[:indent].strip() else ln for ln in buf))
+                )
                 fence = None
             else:
                 buf.append(line)
@@ -122,9 +138,15 @@ def examples(path: Path) -> list[tuple[int, str, str]]:
         if lang == "python":
             found.append((no, "py", code))
         elif lang in SHELL:
-            first = next((ln for ln in code.splitlines() if ln.strip() and not ln.strip().startswith("#")), "")
+            first = next(
+                (ln for ln in code.splitlines() if ln.strip() and not ln.strip().startswith("#")), ""
+            )
             if START.match(first):
-                found += [(no, "sh", c) for c in commands(code) if START.match(c) and not SYNOPSIS.search(c.split("#")[0])]
+                found += [
+                    (no, "sh", c)
+                    for c in commands(code)
+                    if START.match(c) and not SYNOPSIS.search(c.split("#")[0])
+                ]
     return found
 
 
@@ -144,18 +166,36 @@ PROVIDED = {
 
 
 def _env(scorer: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "MINUTES", "SAMPLES", "SEQ_LEN", "PRESET", "SCORER")}
-    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               COLUMNS="200", NO_COLOR="1", DID_SCORER=scorer, WANDB_MODE="offline")
-    env["PATH"] = str(REPO / "examples") + os.pathsep + str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OUT", "MINUTES", "SAMPLES", "SEQ_LEN", "PRESET", "SCORER")
+    }
+    env.update(
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        COLUMNS="200",
+        NO_COLOR="1",
+        DID_SCORER=scorer,
+        WANDB_MODE="offline",
+    )
+    env["PATH"] = (
+        str(REPO / "examples")
+        + os.pathsep
+        + str(Path(sys.executable).parent)
+        + os.pathsep
+        + env.get("PATH", "")
+    )
     return env
 
 
 @pytest.fixture(scope="module")
 def provided(tmp_path_factory):
     """The files pages say come from elsewhere, made once by the real commands (tiny, L = 128)."""
-    import lzma
     import json
+    import lzma
+
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -165,7 +205,9 @@ def provided(tmp_path_factory):
     root = tmp_path_factory.mktemp("provided")
     scorer = root / "scorer"
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=160, vocab_size=50257)).save_pretrained(scorer)
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=160, vocab_size=50257)
+    ).save_pretrained(scorer)
     load_tokenizer("gpt2").hf.save_pretrained(scorer)
     env = _env(str(scorer))
     lines = lzma.open(BUNDLED_CORPUS, "rt", encoding="utf-8").read().splitlines()[:200]
@@ -176,10 +218,14 @@ def provided(tmp_path_factory):
 
     with gzip.open(root / "books.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(lines[20:200]) + "\n")
-    (root / "prompts.jsonl").write_text('{"id": "river", "prompt": "The river"}\n{"id": "q2", "prompt": "Once upon a time"}\n')
-    for cmd in ["did prepare --out data/ --seq-len 128",
-                "did train --data data/ --out run/ --steps 2 --batch-size 2 --eval-batches 1 --warmup 1 -q",
-                "did draft --model run/ -n 2 --block-size 4 -o draft.jsonl"]:
+    (root / "prompts.jsonl").write_text(
+        '{"id": "river", "prompt": "The river"}\n{"id": "q2", "prompt": "Once upon a time"}\n'
+    )
+    for cmd in [
+        "did prepare --out data/ --seq-len 128",
+        "did train --data data/ --out run/ --steps 2 --batch-size 2 --eval-batches 1 --warmup 1 -q",
+        "did draft --model run/ -n 2 --block-size 4 -o draft.jsonl",
+    ]:
         r = subprocess.run(cmd, shell=True, cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, (cmd, r.stderr)
     shutil.copy(root / "draft.jsonl", root / "samples.jsonl")
@@ -229,7 +275,10 @@ def test_zz_summary(capsys):
     total = [s for _, ss in rows for s in ss]
     with capsys.disabled():
         for page, ss in rows:
-            print(f"{page}: {ss.count('passed')}/{len(ss) - ss.count('skipped')} passed, {ss.count('skipped')} skipped")
+            print(
+                f"{page}: {ss.count('passed')}/{len(ss) - ss.count('skipped')} passed, "
+                f"{ss.count('skipped')} skipped"
+            )
         run = len(total) - total.count("skipped")
         print(f"doc examples: {run} run, {total.count('passed')} passed, {total.count('skipped')} skipped")
     assert total.count("failed") == 0

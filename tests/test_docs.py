@@ -31,8 +31,26 @@ INLINE = re.compile(r"`([^`\n]+)`")
 
 def _env(**extra: str) -> dict[str, str]:
     # the example scripts read their sizes from the environment: start from none of them
-    script_vars = {"OUT", "MODEL", "SOURCES", "SCORER", "MAX_GEN_PPL", "MIN_ENTROPY", "STEPS", "SAMPLES", "SEQ_LEN",
-                   "PRESET", "BATCH", "LR", "WARMUP", "BLOCK", "RATIO", "DEVICE", "SEED", "MINUTES"}
+    script_vars = {
+        "OUT",
+        "MODEL",
+        "SOURCES",
+        "SCORER",
+        "MAX_GEN_PPL",
+        "MIN_ENTROPY",
+        "STEPS",
+        "SAMPLES",
+        "SEQ_LEN",
+        "PRESET",
+        "BATCH",
+        "LR",
+        "WARMUP",
+        "BLOCK",
+        "RATIO",
+        "DEVICE",
+        "SEED",
+        "MINUTES",
+    }
     env = {k: v for k, v in os.environ.items() if k not in script_vars}
     env.update(COLUMNS="200", NO_COLOR="1", TERM="dumb", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -71,8 +89,14 @@ def _options_from_help(text: str) -> set[str]:
 @lru_cache(maxsize=1)
 def _all_help() -> dict[str, set[str]]:
     def one(sub: str) -> tuple[str, set[str]]:
-        res = subprocess.run([sys.executable, "-m", "did_cli.cli", sub, "--help"], capture_output=True,
-                             text=True, env=_env(), cwd=REPO, timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-m", "did_cli.cli", sub, "--help"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            cwd=REPO,
+            timeout=120,
+        )
         assert res.returncode == 0, f"did {sub} --help failed:\n{res.stderr}"
         return sub, _options_from_help(res.stdout)
 
@@ -142,7 +166,7 @@ def _invocations(path: Path) -> list[tuple[int, str, list[str]]]:
         matches = list(CMD.finditer(text))
         for k, m in enumerate(matches):
             end = matches[k + 1].start() if k + 1 < len(matches) else len(text)
-            seg = text[m.end():end]
+            seg = text[m.end() : end]
             seg = re.split(r"\s(?:\||&&|;|>|<|2>)\s", seg)[0]  # up to the next pipe or redirection
             seg = re.sub(r"'[^']*'|\"[^\"]*\"", " ", seg)  # quoted values are not options
             found.append((no, m.group(1), OPT.findall(seg)))
@@ -191,7 +215,8 @@ def test_extractor_finds_commands_in_all_forms(tmp_path):
     md.write_text(
         "Run `did draft --model run/ -n 4` then:\n\n```bash\n$ did refine --model run/ - \\\n"
         "    --stages L:0.25 | did eval-ppl --json - --max-gen-ppl 40  # gate\n```\n\n"
-        "```\naccelerate launch --config_file examples/accelerate/ddp.yaml -m did_cli.cli train --data d/ --out r/\n```\n\n"
+        "```\naccelerate launch --config_file examples/accelerate/ddp.yaml -m did_cli.cli train --data d/ "
+        "--out r/\n```\n\n"
         "```python\ndid_cli.sampling.draft(model, cfg)\n```\n"
     )
     got = [(sub, opts) for _, sub, opts in _invocations(md)]
@@ -256,7 +281,9 @@ def tiny_scorer(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("scorer")
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=50257)).save_pretrained(d)
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=50257)
+    ).save_pretrained(d)
     load_tokenizer("gpt2").hf.save_pretrained(d)
     return d
 
@@ -275,8 +302,14 @@ def _text_slice(folder: Path, docs: int = 30) -> Path:
 
 
 def _run_script(name: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(REPO / "examples" / name)], capture_output=True, text=True,
-                          env=_env(**env), cwd=REPO, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(REPO / "examples" / name)],
+        capture_output=True,
+        text=True,
+        env=_env(**env),
+        cwd=REPO,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -285,12 +318,24 @@ def test_ci_gate_passes_and_fails(tmp_path, tiny_scorer):
     random scorer gives gen PPL near the vocabulary size (~5e4): a bar above it passes, a bar
     below it must fail the script."""
     out = tmp_path / "gate"
-    common = dict(OUT=str(out), SOURCES=str(_text_slice(tmp_path / "src")), SEQ_LEN="16", STEPS="2", BATCH="4",
-                  SAMPLES="2", DEVICE="cpu", SCORER=str(tiny_scorer), MIN_ENTROPY="0")
+    common = dict(
+        OUT=str(out),
+        SOURCES=str(_text_slice(tmp_path / "src")),
+        SEQ_LEN="16",
+        STEPS="2",
+        BATCH="4",
+        SAMPLES="2",
+        DEVICE="cpu",
+        SCORER=str(tiny_scorer),
+        MIN_ENTROPY="0",
+    )
     ok = _run_script("ci_gate.sh", MAX_GEN_PPL="1e9", **common)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     gate = json.loads((out / "gate.json").read_text())
-    assert gate["passed"] is True and set(gate["inputs"]) == {str(out / "draft.jsonl"), str(out / "refined.jsonl")}
+    assert gate["passed"] is True and set(gate["inputs"]) == {
+        str(out / "draft.jsonl"),
+        str(out / "refined.jsonl"),
+    }
     assert (out / "run" / "best.json").is_file()
 
     # same model (training is skipped: OUT/run/best.json exists), a bar that cannot be met
@@ -309,13 +354,27 @@ def test_ci_gate_passes_and_fails(tmp_path, tiny_scorer):
 def test_quickstart_script_smallest(tmp_path, tiny_scorer):
     """examples/quickstart.sh at the smallest size: report, results.json and the three plots."""
     out = tmp_path / "qs"
-    res = _run_script("quickstart.sh", OUT=str(out), MINUTES="1", SAMPLES="4", PRESET="tiny", SEQ_LEN="32",
-                      SCORER=str(tiny_scorer), DEVICE="cpu")
+    res = _run_script(
+        "quickstart.sh",
+        OUT=str(out),
+        MINUTES="1",
+        SAMPLES="4",
+        PRESET="tiny",
+        SEQ_LEN="32",
+        SCORER=str(tiny_scorer),
+        DEVICE="cpu",
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "refined: gen PPL" in res.stdout
     assert (out / "report.md").is_file()
     r = json.loads((out / "results.json").read_text())
-    for key in ("draft_mean_gen_ppl", "refined_mean_gen_ppl", "draft_mean_entropy", "refined_mean_entropy", "scorer"):
+    for key in (
+        "draft_mean_gen_ppl",
+        "refined_mean_gen_ppl",
+        "draft_mean_entropy",
+        "refined_mean_entropy",
+        "scorer",
+    ):
         assert key in r, key
     assert r["scorer"] and r["config"]["samples"] == 4
     # the entropy control: drafts at a lower nucleus, and the verdict read at matched entropy

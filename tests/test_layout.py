@@ -57,7 +57,9 @@ def test_no_private_name_is_imported_across_modules():
     for m, tree in _modules().items():
         for mod, names in _imports(tree, m, top_level_only=False):
             if mod.startswith("did_cli") and mod != m:
-                bad += [f"{m} imports {mod}.{n}" for n in names if n.startswith("_") and not n.startswith("__")]
+                bad += [
+                    f"{m} imports {mod}.{n}" for n in names if n.startswith("_") and not n.startswith("__")
+                ]
     assert not bad, bad
 
 
@@ -80,7 +82,7 @@ def test_no_import_cycle_at_module_level():
         for d in sorted(graph[m]):
             if d != m and m.startswith(d + "."):
                 continue  # a module importing its own package's __init__
-            assert state.get(d) != 1, " -> ".join(path[path.index(d):] + [d])
+            assert state.get(d) != 1, " -> ".join(path[path.index(d) :] + [d])
             if d not in state:
                 visit(d)
         path.pop()

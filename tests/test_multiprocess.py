@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train import corpus_slice
 
 from did_cli.io import checkpoint as ck
 from did_cli.io.data import prepare
-
-from test_train import corpus_slice
 
 L = 32
 STEPS = 6
@@ -36,27 +35,91 @@ def _rows(path: Path) -> dict[int, list[int]]:
 
 
 def _events(run: Path, kind: str) -> list[dict]:
-    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
+    return [
+        e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind
+    ]
 
 
 @pytest.mark.slow
 def test_two_cpu_processes_split_the_data_and_follow_one_process(tmp_path):
     if shutil.which("accelerate") is None:
         pytest.skip("accelerate launcher not on PATH")
-    prepare([str(corpus_slice(tmp_path / "slice.jsonl", every=100))], tmp_path / "data", seq_len=L, progress=False)
-    common = ["train", "--data", str(tmp_path / "data"), "--steps", str(STEPS), "--lr", "3e-3", "--warmup", "2",
-              "--eval-every", "0", "--save-every", "3", "--log-every", "1", "--ema", "0.9",
-              "--block-sizes", "4,L", "--dropout", "0", "--seed", "3"]
+    prepare(
+        [str(corpus_slice(tmp_path / "slice.jsonl", every=100))], tmp_path / "data", seq_len=L, progress=False
+    )
+    common = [
+        "train",
+        "--data",
+        str(tmp_path / "data"),
+        "--steps",
+        str(STEPS),
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "2",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "3",
+        "--log-every",
+        "1",
+        "--ema",
+        "0.9",
+        "--block-sizes",
+        "4,L",
+        "--dropout",
+        "0",
+        "--seed",
+        "3",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    multi = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "did_cli.cli", *common,
-                            "--out", str(tmp_path / "m"), "--batch-size", "4", "--eval-batches", "4"],
-                           capture_output=True, text=True, timeout=900,
-                           env={**env, "DID_DEBUG_ROWS": str(tmp_path / "rows_m")})
+    multi = subprocess.run(
+        [
+            "accelerate",
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "did_cli.cli",
+            *common,
+            "--out",
+            str(tmp_path / "m"),
+            "--batch-size",
+            "4",
+            "--eval-batches",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**env, "DID_DEBUG_ROWS": str(tmp_path / "rows_m")},
+    )
     assert multi.returncode == 0, multi.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "did_cli.cli", *common, "--out", str(tmp_path / "s"),
-                             "--batch-size", "8", "--eval-batches", "2"], capture_output=True, text=True, timeout=900,
-                            env={**env, "DID_DEBUG_ROWS": str(tmp_path / "rows_s")})
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "did_cli.cli",
+            *common,
+            "--out",
+            str(tmp_path / "s"),
+            "--batch-size",
+            "8",
+            "--eval-batches",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**env, "DID_DEBUG_ROWS": str(tmp_path / "rows_s")},
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     assert json.loads((tmp_path / "m/config.json").read_text())["world_size"] == 2
 
@@ -92,9 +155,13 @@ def test_two_cpu_processes_split_the_data_and_follow_one_process(tmp_path):
     from did_cli.io.data import PreparedData
     from did_cli.training.val_nelbo import val_nelbo
 
-    rows = torch.from_numpy(np.asarray(PreparedData(tmp_path / "data").rows("validation")[:16], dtype=np.int64))
-    vm, vs = (val_nelbo(load_model(tmp_path / r / "checkpoints/step-00000006")[0], [rows], 4, 50257, seed=0)
-              for r in ("m", "s"))
+    rows = torch.from_numpy(
+        np.asarray(PreparedData(tmp_path / "data").rows("validation")[:16], dtype=np.int64)
+    )
+    vm, vs = (
+        val_nelbo(load_model(tmp_path / r / "checkpoints/step-00000006")[0], [rows], 4, 50257, seed=0)
+        for r in ("m", "s")
+    )
     assert abs(vm - vs) < 0.02 * vs, (vm, vs)
 
 
@@ -105,16 +172,42 @@ def test_fsdp_config_without_gpus_is_a_one_line_error(tmp_path):
     each process says so in one line (exit 1) rather than a traceback, before writing anything."""
     if shutil.which("accelerate") is None:
         pytest.skip("accelerate launcher not on PATH")
-    prepare([str(corpus_slice(tmp_path / "slice.jsonl", every=100))], tmp_path / "data", seq_len=L, progress=False)
+    prepare(
+        [str(corpus_slice(tmp_path / "slice.jsonl", every=100))], tmp_path / "data", seq_len=L, progress=False
+    )
     cfg = (Path(__file__).resolve().parents[1] / "examples/accelerate/fsdp.yaml").read_text()
-    cfg = cfg.replace("num_processes: 8", "num_processes: 2").replace("mixed_precision: bf16", "mixed_precision: 'no'")
+    cfg = cfg.replace("num_processes: 8", "num_processes: 2").replace(
+        "mixed_precision: bf16", "mixed_precision: 'no'"
+    )
     (tmp_path / "fsdp.yaml").write_text(cfg)
-    r = subprocess.run(["accelerate", "launch", "--config_file", str(tmp_path / "fsdp.yaml"), "-m", "did_cli.cli", "train",
-                        "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            "accelerate",
+            "launch",
+            "--config_file",
+            str(tmp_path / "fsdp.yaml"),
+            "-m",
+            "did_cli.cli",
+            "train",
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode != 0
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("did: error: ")]
-    assert errors and all("accelerate could not set up this run" in ln and "FSDP" in ln for ln in errors), r.stderr[-2000:]
+    assert errors and all("accelerate could not set up this run" in ln and "FSDP" in ln for ln in errors), (
+        r.stderr[-2000:]
+    )
     # the launcher prints its own traceback of the failed children; none comes from our code
     assert "did_cli" + os.sep not in r.stderr and "RuntimeError" not in r.stderr, r.stderr[-3000:]
     assert not (tmp_path / "run").exists()

@@ -20,16 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
+from conftest import tiny_model
 from safetensors.torch import load_file, save_file
+from test_train import corpus_slice
 from typer.testing import CliRunner
 
 from did_cli import cli
+from did_cli.commands import evaluate, quickstart, sample, show, train
+from did_cli.commands import prepare as prepare_cmd
 from did_cli.io.checkpoint import save_model
-from did_cli.commands import evaluate, prepare as prepare_cmd, quickstart, sample, show, train
 from did_cli.io.data import prepare
-
-from conftest import tiny_model
-from test_train import corpus_slice
 
 L = 32
 FAST = ["--sampler", "parallel", "--tokens-per-step", "4"]
@@ -37,9 +37,16 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMER
 
 # the real subcommands behind the real error guard, in-process (a subprocess costs seconds)
 APP = typer.Typer(pretty_exceptions_enable=False)
-for _name, _fn in [("draft", sample.draft), ("refine", sample.refine), ("eval-ppl", evaluate.eval_ppl), ("show", show.show),
-                   ("prepare", prepare_cmd.prepare), ("train", train.train), ("finetune-mixscale", train.finetune_mixscale),
-                   ("quickstart", quickstart.quickstart)]:
+for _name, _fn in [
+    ("draft", sample.draft),
+    ("refine", sample.refine),
+    ("eval-ppl", evaluate.eval_ppl),
+    ("show", show.show),
+    ("prepare", prepare_cmd.prepare),
+    ("train", train.train),
+    ("finetune-mixscale", train.finetune_mixscale),
+    ("quickstart", quickstart.quickstart),
+]:
     APP.command(_name)(cli._guarded(_fn))
 
 
@@ -48,8 +55,15 @@ def did(*args, input=None):
 
 
 def did_proc(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "did_cli", *map(str, args)], stdout=kw.pop("stdout", subprocess.PIPE),
-                          stderr=subprocess.PIPE, text=True, env=ENV, timeout=kw.pop("timeout", 120), **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "did_cli", *map(str, args)],
+        stdout=kw.pop("stdout", subprocess.PIPE),
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        timeout=kw.pop("timeout", 120),
+        **kw,
+    )
 
 
 def one_line_error(r, code: int = 1) -> str:
@@ -127,7 +141,9 @@ def test_draft_to_a_named_pipe_writes_through_to_its_reader(ckpt, root):
     fifo = root / "pipe.jsonl"
     os.mkfifo(fifo)
     got: list[str] = []
-    reader = threading.Thread(target=lambda: got.extend(open(fifo, encoding="utf-8").read().splitlines()), daemon=True)
+    reader = threading.Thread(
+        target=lambda: got.extend(open(fifo, encoding="utf-8").read().splitlines()), daemon=True
+    )
     reader.start()
     r = did("draft", "--model", ckpt, "-n", 2, *FAST, "-o", fifo)
     reader.join(30)
@@ -183,8 +199,25 @@ def test_dev_stdout_appended_to_a_file_is_written_through_not_replaced(ckpt, roo
 def test_a_second_writer_of_the_same_output_is_refused_naming_the_first(ckpt, root):
     out = root / "shared.jsonl"
     out.write_text("earlier\n")
-    first = subprocess.Popen([sys.executable, "-m", "did_cli", "draft", "--model", str(ckpt), "-n", "400", "--no-cache",
-                              "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "did_cli",
+            "draft",
+            "--model",
+            str(ckpt),
+            "-n",
+            "400",
+            "--no-cache",
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         lock = Path(str(out) + ".lock")
         deadline = time.time() + 90
@@ -238,7 +271,9 @@ def test_prepare_refuses_a_folder_of_another_preparation_without_force(root):
     before = (out / "train.bin").read_bytes()
     msg = one_line_error(did("prepare", src, "--out", out, "--seq-len", 32))
     assert "already holds prepared data of other sources or settings (seq_len 16" in msg and "--force" in msg
-    assert (out / "train.bin").read_bytes() == before and json.loads((out / "meta.json").read_text())["seq_len"] == 16
+    assert (out / "train.bin").read_bytes() == before and json.loads((out / "meta.json").read_text())[
+        "seq_len"
+    ] == 16
     assert did("prepare", src, "--out", out, "--seq-len", 16).exit_code == 0  # the same preparation is reused
     r = did("prepare", src, "--out", out, "--seq-len", 32, "--force")
     assert r.exit_code == 0, r.stderr
@@ -258,9 +293,13 @@ def test_train_and_quickstart_refuse_folders_that_are_not_theirs(ckpt, data, roo
     folder = root / "ckpt-as-out"
     shutil.copytree(ckpt, folder)
     before = (folder / "config.json").read_bytes()
-    msg = one_line_error(did("train", "--data", data, "--out", folder, "--steps", 1, "--preset", "tiny", "-q"))
+    msg = one_line_error(
+        did("train", "--data", data, "--out", folder, "--steps", 1, "--preset", "tiny", "-q")
+    )
     assert "is not empty (config.json, model.safetensors) and holds no checkpoint" in msg
-    msg = one_line_error(did("finetune-mixscale", "--init", ckpt, "--data", data, "--out", folder, "--steps", 1, "-q"))
+    msg = one_line_error(
+        did("finetune-mixscale", "--init", ckpt, "--data", data, "--out", folder, "--steps", 1, "-q")
+    )
     assert "is not empty" in msg
     assert (folder / "config.json").read_bytes() == before
     # quickstart into a folder of someone else's files
@@ -282,7 +321,10 @@ def test_nan_weights_stop_loading_naming_the_tensor(ckpt, drafts, root):
     bad = damaged(root, ckpt, "nan-ckpt", tensors=poison)
     for args in (["draft", "--model", bad, "-n", 1], ["refine", drafts, "--model", bad]):
         msg = one_line_error(did(*args))
-        assert "tensor backbone.blocks.0.attn_qkv.weight holds 1 non-finite value(s) (first at index [3, 5]: nan)" in msg
+        assert (
+            "tensor backbone.blocks.0.attn_qkv.weight holds 1 non-finite value(s) (first at index [3, 5]: "
+            "nan)" in msg
+        )
 
 
 def test_logits_that_overflow_stop_drafting_and_refining_naming_the_step(ckpt, drafts, root):
@@ -295,7 +337,9 @@ def test_logits_that_overflow_stop_drafting_and_refining_naming_the_step(ckpt, d
     msg = one_line_error(did("draft", "--model", big, "-n", 1, *FAST, "-o", out))
     assert "sample draft-0-0: the model gave non-finite logits at position 1 (block 0 of size 4)" in msg
     msg = one_line_error(did("refine", drafts, "--model", big, "-o", out))
-    assert "record 'draft-0-0': the model gave non-finite logits at position" in msg and "refine stage 1" in msg
+    assert (
+        "record 'draft-0-0': the model gave non-finite logits at position" in msg and "refine stage 1" in msg
+    )
     assert list(out.parent.iterdir()) == []  # no output, no empty .partial, no lock
 
 
@@ -304,7 +348,9 @@ def test_logits_that_overflow_stop_drafting_and_refining_naming_the_step(ckpt, d
 
 def test_eval_ppl_checks_its_json_target_before_the_evaluation(ckpt, data, root):
     t0 = time.perf_counter()
-    msg = one_line_error(did("eval-ppl", "--model", ckpt, "--data", data, "--json", root / "missing" / "x.json"))
+    msg = one_line_error(
+        did("eval-ppl", "--model", ckpt, "--data", data, "--json", root / "missing" / "x.json")
+    )
     assert msg == f"did: error: cannot write {root / 'missing' / 'x.json'}: {root / 'missing'} does not exist"
     assert time.perf_counter() - t0 < 5
 
@@ -324,8 +370,10 @@ def test_training_on_rows_outside_the_vocabulary_is_one_line_and_leaves_no_run(c
     del rows
     run = root / "bad-ids-run"
     msg = one_line_error(did("train", "--data", bad, "--out", run, "--steps", 1, "--preset", "tiny", "-q"))
-    assert msg.endswith("train.bin: row 1 holds token id 60000 at position 7, outside the vocabulary [0, 50258); "
-                        "re-run `did prepare`"), msg
+    assert msg.endswith(
+        "train.bin: row 1 holds token id 60000 at position 7, outside the vocabulary [0, 50258); "
+        "re-run `did prepare`"
+    ), msg
     assert not run.exists()
     # the same rows through eval-ppl's test perplexity (the other reader of prepared rows)
     msg = one_line_error(did("eval-ppl", "--model", ckpt, "--data", bad, "--split", "train", "--draws", 1))
@@ -335,19 +383,28 @@ def test_training_on_rows_outside_the_vocabulary_is_one_line_and_leaves_no_run(c
 def test_quickstart_out_an_existing_file(root):
     f = root / "a-file"
     f.write_text("x\n")
-    assert one_line_error(did("quickstart", "--out", f)) == f"did: error: --out {f}: exists and is not a folder"
+    assert (
+        one_line_error(did("quickstart", "--out", f)) == f"did: error: --out {f}: exists and is not a folder"
+    )
     assert f.read_text() == "x\n"
 
 
-@pytest.mark.parametrize("case, edit, expect", [
-    ("json-array", lambda c: [c], "expected a JSON object of model settings, got a JSON array"),
-    ("string-number", lambda c: {**c, "hidden_dim": "64"}, "'hidden_dim' must be an integer, got string \"64\""),
-    ("string-mask-id", lambda c: {**c, "mask_id": "50257"}, "'mask_id' must be an integer, got string"),
-    ("heads-not-dividing", lambda c: {**c, "n_heads": 3}, "hidden_dim 64 is not divisible by n_heads 3"),
-    ("mask-outside-vocab", lambda c: {**c, "mask_id": 10**6}, "mask_id 1000000 outside vocab_size 50258"),
-    ("length-zero", lambda c: {**c, "model_length": 0}, "'model_length' is 0, must be at least 1"),
-    ("missing-key", lambda c: {k: v for k, v in c.items() if k != "n_heads"}, "missing 'n_heads'"),
-])
+@pytest.mark.parametrize(
+    "case, edit, expect",
+    [
+        ("json-array", lambda c: [c], "expected a JSON object of model settings, got a JSON array"),
+        (
+            "string-number",
+            lambda c: {**c, "hidden_dim": "64"},
+            "'hidden_dim' must be an integer, got string \"64\"",
+        ),
+        ("string-mask-id", lambda c: {**c, "mask_id": "50257"}, "'mask_id' must be an integer, got string"),
+        ("heads-not-dividing", lambda c: {**c, "n_heads": 3}, "hidden_dim 64 is not divisible by n_heads 3"),
+        ("mask-outside-vocab", lambda c: {**c, "mask_id": 10**6}, "mask_id 1000000 outside vocab_size 50258"),
+        ("length-zero", lambda c: {**c, "model_length": 0}, "'model_length' is 0, must be at least 1"),
+        ("missing-key", lambda c: {k: v for k, v in c.items() if k != "n_heads"}, "missing 'n_heads'"),
+    ],
+)
 def test_a_damaged_checkpoint_config_is_a_runtime_fault_naming_config_json(ckpt, root, case, edit, expect):
     bad = damaged(root, ckpt, f"cfg-{case}", config=edit)
     msg = one_line_error(did("draft", "--model", bad, "-n", 1), code=1)
@@ -357,11 +414,17 @@ def test_a_damaged_checkpoint_config_is_a_runtime_fault_naming_config_json(ckpt,
 def test_json_nested_very_deep_is_one_line(ckpt, root):
     deep = root / "deep.jsonl"
     deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
-    for args in (["refine", deep, "--model", ckpt], ["eval-ppl", deep], ["show", deep, "-o", root / "deep.html"]):
+    for args in (
+        ["refine", deep, "--model", ckpt],
+        ["eval-ppl", deep],
+        ["show", deep, "-o", root / "deep.html"],
+    ):
         assert one_line_error(did(*args)).endswith(f"line 1 of {deep}: JSON nested too deeply to be a record")
     prompts = root / "deep-prompts.jsonl"
     prompts.write_text('{"id": "a", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
-    assert "JSON nested too deeply to be a prompt" in one_line_error(did("draft", "--model", ckpt, "--prompts", prompts))
+    assert "JSON nested too deeply to be a prompt" in one_line_error(
+        did("draft", "--model", ckpt, "--prompts", prompts)
+    )
     no_leftovers(root)
 
 
@@ -372,23 +435,38 @@ def _limited(max_bytes: int):
     def setup():  # a file-size limit: writes past it fail with EFBIG, like a disk that is full
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
     return setup
 
 
 def test_a_write_that_fails_midway_leaves_no_temporary_file(ckpt, data, root):
     folder = root / "limited"
     folder.mkdir()
-    (folder / "e.json").write_text("{\"earlier\": true}\n")
-    r = did_proc("eval-ppl", "--model", ckpt, "--data", data, "--draws", 1, "--json", folder / "e.json",
-                 preexec_fn=_limited(64))
+    (folder / "e.json").write_text('{"earlier": true}\n')
+    r = did_proc(
+        "eval-ppl",
+        "--model",
+        ckpt,
+        "--data",
+        data,
+        "--draws",
+        1,
+        "--json",
+        folder / "e.json",
+        preexec_fn=_limited(64),
+    )
     assert one_line_error(r) == f"did: error: cannot write {folder / 'e.json'}: File too large"
-    assert (folder / "e.json").read_text() == "{\"earlier\": true}\n"
-    r = did_proc("prepare", root / "slice.jsonl", "--out", folder / "prep", "--seq-len", L, preexec_fn=_limited(4096))
+    assert (folder / "e.json").read_text() == '{"earlier": true}\n'
+    r = did_proc(
+        "prepare", root / "slice.jsonl", "--out", folder / "prep", "--seq-len", L, preexec_fn=_limited(4096)
+    )
     assert one_line_error(r) == f"did: error: cannot write {folder / 'prep' / 'train.bin'}: File too large"
     assert sorted(p.name for p in (folder / "prep").iterdir()) == []  # no .tmp, no meta.json
     # the second file fails after the first was written: neither is left (a re-run starts clean)
     (folder / "prep2" / "validation.bin").mkdir(parents=True)
-    msg = one_line_error(did("prepare", root / "slice.jsonl", "--out", folder / "prep2", "--seq-len", L, "--force"))
+    msg = one_line_error(
+        did("prepare", root / "slice.jsonl", "--out", folder / "prep2", "--seq-len", L, "--force")
+    )
     assert msg == f"did: error: cannot write {folder / 'prep2' / 'validation.bin'}: it is a directory"
     assert sorted(p.name for p in (folder / "prep2").iterdir()) == ["validation.bin"]
     no_leftovers(folder)
@@ -397,12 +475,15 @@ def test_a_write_that_fails_midway_leaves_no_temporary_file(ckpt, data, root):
 # ---------------------------------------------------------------------- 7. exit codes and messages
 
 
-@pytest.mark.parametrize("args, expect", [
-    (["draft", "--model", "x", "-n", "many"], "Invalid value for '-n' / '--n'"),
-    (["draft", "--modle", "x"], "No such option: --modle"),
-    (["refine", "in.jsonl"], "missing option --model"),
-    (["drfat"], "No such command 'drfat'."),
-])
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["draft", "--model", "x", "-n", "many"], "Invalid value for '-n' / '--n'"),
+        (["draft", "--modle", "x"], "No such option: --modle"),
+        (["refine", "in.jsonl"], "missing option --model"),
+        (["drfat"], "No such command 'drfat'."),
+    ],
+)
 def test_parser_errors_are_one_line_with_exit_2(args, expect):
     r = did_proc(*args)
     msg = one_line_error(r, code=2)
@@ -413,10 +494,19 @@ def test_an_unloadable_tokenizer_is_one_whole_line_quickly(ckpt, root):
     # a hub name without a route to the hub (offline mode off): one line within seconds, not a
     # minute of retries
     hub = damaged(root, ckpt, "hub-tok", config=lambda c: {**c, "tokenizer": "no-such-org/no-such-tokenizer"})
-    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env = {
+        k: v
+        for k, v in ENV.items()
+        if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    }
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "did_cli", "draft", "--model", str(hub), "-n", "1"], capture_output=True,
-                       text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "did_cli", "draft", "--model", str(hub), "-n", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert "cannot load tokenizer 'no-such-org/no-such-tokenizer'" in one_line_error(r)
     assert time.perf_counter() - t0 < 30
     # a folder whose library error spans lines: the whole message, not its first line cut at "one of:"
@@ -425,7 +515,10 @@ def test_an_unloadable_tokenizer_is_one_whole_line_quickly(ckpt, root):
     (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
     bad = damaged(root, ckpt, "bad-tok", config=lambda c: {**c, "tokenizer": str(folder)})
     msg = one_line_error(did("draft", "--model", bad, "-n", 1))
-    assert f"cannot load tokenizer {str(folder)!r}" in msg and "Couldn't instantiate the backend tokenizer from one of: (1)" in msg
+    assert (
+        f"cannot load tokenizer {str(folder)!r}" in msg
+        and "Couldn't instantiate the backend tokenizer from one of: (1)" in msg
+    )
     assert not msg.rstrip().endswith(":"), msg
 
 
@@ -442,11 +535,17 @@ def _with(drafts: Path, path: Path, edit) -> Path:
 def test_refine_refuses_repeated_ids_from_a_file_and_from_stdin(ckpt, drafts, root):
     dup = _with(drafts, root / "dup.jsonl", lambda rs: rs.append(rs[0]))
     msg = one_line_error(did("refine", dup, "--model", ckpt, "-o", root / "never.jsonl"))
-    assert msg == f"did: error: record 3 of {dup}: id 'draft-0-0' repeats record 1 (ids must be unique in a file)"
+    assert (
+        msg
+        == f"did: error: record 3 of {dup}: id 'draft-0-0' repeats record 1 (ids must be unique in a file)"
+    )
     assert not (root / "never.jsonl").exists()
     r = did("refine", "-", "--model", ckpt, input=dup.read_text())
-    assert r.exit_code == 1 and r.stderr.splitlines()[-1] == \
-        "did: error: record 3 of stdin: id 'draft-0-0' repeats record 1 (ids must be unique in a file)"
+    assert (
+        r.exit_code == 1
+        and r.stderr.splitlines()[-1]
+        == "did: error: record 3 of stdin: id 'draft-0-0' repeats record 1 (ids must be unique in a file)"
+    )
 
 
 @pytest.mark.parametrize("value", [7.5, -0.25, "NaN"])
@@ -458,11 +557,29 @@ def test_refine_refuses_confidences_outside_0_1(ckpt, drafts, root, value):
     if value == "NaN":  # json.dumps wrote the string: make it JSON's NaN literal
         path.write_text(path.read_text().replace('"NaN"', "NaN"))
     msg = one_line_error(did("refine", path, "--model", ckpt))
-    assert msg.startswith(f"did: error: line 2 of {path}: 'confidence' ") and "at position 5 outside [0, 1]" in msg, msg
+    assert (
+        msg.startswith(f"did: error: line 2 of {path}: 'confidence' ")
+        and "at position 5 outside [0, 1]" in msg
+    ), msg
 
 
 def test_a_bad_draft_block_is_reported_as_draft_block(ckpt, data, root):
-    msg = one_line_error(did("finetune-mixscale", "--init", ckpt, "--data", data, "--out", root / "ft5", "--draft-block", 5,
-                             "--steps", 1, "-q"), code=2)
+    msg = one_line_error(
+        did(
+            "finetune-mixscale",
+            "--init",
+            ckpt,
+            "--data",
+            data,
+            "--out",
+            root / "ft5",
+            "--draft-block",
+            5,
+            "--steps",
+            1,
+            "-q",
+        ),
+        code=2,
+    )
     assert msg == "did: error: --draft-block 5: block size 5 does not divide the sequence length 32", msg
     assert not (root / "ft5").exists()

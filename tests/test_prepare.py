@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from did_cli.io.data import PreparedData, prepare
 from did_cli.errors import DidError, UsageError
+from did_cli.io.data import PreparedData, prepare
 from did_cli.io.tokenizer import load_tokenizer
 
 BOS = EOS = 50256
@@ -58,9 +58,18 @@ def test_meta_fields(tmp_path):
     assert on_disk == {k: v for k, v in meta.items() if k != "reused"}
     assert on_disk["format"] == "did.prepared/1"
     assert (on_disk["tokenizer"], on_disk["vocab_size"], on_disk["mask_id"]) == ("gpt2", 50258, 50257)
-    assert (on_disk["bos_id"], on_disk["eos_id"], on_disk["seq_len"], on_disk["dtype"]) == (BOS, EOS, 8, "uint16")
+    assert (on_disk["bos_id"], on_disk["eos_id"], on_disk["seq_len"], on_disk["dtype"]) == (
+        BOS,
+        EOS,
+        8,
+        "uint16",
+    )
     assert len(on_disk["tokenizer_fingerprint"]) == 16 and len(on_disk["content_hash"]) == 32
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "validation.bin"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "meta.json",
+        "train.bin",
+        "validation.bin",
+    ]
     raw = np.fromfile(tmp_path / "out" / "train.bin", dtype="<u2")
     assert raw.size == on_disk["splits"]["train"]["rows"] * 8 and raw[0] == BOS
 
@@ -81,9 +90,11 @@ def test_jsonl_json_parquet_and_compressed_give_same_rows(tmp_path, tok):
         if t:  # blank documents are skipped
             stream += tok.encode(t) + [EOS]
     n = len(stream) // 3
-    expected = [[BOS, *stream[3 * r: 3 * r + 3]] for r in range(n)]
+    expected = [[BOS, *stream[3 * r : 3 * r + 3]] for r in range(n)]
     for name in ("d.jsonl", "d.json", "d.parquet", "d.jsonl.gz", "d.jsonl.xz"):
-        meta = prepare([str(tmp_path / name)], tmp_path / f"out_{name}", seq_len=4, val_docs=0, progress=False)
+        meta = prepare(
+            [str(tmp_path / name)], tmp_path / f"out_{name}", seq_len=4, val_docs=0, progress=False
+        )
         assert meta["splits"]["train"]["docs"] == 3, name
         assert PreparedData(tmp_path / f"out_{name}").rows().tolist() == expected, name
 
@@ -99,7 +110,9 @@ def test_validation_split_takes_last_documents(tmp_path, tok):
     assert val[:, 1:].reshape(-1).tolist() == val_stream[: val.shape[0] * 4]
     assert meta["splits"]["validation"]["tokens"] == len(val_stream)
 
-    meta = prepare([str(tmp_path / "d.jsonl")], tmp_path / "out_f", seq_len=5, val_fraction=0.3, progress=False)
+    meta = prepare(
+        [str(tmp_path / "d.jsonl")], tmp_path / "out_f", seq_len=5, val_fraction=0.3, progress=False
+    )
     assert meta["splits"]["validation"]["docs"] == 3 and meta["splits"]["train"]["docs"] == 7
     meta = prepare([str(tmp_path / "d.jsonl")], tmp_path / "out_d", seq_len=5, progress=False)
     assert meta["splits"]["validation"]["docs"] == 0  # default 5% of 10 documents rounds to 0
@@ -202,8 +215,14 @@ def test_worker_processes_give_identical_rows(tmp_path):
 
 def _cli(*args, cwd):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "did_cli.cli", "prepare", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "did_cli.cli", "prepare", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_missing_source_is_one_line(tmp_path):
@@ -216,7 +235,9 @@ def test_cli_missing_source_is_one_line(tmp_path):
 
 
 def test_cli_prepares_and_summarises(tmp_path):
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"Line {i} of text."}) + "\n" for i in range(20)))
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps({"text": f"Line {i} of text."}) + "\n" for i in range(20))
+    )
     r = _cli("d.jsonl", "--out", "out", "--seq-len", "8", "--val-docs", "5", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "train" in r.stderr and "validation" in r.stderr and "rows" in r.stderr

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import typer
+from conftest import tiny_model
 from typer.testing import CliRunner
 
 from did_cli import cli
@@ -18,10 +19,7 @@ from did_cli.commands import sample
 from did_cli.errors import UsageError
 from did_cli.io.checkpoint import save_model
 from did_cli.io.records import validate
-from did_cli.sampling import RefineConfig, refine
-from did_cli.sampling import DraftConfig, draft
-
-from conftest import tiny_model
+from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
 
 L = 32
 PROMPT = [464, 1578, 286, 262, 3329, 373]  # 6 tokens: prompt_len 7 ends mid-block for B = 4
@@ -115,8 +113,16 @@ def test_remask_ratio_counts_generated_positions_only(model, tok, drafts, block)
 
 @pytest.mark.parametrize("sampler,k,block,top_p", [("first-hitting", None, 4, 1.0), ("parallel", 2, 8, 1.0)])
 def test_cached_equals_uncached_with_prompts(model, tok, sampler, k, block, top_p):
-    kw = dict(n=1, block_size=block, sampler=sampler, tokens_per_step=k, top_p=top_p, seed=2,
-              prompts=[PROMPT, PROMPT[:2], PROMPT[:4] + PROMPT], suffix=SUFFIX[:3])  # prompt_len 7, 3, 11
+    kw = dict(
+        n=1,
+        block_size=block,
+        sampler=sampler,
+        tokens_per_step=k,
+        top_p=top_p,
+        seed=2,
+        prompts=[PROMPT, PROMPT[:2], PROMPT[:4] + PROMPT],
+        suffix=SUFFIX[:3],
+    )  # prompt_len 7, 3, 11
     cached = run_draft(model, tok, use_cache=True, **kw)
     plain = run_draft(model, tok, use_cache=False, **kw)
     assert [r["prompt_len"] for r in cached] == [7, 3, 11]
@@ -135,7 +141,9 @@ def test_batch_composition_does_not_change_prompted_samples(model, tok):
 
 def test_var_length_ignores_eos_in_the_prompt(model, tok):
     eos = model.config.eos_id
-    recs = run_draft(model, tok, n=1, block_size=4, length=8, prompts=[[eos, 11, eos]], var_length=True, seed=1)
+    recs = run_draft(
+        model, tok, n=1, block_size=4, length=8, prompts=[[eos, 11, eos]], var_length=True, seed=1
+    )
     assert recs[0]["tokens"][1:4] == [eos, 11, eos] and len(recs[0]["tokens"]) > 4
 
 
@@ -177,23 +185,92 @@ def test_cli_prompts_file_suffix_and_refine(ckpt, tmp_path):
     f = tmp_path / "prompts.jsonl"
     f.write_text('{"id": "river", "prompt": "The river"}\n\n{"id": "q2", "prompt": "Once upon a time"}\n')
     out = tmp_path / "d.jsonl"
-    r = _cli(["draft", "--model", str(ckpt), "--prompts", str(f), "--suffix", " The end.", "-n", "2",
-              "--length", "16", "--block-size", "4", "--top-p", "1", "--device", "cpu", "-o", str(out)])
+    r = _cli(
+        [
+            "draft",
+            "--model",
+            str(ckpt),
+            "--prompts",
+            str(f),
+            "--suffix",
+            " The end.",
+            "-n",
+            "2",
+            "--length",
+            "16",
+            "--block-size",
+            "4",
+            "--top-p",
+            "1",
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+        ]
+    )
     assert r.exit_code == 0, r.stderr
-    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [d["prompt_id"] for d in recs] == ["river", "river", "q2", "q2"]
     assert all(d["text"].endswith(" The end.") for d in recs)
     assert recs[0]["text"].startswith("The river") and recs[2]["text"].startswith("Once upon a time")
-    r = _cli(["refine", "--model", str(ckpt), str(out), "--stages", "8:0.5,L:0.5", "--top-p", "1", "--device", "cpu"])
+    r = _cli(
+        [
+            "refine",
+            "--model",
+            str(ckpt),
+            str(out),
+            "--stages",
+            "8:0.5,L:0.5",
+            "--top-p",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert r.exit_code == 0, r.stderr
-    for d, x in zip(recs, (json.loads(l) for l in r.stdout.splitlines())):
+    for d, x in zip(recs, (json.loads(line) for line in r.stdout.splitlines())):
         lo, hi = d["prompt_len"], 16 - d["suffix_len"]
         assert x["tokens"][:lo] == d["tokens"][:lo] and x["tokens"][hi:] == d["tokens"][hi:]
     # repeatable --prompt, prompts from stdin
-    r = _cli(["draft", "--model", str(ckpt), "--prompt", "A", "--prompt", "B", "-n", "1", "--length", "8", "--block-size", "4", "--top-p", "1"])
+    r = _cli(
+        [
+            "draft",
+            "--model",
+            str(ckpt),
+            "--prompt",
+            "A",
+            "--prompt",
+            "B",
+            "-n",
+            "1",
+            "--length",
+            "8",
+            "--block-size",
+            "4",
+            "--top-p",
+            "1",
+        ]
+    )
     assert r.exit_code == 0, r.stderr
-    assert [json.loads(l)["prompt_id"] for l in r.stdout.splitlines()] == ["p0", "p1"]
-    r = _cli(["draft", "--model", str(ckpt), "--prompts", "-", "-n", "1", "--length", "8", "--block-size", "4", "--top-p", "1"], input='{"prompt": "Hi"}\n')
+    assert [json.loads(line)["prompt_id"] for line in r.stdout.splitlines()] == ["p0", "p1"]
+    r = _cli(
+        [
+            "draft",
+            "--model",
+            str(ckpt),
+            "--prompts",
+            "-",
+            "-n",
+            "1",
+            "--length",
+            "8",
+            "--block-size",
+            "4",
+            "--top-p",
+            "1",
+        ],
+        input='{"prompt": "Hi"}\n',
+    )
     assert r.exit_code == 0 and json.loads(r.stdout)["text"].startswith("Hi")
 
 
@@ -201,15 +278,25 @@ def test_cli_prompts_file_suffix_and_refine(ckpt, tmp_path):
     "args,stdin,needle,code",
     [
         (["--prompt", "A", "--prompts", "-"], "", "exclude each other", 2),
-        (["--prompts", "-"], '{"id": "a", "prompt": "x", "suffix": "y"}\n', "line 1 of stdin: unknown key 'suffix'", 1),
-        (["--prompts", "-"], '{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', "line 2 of stdin: duplicate id", 1),
+        (
+            ["--prompts", "-"],
+            '{"id": "a", "prompt": "x", "suffix": "y"}\n',
+            "line 1 of stdin: unknown key 'suffix'",
+            1,
+        ),
+        (
+            ["--prompts", "-"],
+            '{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n',
+            "line 2 of stdin: duplicate id",
+            1,
+        ),
         (["--prompts", "-"], "\n", "no prompts in stdin", 1),
         (["--prompt", "A", "--suffix", "B", "--var-length"], None, "--var-length and --suffix", 2),
     ],
 )
 def test_cli_prompt_errors_in_process(ckpt, args, stdin, needle, code):
     r = _cli(["draft", "--model", str(ckpt), *args], input=stdin)
-    err = [l for l in r.stderr.splitlines() if l.strip()]
+    err = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.exit_code == code and len(err) == 1 and needle in err[0], r.stderr
     assert r.stdout == ""
 
@@ -226,13 +313,24 @@ def _env():
         (["--prompt", ""], None, "prompt 'p0' is empty", 2),
         (["--prompt", "word " * 40], None, "leave no position to generate in --length 32", 2),
         (["--prompt", "word " * 10, "--suffix", " word" * 25], None, "suffix tokens", 2),
-        (["--prompts", "-"], '{"id": "a", "prompt": "ok"}\n{"id": "b", "prompt": \n', "line 2 of stdin: not JSON", 1),
+        (
+            ["--prompts", "-"],
+            '{"id": "a", "prompt": "ok"}\n{"id": "b", "prompt": \n',
+            "line 2 of stdin: not JSON",
+            1,
+        ),
     ],
 )
 def test_cli_bad_prompts_subprocess(ckpt, args, stdin, needle, code):
-    r = subprocess.run([sys.executable, "-m", "did_cli.cli", "draft", "--model", str(ckpt), "--device", "cpu", *args],
-                       input=stdin or "", capture_output=True, text=True, timeout=120, env=_env())
-    err = [l for l in r.stderr.splitlines() if l.strip()]
+    r = subprocess.run(
+        [sys.executable, "-m", "did_cli.cli", "draft", "--model", str(ckpt), "--device", "cpu", *args],
+        input=stdin or "",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
+    err = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == code and r.stdout == "", r.stderr
     assert len(err) == 1 and err[0].startswith("did: error:") and needle in err[0], r.stderr
     assert "Traceback" not in r.stderr

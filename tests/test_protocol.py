@@ -8,17 +8,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 
-from did_cli.core.model_config import DiffusionConfig
 from did_cli.core.diffusion import allowed_counts, corrupt, nelbo, nelbo_loop_reference, sample_t
+from did_cli.core.model_config import DiffusionConfig
 from did_cli.errors import DidError, UsageError
 from did_cli.evaluation import bootstrap as bs
 from did_cli.evaluation.scorer import CLEANUP, Scorer, clean_up
 from did_cli.sampling import DraftConfig, draft
 from did_cli.sampling.drafting import window_entropy
 from did_cli.training.clip_search import batch_statistic, clip_grid, pick, search_clip
-
-from conftest import tiny_model
 
 MASK = 50257
 
@@ -36,7 +35,9 @@ def test_clip_grid_is_the_reference_grid():
     starts = [i for i, (lo, _) in enumerate(grid) if lo == 1e-3][1:]
     assert starts == [1, 12, 21, 28, 33]
     assert flat(grid[i] for i in starts) == pytest.approx(flat((1e-3, w) for w in (0.5, 0.6, 0.7, 0.8, 0.9)))
-    assert flat(grid[1:12]) == pytest.approx(flat([(1e-3, 0.5)] + [(0.05 * k, 0.05 * k + 0.5) for k in range(1, 11)]))
+    assert flat(grid[1:12]) == pytest.approx(
+        flat([(1e-3, 0.5)] + [(0.05 * k, 0.05 * k + 0.5) for k in range(1, 11)])
+    )
     assert max(hi for _, hi in grid) == pytest.approx(1.0, abs=1e-12) and all(hi <= 1.0 for _, hi in grid)
     assert (0.45, 0.95) in grid and (0.3, 0.8) in grid  # the paper's B = 4 and B = 16 optima
     assert clip_grid([], 0.05) == [(1e-3, 1.0)]
@@ -69,11 +70,19 @@ def test_search_clip_scores_the_grid_and_keeps_the_lowest():
 # ----------------------------------------------------------------------------- resampling
 
 
-@pytest.mark.parametrize("block,clip,allowed", [
-    (4, (0.45, 0.95), [2, 3]), (4, (0.25, 0.75), [1, 2, 3]), (4, (0.5, 1.0), [2, 3, 4]),
-    (8, (0.45, 0.95), [4, 5, 6, 7]), (16, (0.3, 0.8), list(range(5, 13))), (4, (1e-3, 0.5), [0, 1, 2]),
-    (4, (0.0, 1.0), [0, 1, 2, 3, 4]), (4, (0.3, 0.45), []),
-])
+@pytest.mark.parametrize(
+    "block,clip,allowed",
+    [
+        (4, (0.45, 0.95), [2, 3]),
+        (4, (0.25, 0.75), [1, 2, 3]),
+        (4, (0.5, 1.0), [2, 3, 4]),
+        (8, (0.45, 0.95), [4, 5, 6, 7]),
+        (16, (0.3, 0.8), list(range(5, 13))),
+        (4, (1e-3, 0.5), [0, 1, 2]),
+        (4, (0.0, 1.0), [0, 1, 2, 3, 4]),
+        (4, (0.3, 0.45), []),
+    ],
+)
 def test_allowed_masked_counts(block, clip, allowed):
     assert allowed_counts(block, clip) == allowed
 
@@ -96,7 +105,9 @@ def test_resampling_keeps_blocks_inside_the_range(t, p2):
 
 def test_resampling_leaves_allowed_blocks_alone_and_reaches_the_loss():
     x0 = torch.zeros((200, 16), dtype=torch.long)
-    tb = 0.45 + 0.5 * torch.rand((200, 4), generator=torch.Generator().manual_seed(2))  # t inside the range, as in training
+    tb = 0.45 + 0.5 * torch.rand(
+        (200, 4), generator=torch.Generator().manual_seed(2)
+    )  # t inside the range, as in training
     _, plain, _ = corrupt(x0, tb, 4, MASK, torch.Generator().manual_seed(3))
     _, res, _ = corrupt(x0, tb, 4, MASK, torch.Generator().manual_seed(3), resample=(0.45, 0.95))
     # the first draw is shared; blocks already allowed (2 or 3 of 4, pos. 0 counted as drawn) keep it
@@ -113,7 +124,9 @@ def test_resampling_leaves_allowed_blocks_alone_and_reaches_the_loss():
     xt, m, t_tok = corrupt(x, t, 4, MASK, g, resample=cfg.clip)
     assert set(m[:, 4:].view(3, 3, 4).sum(-1).unique().tolist()) <= {2, 3}
     with torch.no_grad():
-        torch.testing.assert_close(out.loss, nelbo_loop_reference(model, x, xt, t_tok, 4, MASK), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out.loss, nelbo_loop_reference(model, x, xt, t_tok, 4, MASK), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_a_range_without_an_allowed_count_is_refused():
@@ -168,8 +181,17 @@ def test_seed_to_seed_spread_at_the_global_block_shrinks():
 # --------------------------------------------------------------------------- entropy check
 
 
-@pytest.mark.parametrize("L,B,n,first,last", [(1024, 4, 192, 260, 1024), (1024, 16, 48, 272, 1024), (1024, 8, 96, 264, 1024),
-                                              (1024, 256, 3, 512, 1024), (1024, 1024, 1, 1024, 1024), (2048, 4, 448, 260, 2048)])
+@pytest.mark.parametrize(
+    "L,B,n,first,last",
+    [
+        (1024, 4, 192, 260, 1024),
+        (1024, 16, 48, 272, 1024),
+        (1024, 8, 96, 264, 1024),
+        (1024, 256, 3, 512, 1024),
+        (1024, 1024, 1, 1024, 1024),
+        (2048, 4, 448, 260, 2048),
+    ],
+)
 def test_entropy_check_boundaries(L, B, n, first, last):
     # the reference checks after a block once the sample holds more than 256 tokens
     from did_cli.sampling.sampler_config import ENTROPY_WINDOW
@@ -179,8 +201,15 @@ def test_entropy_check_boundaries(L, B, n, first, last):
 
 
 def test_window_entropy_values():
-    rows = torch.tensor([[i % 64 for i in range(256)], [i % 32 for i in range(256)], [i % 55 for i in range(256)],
-                         [i % 54 for i in range(256)], list(range(256))])
+    rows = torch.tensor(
+        [
+            [i % 64 for i in range(256)],
+            [i % 32 for i in range(256)],
+            [i % 55 for i in range(256)],
+            [i % 54 for i in range(256)],
+            list(range(256)),
+        ]
+    )
     got = window_entropy(rows).tolist()
     assert got == pytest.approx([4.158883, 3.465736, 4.001985, 3.984552, 5.545177], abs=1e-6)
 
@@ -194,9 +223,20 @@ def test_var_length_cuts_at_the_first_check(long_model, tok):
     # a prompt of 300 copies of one token: the first check (length 260 for B = 4, 272 for B = 16)
     # sees only that token and cuts the sample to length - 256
     for B, kept in ((4, 4), (16, 16)):
-        rec = next(iter(draft(long_model, DraftConfig(n=1, block_size=B, var_length=True, prompts=[[11] * 300]),
-                              tokenizer=tok, progress=False)))
-        assert rec["tokens"] == [long_model.config.bos_id] + [11] * (kept - 1) and rec["entropy_truncated"] is True
+        rec = next(
+            iter(
+                draft(
+                    long_model,
+                    DraftConfig(n=1, block_size=B, var_length=True, prompts=[[11] * 300]),
+                    tokenizer=tok,
+                    progress=False,
+                )
+            )
+        )
+        assert (
+            rec["tokens"] == [long_model.config.bos_id] + [11] * (kept - 1)
+            and rec["entropy_truncated"] is True
+        )
 
 
 def test_fixed_length_rejects_a_dip_anywhere(long_model, tok):
@@ -219,8 +259,19 @@ def test_fixed_length_rejects_a_dip_anywhere(long_model, tok):
 @pytest.mark.parametrize("L,B", [(64, 4), (64, 16)])
 def test_nfe_counts(tok, L, B):
     model = tiny_model(length=L, seed=4)
-    cached, plain = (next(iter(draft(model, DraftConfig(n=1, block_size=B, top_p=1.0, use_cache=c), tokenizer=tok,
-                                     progress=False))) for c in (True, False))
+    cached, plain = (
+        next(
+            iter(
+                draft(
+                    model,
+                    DraftConfig(n=1, block_size=B, top_p=1.0, use_cache=c),
+                    tokenizer=tok,
+                    progress=False,
+                )
+            )
+        )
+        for c in (True, False)
+    )
     # BD3-LM's NFE: one denoising call per generated token, whatever the cache
     assert cached["nfe"] == plain["nfe"] == plain["forward_passes"] == L - 1
     assert cached["forward_passes"] == (L - 1) + (L // B - 1)  # + a commit pass per block but the last
@@ -238,9 +289,18 @@ def test_nfe_counts_at_1024_and_block_4(tok):
 
 
 def test_cleanup_replacements(tok):
-    cases = {"Hello , world .": "Hello, world.", "I do n't know": "I don't know", "y is ?": "y is?", "a ' b": "a'b",
-             "He 's here !": "He's here!", "I 'm sure we 've seen they 're": "I'm sure we've seen they're",
-             "don't": "don't", " , ,": ",,", "x  ,": "x ,", "<|endoftext|> Hi .": "<|endoftext|> Hi."}
+    cases = {
+        "Hello , world .": "Hello, world.",
+        "I do n't know": "I don't know",
+        "y is ?": "y is?",
+        "a ' b": "a'b",
+        "He 's here !": "He's here!",
+        "I 'm sure we 've seen they 're": "I'm sure we've seen they're",
+        "don't": "don't",
+        " , ,": ",,",
+        "x  ,": "x ,",
+        "<|endoftext|> Hi .": "<|endoftext|> Hi.",
+    }
     assert {k: clean_up(k) for k in cases} == cases
     assert len(CLEANUP) == 10
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -264,7 +324,11 @@ def test_paired_bootstrap_and_verdicts():
     a = [{"id": f"s{i}", "ppl": float(p)} for i, p in enumerate(rng.uniform(20, 60, 200))]
     better = [{"id": s["id"], "ppl": s["ppl"] * 0.9} for s in a]  # every sample 10% lower
     ci = bs.relative_change(*bs.paired(a, better, "ppl"))
-    assert ci["estimate"] == pytest.approx(-0.1) and ci["lo"] == pytest.approx(-0.1) and ci["hi"] == pytest.approx(-0.1)
+    assert (
+        ci["estimate"] == pytest.approx(-0.1)
+        and ci["lo"] == pytest.approx(-0.1)
+        and ci["hi"] == pytest.approx(-0.1)
+    )
     assert bs.verdict(ci) == "beats"
     noisy = [{"id": s["id"], "ppl": s["ppl"] * float(f)} for s, f in zip(a, rng.uniform(0.8, 1.2, 200))]
     ci = bs.relative_change(*bs.paired(a, noisy, "ppl"))
@@ -279,9 +343,21 @@ def test_compare_carries_intervals():
 
     s1 = [{"id": str(i), "ppl": 10.0 + i, "entropy": 4.0} for i in range(20)]
     s2 = [{"id": str(i), "ppl": (10.0 + i) * 1.05, "entropy": 4.0 * 0.98} for i in range(20)]
-    summ = lambda s: {"n": 20, "mean_ppl": np.mean([x["ppl"] for x in s]), "mean_entropy": np.mean([x["entropy"] for x in s])}
-    rows = compare({"a": {"summary": summ(s1), "samples": s1}, "b": {"summary": summ(s2), "samples": s2},
-                    "c": {"summary": summ(s2), "samples": s2[:10]}})
+
+    def summ(s):
+        return {
+            "n": 20,
+            "mean_ppl": np.mean([x["ppl"] for x in s]),
+            "mean_entropy": np.mean([x["entropy"] for x in s]),
+        }
+
+    rows = compare(
+        {
+            "a": {"summary": summ(s1), "samples": s1},
+            "b": {"summary": summ(s2), "samples": s2},
+            "c": {"summary": summ(s2), "samples": s2[:10]},
+        }
+    )
     assert "verdict" not in rows[0]
     assert rows[1]["rel_mean_ppl_ci"] == pytest.approx([0.05, 0.05]) and rows[1]["verdict"] == "worse"
     assert rows[1]["rel_entropy_ci"] == pytest.approx([-0.02, -0.02]) and rows[1]["paired"] == 20
@@ -331,7 +407,7 @@ def test_leave_one_out_confidence_equals_one_mask_at_a_time():
                 if not lo <= p < hi:
                     assert math.isnan(conf[r, p])
                     continue
-                xx = x[r:r + 1].clone()
+                xx = x[r : r + 1].clone()
                 xx[0, p] = MASK
                 lg = model(xx)[0, p].double()
                 lg[MASK] = -math.inf

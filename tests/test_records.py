@@ -25,7 +25,13 @@ def tok():
 
 
 def _rec(**kw):
-    rec = {"schema": SCHEMA, "id": "0", "tokens": [50256, 15496, 995], "confidence": [None, 0.5, 0.25], "text": "Hello world"}
+    rec = {
+        "schema": SCHEMA,
+        "id": "0",
+        "tokens": [50256, 15496, 995],
+        "confidence": [None, 0.5, 0.25],
+        "text": "Hello world",
+    }
     rec.update(kw)
     return rec
 
@@ -42,9 +48,16 @@ def test_make_record_decodes_without_bos_and_mask(tok):
 
 def test_round_trip_file(tmp_path, tok):
     recs = [
-        make_record([tok.bos_id] + tok.encode(t), [None] + [0.5] * len(tok.encode(t)), id=str(i), tokenizer=tok,
-                    model={"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "mask_id": tok.mask_id},
-                    stages=[{"block_size": 8, "ratio": 0.25, "remasked": [1], "changed": 1, "nfe": 1, "seconds": 0.1}])
+        make_record(
+            [tok.bos_id] + tok.encode(t),
+            [None] + [0.5] * len(tok.encode(t)),
+            id=str(i),
+            tokenizer=tok,
+            model={"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "mask_id": tok.mask_id},
+            stages=[
+                {"block_size": 8, "ratio": 0.25, "remasked": [1], "changed": 1, "nfe": 1, "seconds": 0.1}
+            ],
+        )
         for i, t in enumerate(["Hello world", "naïve café — ünïcode", "a\nnew line"])
     ]
     out = tmp_path / "s.jsonl"
@@ -124,7 +137,9 @@ def test_error_keeps_partial_with_whole_lines(tmp_path):
             w.write(_rec(id="1"))
             raise RuntimeError("crash mid-run")
     assert not out.exists()
-    assert (tmp_path / "s.jsonl.partial").read_text() == json.dumps(_rec(id="1"), separators=(",", ":")) + "\n"
+    assert (tmp_path / "s.jsonl.partial").read_text() == json.dumps(
+        _rec(id="1"), separators=(",", ":")
+    ) + "\n"
 
 
 def test_failed_write_never_leaves_half_a_line(tmp_path):
@@ -135,7 +150,8 @@ def test_failed_write_never_leaves_half_a_line(tmp_path):
         from did_cli.errors import DidError
         from did_cli.io.records import RecordWriter, SCHEMA
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        rec = {{"schema": SCHEMA, "id": "0", "tokens": list(range(1000)), "confidence": [0.5] * 1000, "text": "x"}}
+        rec = {{"schema": SCHEMA, "id": "0", "tokens": list(range(1000)),
+               "confidence": [0.5] * 1000, "text": "x"}}
         size = len(json.dumps(rec, separators=(",", ":"))) + 1
         resource.setrlimit(resource.RLIMIT_FSIZE, (int(size * 2.5), int(size * 2.5)))
         try:

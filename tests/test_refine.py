@@ -11,19 +11,16 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
-
 import typer
+from conftest import tiny_model
+from typer.testing import CliRunner
 
 from did_cli import cli
 from did_cli.commands import sample
 from did_cli.errors import DidError
 from did_cli.io.checkpoint import save_model
 from did_cli.io.records import validate
-from did_cli.sampling import RefineConfig, parse_stages, refine
-from did_cli.sampling import DraftConfig, draft
-
-from conftest import tiny_model
+from did_cli.sampling import DraftConfig, RefineConfig, draft, parse_stages, refine
 
 L = 32
 N_GEN = L - 1
@@ -36,7 +33,9 @@ def model():
 
 @pytest.fixture(scope="module")
 def drafts(model, tok):
-    return list(draft(model, DraftConfig(n=3, batch_size=3, block_size=4, seed=1), tokenizer=tok, progress=False))
+    return list(
+        draft(model, DraftConfig(n=3, batch_size=3, block_size=4, seed=1), tokenizer=tok, progress=False)
+    )
 
 
 def run(model, tok, recs, **kw):
@@ -189,8 +188,10 @@ def _env():
 def test_shell_pipe_draft_into_refine(ckpt, tmp_path):
     did = f"{shlex.quote(sys.executable)} -m did_cli.cli"
     m = shlex.quote(str(ckpt))
-    cmd = (f"set -o pipefail; {did} draft --model {m} -n 3 --batch-size 2 --block-size 4 --device cpu "
-           f"| {did} refine --model {m} - --stages 8:0.2,L:0.25 --device cpu")
+    cmd = (
+        f"set -o pipefail; {did} draft --model {m} -n 3 --batch-size 2 --block-size 4 --device cpu "
+        f"| {did} refine --model {m} - --stages 8:0.2,L:0.25 --device cpu"
+    )
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=180, env=_env())
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -215,7 +216,7 @@ def _cli(args, input=None):
 
 def _one_line_error(r, code=None):
     assert r.exit_code != 0 and (code is None or r.exit_code == code), (r.exit_code, r.stderr)
-    err = [l for l in r.stderr.splitlines() if l.strip()]
+    err = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("did: error:"), r.stderr
     assert "Traceback" not in r.stderr
     assert r.stdout == ""
@@ -224,12 +225,14 @@ def _one_line_error(r, code=None):
 
 def test_cli_draft_to_file_and_refine_file(ckpt, tmp_path):
     out = tmp_path / "d.jsonl"
-    r = _cli(["draft", "--model", str(ckpt), "-n", "2", "--block-size", "16", "--device", "cpu", "-o", str(out)])
+    r = _cli(
+        ["draft", "--model", str(ckpt), "-n", "2", "--block-size", "16", "--device", "cpu", "-o", str(out)]
+    )
     assert r.exit_code == 0, r.stderr
     assert r.stdout == "" and len(out.read_text().splitlines()) == 2
     r = _cli(["refine", "--model", str(ckpt), str(out), "--confidence", "random", "--device", "cpu"])
     assert r.exit_code == 0, r.stderr
-    recs = [json.loads(l) for l in r.stdout.splitlines()]
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(recs) == 2 and recs[0]["stages"][0]["confidence"] == "random"
 
 
@@ -241,7 +244,7 @@ def good_line(drafts):
 def test_cli_malformed_line_names_its_number(ckpt, good_line):
     r = _cli(["refine", "--model", str(ckpt), "-", "--batch-size", "1"], input=good_line + "\n{not json\n")
     assert r.exit_code == 1 and "Traceback" not in r.stderr
-    errors = [l for l in r.stderr.splitlines() if l.startswith("did: error")]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("did: error")]
     assert len(errors) == 1 and "line 2 of stdin: not JSON" in errors[0]
     # streaming stdin: the first record was refined and written whole before line 2 failed
     out = r.stdout.splitlines()
@@ -252,7 +255,11 @@ def test_cli_malformed_line_names_its_number(ckpt, good_line):
     "mutate,needle,code",
     [
         (lambda d: dict(d, tokens=d["tokens"][:-1] + [60000]), "line 1 of stdin: token id 60000", 1),
-        (lambda d: dict(d, tokens=d["tokens"] * 2, confidence=d["confidence"] * 2), "longer than the model", 1),
+        (
+            lambda d: dict(d, tokens=d["tokens"] * 2, confidence=d["confidence"] * 2),
+            "longer than the model",
+            1,
+        ),
         (lambda d: dict(d, model=dict(d["model"], vocab_size=32001)), "vocabulary size 32001", 1),
         (lambda d: dict(d, model=dict(d["model"], fingerprint="0123")), "another tokenizer", 1),
     ],
@@ -273,19 +280,31 @@ def test_cli_empty_input_and_bad_options(ckpt, tmp_path):
     assert "no records" in _one_line_error(_cli(["refine", "--model", str(ckpt), str(f)]), 1)
     assert "--block-size 5" in _one_line_error(_cli(["draft", "--model", str(ckpt), "--block-size", "5"]), 2)
     assert "--length 64" in _one_line_error(_cli(["draft", "--model", str(ckpt), "--length", "64"]), 2)
-    assert "--stages" in _one_line_error(_cli(["refine", "--model", str(ckpt), "--stages", "5:0.2"], input=""), 2)
-    assert "--stages" in _one_line_error(_cli(["refine", "--model", str(ckpt), "--stages", "8:1.5"], input=""), 2)
+    assert "--stages" in _one_line_error(
+        _cli(["refine", "--model", str(ckpt), "--stages", "5:0.2"], input=""), 2
+    )
+    assert "--stages" in _one_line_error(
+        _cli(["refine", "--model", str(ckpt), "--stages", "8:1.5"], input=""), 2
+    )
     assert "--model" in _one_line_error(_cli(["draft", "--model", str(tmp_path / "nope")]), 1)
     missing_dir = tmp_path / "no" / "x.jsonl"
-    assert "does not exist" in _one_line_error(_cli(["draft", "--model", str(ckpt), "-o", str(missing_dir)]), 1)
+    assert "does not exist" in _one_line_error(
+        _cli(["draft", "--model", str(ckpt), "-o", str(missing_dir)]), 1
+    )
     assert not list(tmp_path.glob("**/*.partial"))
 
 
 def test_cli_malformed_line_in_a_subprocess(ckpt):
-    r = subprocess.run([sys.executable, "-m", "did_cli.cli", "refine", "--model", str(ckpt), "-"],
-                       input='{"schema": "did.sample/1"\n', capture_output=True, text=True, timeout=120, env=_env())
+    r = subprocess.run(
+        [sys.executable, "-m", "did_cli.cli", "refine", "--model", str(ckpt), "-"],
+        input='{"schema": "did.sample/1"\n',
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
     assert r.returncode == 1 and r.stdout == ""
-    err = [l for l in r.stderr.splitlines() if l.strip()]
+    err = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and "line 1" in err[0] and "Traceback" not in r.stderr
 
 

@@ -18,26 +18,50 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file, save_file
+from test_train import corpus_slice
 
 from did_cli.io import checkpoint as ck
-from did_cli.io.data import PreparedData, prepare
 from did_cli.io.checkpoint import export_state_dict, load_model, save_model
+from did_cli.io.data import PreparedData, prepare
 from did_cli.io.records import make_record
 from did_cli.io.tokenizer import load_tokenizer
 from did_cli.training.state import RowSchedule
-
-from conftest import tiny_model
-from test_train import corpus_slice
 
 L = 32
 # one thread per process: the same float summation order in every run, and less contention
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # 6 steps, checkpoints at 2, 4, 6 (+ the best at the step-3 evaluation), dropout on so that the
 # RNG state has to survive a resume too
-TRAIN = ["--block-sizes", "4,L", "--block-weights", "0.7,0.3", "--batch-size", "4", "--lr", "1e-3", "--warmup", "2",
-         "--ema", "0.9", "--eval-every", "3", "--eval-batches", "2", "--save-every", "2", "--keep-last", "10",
-         "--log-every", "1", "--dropout", "0.1", "--seed", "5"]
+TRAIN = [
+    "--block-sizes",
+    "4,L",
+    "--block-weights",
+    "0.7,0.3",
+    "--batch-size",
+    "4",
+    "--lr",
+    "1e-3",
+    "--warmup",
+    "2",
+    "--ema",
+    "0.9",
+    "--eval-every",
+    "3",
+    "--eval-batches",
+    "2",
+    "--save-every",
+    "2",
+    "--keep-last",
+    "10",
+    "--log-every",
+    "1",
+    "--dropout",
+    "0.1",
+    "--seed",
+    "5",
+]
 STEPS = 6
 FAST_DRAFT = ["--sampler", "parallel", "--tokens-per-step", "4"]  # 8 model calls per sample
 
@@ -47,7 +71,9 @@ def cli(*args: str) -> list[str]:
 
 
 def did(*args, timeout: float = 300, stdout=subprocess.PIPE, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cli(*args), stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=timeout, env=ENV, **kw)
+    return subprocess.run(
+        cli(*args), stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=timeout, env=ENV, **kw
+    )
 
 
 def one_line_error(r: subprocess.CompletedProcess) -> str:
@@ -126,8 +152,12 @@ def resume(data_dir: Path, run: Path) -> subprocess.CompletedProcess:
 
 def test_sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run(ref_run, data_dir, root):
     run = root / "killed"
-    proc = subprocess.Popen(cli("train", "--data", data_dir, "--out", run, "--steps", STEPS, "-q", *TRAIN),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    proc = subprocess.Popen(
+        cli("train", "--data", data_dir, "--out", run, "--steps", STEPS, "-q", *TRAIN),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
     first = run / ck.CKPT_DIR / ck.checkpoint_name(2)
     deadline = time.time() + 300
     while not first.is_dir() and proc.poll() is None and time.time() < deadline:
@@ -176,8 +206,13 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(damage, r
 
 def test_sigint_during_training_saves_exits_130_and_resumes_exactly(ref_run, data_dir, root):
     run = root / "sigint"
-    proc = subprocess.Popen(cli("train", "--data", data_dir, "--out", run, "--steps", STEPS, *TRAIN),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        cli("train", "--data", data_dir, "--out", run, "--steps", STEPS, *TRAIN),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     seen = []
     for line in proc.stderr:
         seen.append(line)
@@ -236,8 +271,11 @@ def drafts_file(root, ckpt) -> Path:
 @pytest.mark.parametrize("dest", ["stdout", "file"])
 def test_sigint_during_sampling_leaves_only_whole_flushed_records(cmd, dest, ckpt, drafts_file, tmp_path):
     out = tmp_path / "out.jsonl"
-    args = ["draft", "--model", ckpt, "-n", "40", *FAST_DRAFT] if cmd == "draft" else \
-        ["refine", drafts_file, "--model", ckpt, "--sampler", "parallel", "--tokens-per-step", "4"]
+    args = (
+        ["draft", "--model", ckpt, "-n", "40", *FAST_DRAFT]
+        if cmd == "draft"
+        else ["refine", drafts_file, "--model", ckpt, "--sampler", "parallel", "--tokens-per-step", "4"]
+    )
     args += ["--batch-size", "1"] + (["-o", out] if dest == "file" else [])
     with open(tmp_path / "stdout", "wb") as so:
         proc = subprocess.Popen(cli(*args), stdout=so, stderr=subprocess.PIPE, text=True, env=ENV)
@@ -275,11 +313,32 @@ def nan_init(root, data_dir) -> tuple[Path, int]:
     return folder, token
 
 
-NAN_ARGS = ["--block-sizes", "4", "--batch-size", "4", "--lr", "1e-3", "--warmup", "1", "--eval-every", "0",
-            "--eval-batches", "2", "--save-every", "1", "--log-every", "1", "--seed", "5", "-q"]
+NAN_ARGS = [
+    "--block-sizes",
+    "4",
+    "--batch-size",
+    "4",
+    "--lr",
+    "1e-3",
+    "--warmup",
+    "1",
+    "--eval-every",
+    "0",
+    "--eval-batches",
+    "2",
+    "--save-every",
+    "1",
+    "--log-every",
+    "1",
+    "--seed",
+    "5",
+    "-q",
+]
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(nan_init, data_dir, tmp_path):
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    nan_init, data_dir, tmp_path
+):
     folder, _ = nan_init
     run = tmp_path / "run"
     r = did("train", "--init", folder, "--data", data_dir, "--out", run, "--steps", "5", *NAN_ARGS)
@@ -295,8 +354,20 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
 def test_nonfinite_loss_skip_mode_skips_only_the_bad_step(nan_init, data_dir, tmp_path):
     folder, token = nan_init
     run = tmp_path / "run"
-    r = did("train", "--init", folder, "--data", data_dir, "--out", run, "--steps", "3", "--on-nonfinite", "skip",
-            *NAN_ARGS)
+    r = did(
+        "train",
+        "--init",
+        folder,
+        "--data",
+        data_dir,
+        "--out",
+        run,
+        "--steps",
+        "3",
+        "--on-nonfinite",
+        "skip",
+        *NAN_ARGS,
+    )
     assert r.returncode == 0, r.stderr
     ev = metrics(run)
     assert [e["step"] for e in ev if e["event"] == "skip"] == [3]
@@ -305,14 +376,16 @@ def test_nonfinite_loss_skip_mode_skips_only_the_bad_step(nan_init, data_dir, tm
     raw = load_file(str(run / "checkpoints/step-00000003/train_state/raw_model.safetensors"))
     emb = raw.pop("backbone.vocab_embed.embedding")
     # only the poisoned row (never updated: its gradient is zero) is non-finite
-    assert torch.isnan(emb[token]).all() and torch.isfinite(torch.cat([emb[:token], emb[token + 1:]])).all()
+    assert torch.isnan(emb[token]).all() and torch.isfinite(torch.cat([emb[:token], emb[token + 1 :]])).all()
     assert all(torch.isfinite(v).all() for v in raw.values())
 
 
 # --------------------------------------------------------------------------------- bad inputs
 
 
-def _bad_input_cases(root: Path, data_dir: Path, ckpt: Path, ref_run: Path) -> dict[str, tuple[list, int, str]]:
+def _bad_input_cases(
+    root: Path, data_dir: Path, ckpt: Path, ref_run: Path
+) -> dict[str, tuple[list, int, str]]:
     """name -> (argv, exit code, text the one-line message must contain)."""
     b = root / "bad"
     b.mkdir()
@@ -333,9 +406,14 @@ def _bad_input_cases(root: Path, data_dir: Path, ckpt: Path, ref_run: Path) -> d
     (b / "no_config/config.json").unlink()
     (b / "no_weights/model.safetensors").unlink()
     t = load_file(str(ckpt / "model.safetensors"))
-    save_file({**t, "backbone.blocks.0.attn_out.weight": t["backbone.blocks.0.attn_out.weight"].to(torch.int32)},
-              str(b / "int_weights/model.safetensors"))
-    save_file({**t, "backbone.blocks.0.attn_out.weight": torch.zeros(64, 32)}, str(b / "bad_shape/model.safetensors"))
+    save_file(
+        {**t, "backbone.blocks.0.attn_out.weight": t["backbone.blocks.0.attn_out.weight"].to(torch.int32)},
+        str(b / "int_weights/model.safetensors"),
+    )
+    save_file(
+        {**t, "backbone.blocks.0.attn_out.weight": torch.zeros(64, 32)},
+        str(b / "bad_shape/model.safetensors"),
+    )
     (b / "garbage_weights/model.safetensors").write_bytes(b"not a safetensors file " * 100)
     good = (ckpt.parent / "drafts.jsonl").read_text().splitlines()
     (b / "garbage.jsonl").write_text("this is not json\n")
@@ -345,35 +423,86 @@ def _bad_input_cases(root: Path, data_dir: Path, ckpt: Path, ref_run: Path) -> d
     tr = ["--steps", "7", "--warmup", "1", "--batch-size", "4", "-q"]
     draft = ["draft", "--model", ckpt, "-n", "1", *FAST_DRAFT]
     return {
-        "source-fifo": (["prepare", b / "fifo.txt", "--out", b / "o1", "--seq-len", L], 2, "not a regular file"),
-        "source-dir-named-like-a-file": (["prepare", b / "dir.txt", "--out", b / "o2", "--seq-len", L], 2, "holds no"),
-        "source-broken-symlink": (["prepare", b / "broken.txt", "--out", b / "o3", "--seq-len", L], 2, "does not exist"),
-        "empty-corpus": (["prepare", b / "empty.txt", "--out", b / "o4", "--seq-len", L], 1, "no text found in"),
-        "data-length-vs-init": (["train", "--data", data_dir, "--out", b / "r1", "--init", b / "ckpt64", *tr], 1,
-                                "has rows of 32 tokens but the model length is 64"),
-        "data-length-vs-resume": (["train", "--data", b / "data16", "--out", run, "--resume", *tr], 1,
-                                  "has rows of 16 tokens but the model length is 32"),
-        "data-tokenizer-vs-init": (["train", "--data", b / "data_bert", "--out", b / "r2", "--init", ckpt, *tr], 1,
-                                   "was tokenised with 'bert-base-uncased' but the model uses 'gpt2'"),
-        "data-tokenizer-vs-resume": (["train", "--data", b / "data_bert", "--out", run, "--resume", *tr], 1,
-                                     "was tokenised with 'bert-base-uncased' but the model uses 'gpt2'"),
+        "source-fifo": (
+            ["prepare", b / "fifo.txt", "--out", b / "o1", "--seq-len", L],
+            2,
+            "not a regular file",
+        ),
+        "source-dir-named-like-a-file": (
+            ["prepare", b / "dir.txt", "--out", b / "o2", "--seq-len", L],
+            2,
+            "holds no",
+        ),
+        "source-broken-symlink": (
+            ["prepare", b / "broken.txt", "--out", b / "o3", "--seq-len", L],
+            2,
+            "does not exist",
+        ),
+        "empty-corpus": (
+            ["prepare", b / "empty.txt", "--out", b / "o4", "--seq-len", L],
+            1,
+            "no text found in",
+        ),
+        "data-length-vs-init": (
+            ["train", "--data", data_dir, "--out", b / "r1", "--init", b / "ckpt64", *tr],
+            1,
+            "has rows of 32 tokens but the model length is 64",
+        ),
+        "data-length-vs-resume": (
+            ["train", "--data", b / "data16", "--out", run, "--resume", *tr],
+            1,
+            "has rows of 16 tokens but the model length is 32",
+        ),
+        "data-tokenizer-vs-init": (
+            ["train", "--data", b / "data_bert", "--out", b / "r2", "--init", ckpt, *tr],
+            1,
+            "was tokenised with 'bert-base-uncased' but the model uses 'gpt2'",
+        ),
+        "data-tokenizer-vs-resume": (
+            ["train", "--data", b / "data_bert", "--out", run, "--resume", *tr],
+            1,
+            "was tokenised with 'bert-base-uncased' but the model uses 'gpt2'",
+        ),
         "checkpoint-without-config": ([*draft[:2], b / "no_config", *draft[3:]], 1, "no config.json"),
         "checkpoint-without-weights": ([*draft[:2], b / "no_weights", *draft[3:]], 1, "no checkpoint in"),
-        "init-without-weights": (["train", "--data", data_dir, "--out", b / "r3", "--init", b / "no_weights", *tr], 1,
-                                 "no checkpoint in"),
-        "weights-wrong-dtype": ([*draft[:2], b / "int_weights", *draft[3:]], 1,
-                                "attn_out.weight has dtype torch.int32, expected a floating-point dtype"),
-        "weights-wrong-shape": ([*draft[:2], b / "bad_shape", *draft[3:]], 1,
-                                "attn_out.weight has shape [64, 32], expected [64, 64]"),
-        "weights-not-safetensors": ([*draft[:2], b / "garbage_weights", *draft[3:]], 1, "unreadable safetensors file"),
+        "init-without-weights": (
+            ["train", "--data", data_dir, "--out", b / "r3", "--init", b / "no_weights", *tr],
+            1,
+            "no checkpoint in",
+        ),
+        "weights-wrong-dtype": (
+            [*draft[:2], b / "int_weights", *draft[3:]],
+            1,
+            "attn_out.weight has dtype torch.int32, expected a floating-point dtype",
+        ),
+        "weights-wrong-shape": (
+            [*draft[:2], b / "bad_shape", *draft[3:]],
+            1,
+            "attn_out.weight has shape [64, 32], expected [64, 64]",
+        ),
+        "weights-not-safetensors": (
+            [*draft[:2], b / "garbage_weights", *draft[3:]],
+            1,
+            "unreadable safetensors file",
+        ),
         "jsonl-garbage": (["refine", b / "garbage.jsonl", "--model", ckpt], 1, "line 1 of"),
         "jsonl-binary": (["refine", b / "binary.jsonl", "--model", ckpt], 1, "not UTF-8 text"),
         "jsonl-cut-last-line": (["refine", b / "cut.jsonl", "--model", ckpt], 1, "line 2 of"),
-        "output-under-a-file-draft": ([*draft, "-o", b / "afile/out.jsonl"], 1, f"{b / 'afile'} is not a folder"),
-        "output-under-a-file-train": (["train", "--data", data_dir, "--out", b / "afile/run", *tr], 1,
-                                      "cannot write"),
-        "output-under-a-file-prepare": (["prepare", root / "slice.jsonl", "--out", b / "afile/data", "--seq-len", L], 1,
-                                        "cannot create the folder"),
+        "output-under-a-file-draft": (
+            [*draft, "-o", b / "afile/out.jsonl"],
+            1,
+            f"{b / 'afile'} is not a folder",
+        ),
+        "output-under-a-file-train": (
+            ["train", "--data", data_dir, "--out", b / "afile/run", *tr],
+            1,
+            "cannot write",
+        ),
+        "output-under-a-file-prepare": (
+            ["prepare", root / "slice.jsonl", "--out", b / "afile/data", "--seq-len", L],
+            1,
+            "cannot create the folder",
+        ),
     }
 
 
@@ -383,18 +512,37 @@ def bad_results(root, data_dir, ckpt, ref_run, drafts_file) -> dict:
     cases = _bad_input_cases(root, data_dir, ckpt, ref_run)
     with ThreadPoolExecutor(4) as pool, open("/dev/full", "w") as full:
         futs = {k: pool.submit(did, *argv) for k, (argv, _, _) in cases.items()}
-        futs["stdout-full-disk"] = pool.submit(did, "draft", "--model", ckpt, "-n", "1", *FAST_DRAFT, stdout=full)
+        futs["stdout-full-disk"] = pool.submit(
+            did, "draft", "--model", ckpt, "-n", "1", *FAST_DRAFT, stdout=full
+        )
         results = {k: f.result() for k, f in futs.items()}
     cases["stdout-full-disk"] = ([], 1, "cannot write stdout: No space left on device")
     return {k: (results[k], code, text) for k, (_, code, text) in cases.items()}
 
 
-BAD_CASES = ["source-fifo", "source-dir-named-like-a-file", "source-broken-symlink", "empty-corpus",
-             "data-length-vs-init", "data-length-vs-resume", "data-tokenizer-vs-init", "data-tokenizer-vs-resume",
-             "checkpoint-without-config", "checkpoint-without-weights", "init-without-weights",
-             "weights-wrong-dtype", "weights-wrong-shape", "weights-not-safetensors", "jsonl-garbage",
-             "jsonl-binary", "jsonl-cut-last-line", "output-under-a-file-draft", "output-under-a-file-train",
-             "output-under-a-file-prepare", "stdout-full-disk"]
+BAD_CASES = [
+    "source-fifo",
+    "source-dir-named-like-a-file",
+    "source-broken-symlink",
+    "empty-corpus",
+    "data-length-vs-init",
+    "data-length-vs-resume",
+    "data-tokenizer-vs-init",
+    "data-tokenizer-vs-resume",
+    "checkpoint-without-config",
+    "checkpoint-without-weights",
+    "init-without-weights",
+    "weights-wrong-dtype",
+    "weights-wrong-shape",
+    "weights-not-safetensors",
+    "jsonl-garbage",
+    "jsonl-binary",
+    "jsonl-cut-last-line",
+    "output-under-a-file-draft",
+    "output-under-a-file-train",
+    "output-under-a-file-prepare",
+    "stdout-full-disk",
+]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -411,12 +559,14 @@ def test_non_utf8_source_is_replaced_with_one_warning(tmp_path):
     r = did("prepare", src, "--out", tmp_path / "out", "--seq-len", "8")
     assert r.returncode == 0, r.stderr
     warnings = [ln for ln in r.stderr.splitlines() if "warning" in ln]
-    assert warnings == [f"did: warning: {src} is not valid UTF-8; undecodable bytes were replaced with U+FFFD"]
+    assert warnings == [
+        f"did: warning: {src} is not valid UTF-8; undecodable bytes were replaced with U+FFFD"
+    ]
     tok = load_tokenizer("gpt2")
     rows = PreparedData(tmp_path / "out").rows("train")
     stream = rows[:, 1:].reshape(-1).tolist()
     fffd = tok.encode("caf\ufffd")
-    assert any(stream[i:i + len(fffd)] == fffd for i in range(len(stream)))
+    assert any(stream[i : i + len(fffd)] == fffd for i in range(len(stream)))
 
 
 @pytest.fixture
@@ -424,17 +574,35 @@ def tmpfs(tmp_path):
     """A 64 KiB tmpfs: a real full disk (needs mount permission, e.g. root outside a sandbox)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); the /dev/full case still runs")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); the /dev/full case still runs"
+        )
     yield mnt
     subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_full_disk_while_writing(tmpfs, data_dir, ckpt, root):
     # training: the first checkpoint (~100 MB) does not fit
-    r = did("train", "--data", data_dir, "--out", tmpfs / "run", "--steps", "1", "--warmup", "1", "--batch-size", "4",
-            "--eval-every", "0", "-q")
+    r = did(
+        "train",
+        "--data",
+        data_dir,
+        "--out",
+        tmpfs / "run",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "0",
+        "-q",
+    )
     line = one_line_error(r)
     assert "cannot write checkpoint" in line and "No space left on device" in line, line
     assert not list((tmpfs / "run/checkpoints").iterdir())  # the temporary folder was removed
@@ -444,7 +612,10 @@ def test_full_disk_while_writing(tmpfs, data_dir, ckpt, root):
     r = did("draft", "--model", ckpt, "-n", "4", "--batch-size", "4", *FAST_DRAFT, "-o", tmpfs / "out.jsonl")
     last = r.stderr.strip().splitlines()[-1]  # per-record progress lines come first
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert last.startswith(f"did: error: cannot write {tmpfs / 'out.jsonl'}") and "No space left on device" in last
+    assert (
+        last.startswith(f"did: error: cannot write {tmpfs / 'out.jsonl'}")
+        and "No space left on device" in last
+    )
     if (tmpfs / "out.jsonl.partial").exists():  # removed when it holds no whole record
         _whole_records((tmpfs / "out.jsonl.partial").read_text())
         (tmpfs / "out.jsonl.partial").unlink()
@@ -478,8 +649,12 @@ def test_resume_refuses_a_pickle_that_would_run_code(ref_run, data_dir, tmp_path
     assert "cannot read training state" in one_line_error(r) and str(evil) in r.stderr
     assert not marker.exists()
     # the payload is live: a full unpickle does run it
-    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(evil)!r}, weights_only=False)"],
-                   env=ENV, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.load({str(evil)!r}, weights_only=False)"],
+        env=ENV,
+        capture_output=True,
+        timeout=120,
+    )
     assert marker.exists()
 
 
@@ -488,18 +663,50 @@ def test_remote_code_in_a_bd3lm_folder_is_never_imported(ckpt, data_dir, tmp_pat
     folder.mkdir()
     marker = tmp_path / "imported"
     model = tiny_model(length=L, seed=2)
-    save_file({k: v.float() for k, v in export_state_dict(model).items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
-    cfg = {"architectures": ["BD3LM"], "model_type": "bd3lm", "block_size": 4, "cond_dim": 32, "hidden_dim": 64,
-           "model_length": L, "n_blocks": 2, "n_heads": 2, "vocab_size": 50258, "dropout": 0.1,
-           "auto_map": {"AutoConfig": "configuration_bd3lm.BD3LMConfig", "AutoModelForMaskedLM": "modeling_bd3lm.BD3LM"}}
+    save_file(
+        {k: v.float() for k, v in export_state_dict(model).items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    cfg = {
+        "architectures": ["BD3LM"],
+        "model_type": "bd3lm",
+        "block_size": 4,
+        "cond_dim": 32,
+        "hidden_dim": 64,
+        "model_length": L,
+        "n_blocks": 2,
+        "n_heads": 2,
+        "vocab_size": 50258,
+        "dropout": 0.1,
+        "auto_map": {
+            "AutoConfig": "configuration_bd3lm.BD3LMConfig",
+            "AutoModelForMaskedLM": "modeling_bd3lm.BD3LM",
+        },
+    }
     (folder / "config.json").write_text(json.dumps(cfg))
     for mod in ("modeling_bd3lm", "configuration_bd3lm"):
         (folder / f"{mod}.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     loaded, _ = load_model(folder)
     assert torch.equal(loaded.vocab_embed.embedding, model.vocab_embed.embedding)
-    r = did("train", "--init", folder, "--data", data_dir, "--out", tmp_path / "run", "--steps", "1",
-            "--batch-size", "4", "--eval-every", "0", "--block-sizes", "4", "-q")
+    r = did(
+        "train",
+        "--init",
+        folder,
+        "--data",
+        data_dir,
+        "--out",
+        tmp_path / "run",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "0",
+        "--block-sizes",
+        "4",
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     assert not marker.exists()
     subprocess.run([sys.executable, "-c", "import modeling_bd3lm"], cwd=folder, env=ENV, timeout=60)
@@ -524,8 +731,15 @@ def _records(stdout: str) -> list[dict]:
 def test_same_seed_same_samples_from_draft_and_refine(ckpt, tmp_path):
     base = ["draft", "--model", ckpt, "-n", "3", "--seed", "7", *FAST_DRAFT]
     with ThreadPoolExecutor(3) as pool:
-        a, b, one, other = pool.map(lambda extra: did(*base, *extra),
-                                    [["--batch-size", "3"], ["--batch-size", "3"], ["--batch-size", "1"], ["--batch-size", "3", "--seed", "8"]])
+        a, b, one, other = pool.map(
+            lambda extra: did(*base, *extra),
+            [
+                ["--batch-size", "3"],
+                ["--batch-size", "3"],
+                ["--batch-size", "1"],
+                ["--batch-size", "3", "--seed", "8"],
+            ],
+        )
     for r in (a, b, one, other):
         assert r.returncode == 0, r.stderr
     ra, rb, r1 = _records(a.stdout), _records(b.stdout), _records(one.stdout)
@@ -540,9 +754,13 @@ def test_same_seed_same_samples_from_draft_and_refine(ckpt, tmp_path):
     drafts.write_text(a.stdout)
     ref = ["refine", drafts, "--model", ckpt, "--stages", "L:0.5", "--seed", "3"]
     with ThreadPoolExecutor(3) as pool:
-        a, b, one = pool.map(lambda extra: did(*ref, *extra), [["--batch-size", "3"], ["--batch-size", "3"], ["--batch-size", "1"]])
+        a, b, one = pool.map(
+            lambda extra: did(*ref, *extra),
+            [["--batch-size", "3"], ["--batch-size", "3"], ["--batch-size", "1"]],
+        )
     ra, rb, r1 = _records(a.stdout), _records(b.stdout), _records(one.stdout)
     assert len(ra) == 3 and ra == rb
     assert [r["tokens"] for r in r1] == [r["tokens"] for r in ra]
-    assert any(r["tokens"] != d["tokens"] for r, d in zip(ra, _records(drafts.read_text())))  # it did regenerate
-
+    assert any(
+        r["tokens"] != d["tokens"] for r, d in zip(ra, _records(drafts.read_text()))
+    )  # it did regenerate

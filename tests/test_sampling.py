@@ -6,14 +6,13 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from did_cli.errors import UsageError
 from did_cli.io.records import validate
 from did_cli.sampling import DraftConfig, draft
 from did_cli.sampling.core import gumbel_argmax, nucleus, token_probs
 from did_cli.util import unigram_entropy
-
-from conftest import tiny_model
 
 L = 32
 
@@ -66,7 +65,10 @@ def test_first_hitting_nfe_and_records(model, tok, block):
     assert rec["confidence"][0] is None
     assert all(0.0 < c <= 1.0 for c in rec["confidence"][1:])
     assert model.config.mask_id not in rec["tokens"]
-    assert rec["model"]["vocab_size"] == model.config.vocab_size and rec["model"]["fingerprint"] == tok.fingerprint
+    assert (
+        rec["model"]["vocab_size"] == model.config.vocab_size
+        and rec["model"]["fingerprint"] == tok.fingerprint
+    )
     assert rec["draft"]["block_size"] == block and rec["text"] == tok.decode(rec["tokens"][1:])
 
 

@@ -15,25 +15,32 @@ import tempfile
 
 import pytest
 import typer
+from conftest import REPO, tiny_model
 from typer.testing import CliRunner
 
 from did_cli import cli
 from did_cli.commands import evaluate, show
 from did_cli.evaluation.gen_ppl import sample_tokens
-from did_cli.util import unigram_entropy
+from did_cli.io.records import RecordWriter
 from did_cli.pipeline.page import render_page
 from did_cli.pipeline.page_html import Pieces, palette
-from did_cli.io.records import RecordWriter
 from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
-
-from conftest import REPO, tiny_model
+from did_cli.util import unigram_entropy
 
 L = 32
 SCRIPT = '<script>document.title="pwned"</script>'
 EVIL_ID = "<b id=injected>x</b><script>document.title='pwned'</script>"
 WINDOW = (1200, 1600)
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 # the real subcommands behind the real error guard, in-process (a subprocess costs seconds)
 APP = typer.Typer(pretty_exceptions_enable=False)
@@ -55,11 +62,20 @@ def made(tmp_path_factory, tok):
     over several byte tokens) and their two-stage refinement, as JSONL files."""
     d = tmp_path_factory.mktemp("show")
     model = tiny_model(length=L, seed=2, std=0.08)
-    cfg = DraftConfig(n=2, length=L, block_size=4, batch_size=4, top_p=1.0, prompts=[SCRIPT, "Hello"], suffix=" 中文 end")
+    cfg = DraftConfig(
+        n=2, length=L, block_size=4, batch_size=4, top_p=1.0, prompts=[SCRIPT, "Hello"], suffix=" 中文 end"
+    )
     drafts = list(draft(model, cfg, tokenizer=tok, progress=False))
     drafts[1]["id"] = EVIL_ID  # an untrusted id; refine keeps it, so the pair still matches
-    refined = list(refine(model, [dict(r) for r in drafts], RefineConfig(stages=[(8, 0.3), (None, 0.25)], top_p=1.0),
-                          tokenizer=tok, progress=False))
+    refined = list(
+        refine(
+            model,
+            [dict(r) for r in drafts],
+            RefineConfig(stages=[(8, 0.3), (None, 0.25)], top_p=1.0),
+            tokenizer=tok,
+            progress=False,
+        )
+    )
     for name, recs in (("draft.jsonl", drafts), ("refined.jsonl", refined)):
         with RecordWriter(d / name) as w:
             for r in recs:
@@ -76,11 +92,24 @@ def scores(made, tmp_path_factory, tok):
     d, _, _ = made
     sc = tmp_path_factory.mktemp("scorer")
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=50257)).save_pretrained(sc)
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=50257)
+    ).save_pretrained(sc)
     tok.hf.save_pretrained(sc)
     out = d / "eval.json"
-    r = _cli(["eval-ppl", str(d / "draft.jsonl"), str(d / "refined.jsonl"), "--scorer", str(sc), "--device", "cpu",
-              "--json", str(out)])
+    r = _cli(
+        [
+            "eval-ppl",
+            str(d / "draft.jsonl"),
+            str(d / "refined.jsonl"),
+            "--scorer",
+            str(sc),
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     assert r.exit_code == 0, r.stderr
     return json.loads(out.read_text())
 
@@ -90,9 +119,27 @@ def page(made, scores):
     """view.html from the real command line in a subprocess, 3 of the 4 samples shown."""
     d, _, _ = made
     out = d / "view.html"
-    r = subprocess.run([sys.executable, "-m", "did_cli.cli", "show", str(d / "draft.jsonl"), str(d / "refined.jsonl"),
-                        "--scores", str(d / "eval.json"), "--limit", "3", "-o", str(out)],
-                       capture_output=True, text=True, cwd=REPO, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "did_cli.cli",
+            "show",
+            str(d / "draft.jsonl"),
+            str(d / "refined.jsonl"),
+            "--scores",
+            str(d / "eval.json"),
+            "--limit",
+            "3",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "" and "Traceback" not in r.stderr
     return out
@@ -131,7 +178,7 @@ def _colours(png: bytes):
 
 
 def _near(colours: set, hexcode: str, tol: int = 2) -> bool:
-    want = tuple(int(hexcode[i:i + 2], 16) for i in (1, 3, 5))
+    want = tuple(int(hexcode[i : i + 2], 16) for i in (1, 3, 5))
     return any(all(abs(a - b) <= tol for a, b in zip(c, want)) for c in colours)
 
 
@@ -142,7 +189,9 @@ def test_page_in_chromium(browser, page, made, scores, tok):
 
     # a real picture of the viewport: the shading steps of the legend, the re-mask and change marks
     (w, h), colours = _colours(browser.get_screenshot_as_png())
-    vw, vh, dpr = browser.execute_script("return [window.innerWidth, window.innerHeight, window.devicePixelRatio]")
+    vw, vh, dpr = browser.execute_script(
+        "return [window.innerWidth, window.innerHeight, window.devicePixelRatio]"
+    )
     assert (w, h) == (round(vw * dpr), round(vh * dpr)) and w >= 800 and h >= 800
     assert len(colours) > 50
     assert _near(colours, palette()[-1][0]) and _near(colours, palette()[4][0])
@@ -155,7 +204,9 @@ def test_page_in_chromium(browser, page, made, scores, tok):
     ppl_d, ppl_r = evals[str(page.parent / "draft.jsonl")], evals[str(page.parent / "refined.jsonl")]
     for k, (d, r) in enumerate(zip(drafts[:3], refined[:3])):
         sec = browser.execute_script(f"return document.getElementById('s{k}').innerText")
-        cols = browser.execute_script(f"return [...document.querySelectorAll('#s{k} .tokens')].map(e => e.innerText)")
+        cols = browser.execute_script(
+            f"return [...document.querySelectorAll('#s{k} .tokens')].map(e => e.innerText)"
+        )
         assert sec.splitlines()[0] == d["id"]
         assert [_norm(c) for c in cols] == [_norm(d["text"]), _norm(r["text"])]
         ent = [unigram_entropy(sample_tokens(x)) for x in (d, r)]
@@ -199,14 +250,21 @@ def test_scores_are_matched_without_file_names(made, scores, tok):
     one whose ids match no sample is reported; a record's own gen_ppl is used without scores."""
     _, drafts, refined = made
     (dname, dres), (rname, rres) = scores["inputs"].items()
-    renamed = {"inputs": {"elsewhere/a.jsonl": dres, "elsewhere/b.jsonl": rres,
-                          "c.jsonl": {"samples": [{"id": "nobody", "ppl": 1.0, "entropy": 1.0}]}}}
+    renamed = {
+        "inputs": {
+            "elsewhere/a.jsonl": dres,
+            "elsewhere/b.jsonl": rres,
+            "c.jsonl": {"samples": [{"id": "nobody", "ppl": 1.0, "entropy": 1.0}]},
+        }
+    }
     html = render_page(drafts, refined, scores=renamed, tokenizer=tok)
     for d, r in zip(dres["samples"], rres["samples"]):
         assert f"gen PPL {d['ppl']:.2f} \u2192 {r['ppl']:.2f}" in html
     assert "scores of c.jsonl match neither shown file" in html
     own = [dict(drafts[0], gen_ppl=12.345)]
-    assert "gen PPL 12.35" in render_page(own, tokenizer=tok) and "mean gen PPL" in render_page(own, tokenizer=tok)
+    assert "gen PPL 12.35" in render_page(own, tokenizer=tok) and "mean gen PPL" in render_page(
+        own, tokenizer=tok
+    )
 
 
 def test_spans_concatenate_to_the_decoded_text(tok):
@@ -229,16 +287,27 @@ def _one_line_error(r, code):
 def test_bad_inputs_give_one_line_errors(made, tmp_path):
     d, _, _ = made
     good = str(d / "draft.jsonl")
-    assert "no such file" in _one_line_error(_cli(["show", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "v.html")]), 1).lower()
+    assert (
+        "no such file"
+        in _one_line_error(
+            _cli(["show", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "v.html")]), 1
+        ).lower()
+    )
     msg = _one_line_error(_cli(["show", good, "-o", str(tmp_path / "nodir" / "v.html")]), 1)
     assert "does not exist" in msg
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"schema": "other/2", "id": "0", "tokens": [1]}) + "\n")
-    assert "unsupported schema" in _one_line_error(_cli(["show", str(other), "-o", str(tmp_path / "v.html")]), 1)
-    assert "at most two" in _one_line_error(_cli(["show", good, good, good, "-o", str(tmp_path / "v.html")]), 2)
+    assert "unsupported schema" in _one_line_error(
+        _cli(["show", str(other), "-o", str(tmp_path / "v.html")]), 1
+    )
+    assert "at most two" in _one_line_error(
+        _cli(["show", good, good, good, "-o", str(tmp_path / "v.html")]), 2
+    )
     bad_scores = tmp_path / "s.json"
     bad_scores.write_text("[1, 2]")
-    assert "eval-ppl" in _one_line_error(_cli(["show", good, "--scores", str(bad_scores), "-o", str(tmp_path / "v.html")]), 1)
+    assert "eval-ppl" in _one_line_error(
+        _cli(["show", good, "--scores", str(bad_scores), "-o", str(tmp_path / "v.html")]), 1
+    )
     assert not (tmp_path / "v.html").exists() and sorted(tmp_path.iterdir()) == sorted([other, bad_scores])
 
 
@@ -263,16 +332,22 @@ def test_quickstart_page_in_chromium(browser, tmp_path):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from did_cli.pipeline.end_to_end import QuickstartConfig, run
     from did_cli.io.records import read_records
     from did_cli.io.tokenizer import load_tokenizer
+    from did_cli.pipeline.end_to_end import QuickstartConfig, run
 
     sc = tmp_path / "scorer"
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=50257)).save_pretrained(sc)
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=50257)
+    ).save_pretrained(sc)
     load_tokenizer("gpt2").hf.save_pretrained(sc)
     out = tmp_path / "qs"
-    run(QuickstartConfig(out=str(out), minutes=1, samples=3, seq_len=32, preset="tiny", scorer=str(sc), device="cpu"))
+    run(
+        QuickstartConfig(
+            out=str(out), minutes=1, samples=3, seq_len=32, preset="tiny", scorer=str(sc), device="cpu"
+        )
+    )
     assert "[view.html](view.html)" in (out / "report.md").read_text()
     browser.get((out / "view.html").as_uri())
     png = browser.get_screenshot_as_png()
@@ -283,6 +358,8 @@ def test_quickstart_page_in_chromium(browser, tmp_path):
     drafts, refined = (list(read_records(str(out / f))) for f in ("draft.jsonl", "refined.jsonl"))
     assert len(drafts) == len(refined) == 3
     for k, (d, r) in enumerate(zip(drafts, refined)):
-        cols = browser.execute_script(f"return [...document.querySelectorAll('#s{k} .tokens')].map(e => e.innerText)")
+        cols = browser.execute_script(
+            f"return [...document.querySelectorAll('#s{k} .tokens')].map(e => e.innerText)"
+        )
         assert [_norm(c) for c in cols] == [_norm(d["text"]), _norm(r["text"])]
         assert d["id"] in text

@@ -11,8 +11,8 @@ import pytest
 
 from did_cli.core.model_config import BOS_ID, EOS_ID, GPT2_VOCAB, MASK_ID
 from did_cli.errors import DidError
-from did_cli.io.tokenizer import GPT2_DIR, canonical_name, load_tokenizer
 from did_cli.io.sources import BUNDLED_CORPUS
+from did_cli.io.tokenizer import GPT2_DIR, canonical_name, load_tokenizer
 
 
 @pytest.fixture(scope="module")

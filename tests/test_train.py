@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from did_cli.errors import DidError
 from did_cli.io import checkpoint as ck
+from did_cli.io.checkpoint import load_model
 from did_cli.io.data import prepare
 from did_cli.io.sources import BUNDLED_CORPUS
-from did_cli.errors import DidError
-from did_cli.io.checkpoint import load_model
 from did_cli.training import TrainConfig, train
 
 L = 32
@@ -31,8 +31,11 @@ L = 32
 def corpus_slice(path: Path, every: int = 20) -> Path:
     """Every `every`-th Wikipedia intro of the bundled corpus (~250 KB at 20). One source only, so
     that the validation documents (the last ones) come from the training distribution."""
-    lines = [ln for ln in lzma.open(BUNDLED_CORPUS, "rt", encoding="utf-8").read().splitlines()
-             if json.loads(ln)["source"].startswith("wikipedia:")]
+    lines = [
+        ln
+        for ln in lzma.open(BUNDLED_CORPUS, "rt", encoding="utf-8").read().splitlines()
+        if json.loads(ln)["source"].startswith("wikipedia:")
+    ]
     path.write_text("\n".join(lines[::every]) + "\n")
     return path
 
@@ -45,24 +48,55 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def quick(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(data), out=str(out), block_sizes=[4, "L"], block_weights=[0.5, 0.5], steps=4, batch_size=2,
-                lr=3e-3, warmup=2, ema=0.9, eval_every=0, eval_batches=2, save_every=0, log_every=1, progress=False)
+    base = dict(
+        data=str(data),
+        out=str(out),
+        block_sizes=[4, "L"],
+        block_weights=[0.5, 0.5],
+        steps=4,
+        batch_size=2,
+        lr=3e-3,
+        warmup=2,
+        ema=0.9,
+        eval_every=0,
+        eval_batches=2,
+        save_every=0,
+        log_every=1,
+        progress=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
 
 def events(run: Path, kind: str) -> list[dict]:
-    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
+    return [
+        e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind
+    ]
 
 
 def did(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "did_cli.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "did_cli.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_training_lowers_validation_nelbo_and_writes_a_run_folder(data_dir, tmp_path):
     run = tmp_path / "run"
-    result = train(quick(data_dir, run, block_sizes=[4], block_weights=None, steps=30, batch_size=8, warmup=5,
-                         eval_every=15, eval_batches=4, save_every=15, log_every=5))
+    result = train(
+        quick(
+            data_dir,
+            run,
+            block_sizes=[4],
+            block_weights=None,
+            steps=30,
+            batch_size=8,
+            warmup=5,
+            eval_every=15,
+            eval_batches=4,
+            save_every=15,
+            log_every=5,
+        )
+    )
     evals = events(run, "eval")
     start, end = evals[0]["val_nelbo_b4"], evals[-1]["val_nelbo_b4"]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
@@ -83,26 +117,45 @@ def test_training_lowers_validation_nelbo_and_writes_a_run_folder(data_dir, tmp_
     ckpts = ck.list_checkpoints(run)
     assert [c.name for c in ckpts] == ["step-00000015", "step-00000030"]
     last = ckpts[-1]
-    for rel in ("config.json", "model.safetensors", "manifest.json", "train_state/raw_model.safetensors",
-                "train_state/optimizer.pt", "train_state/scheduler.pt", "train_state/rng.pt", "train_state/state.json"):
+    for rel in (
+        "config.json",
+        "model.safetensors",
+        "manifest.json",
+        "train_state/raw_model.safetensors",
+        "train_state/optimizer.pt",
+        "train_state/scheduler.pt",
+        "train_state/rng.pt",
+        "train_state/state.json",
+    ):
         assert (last / rel).is_file(), rel
     assert ck.verify_checkpoint(last) is None
     assert ck.resolve_checkpoint(run) == last
     best = json.loads((run / "best.json").read_text())
-    assert (run / "checkpoints" / best["checkpoint"]).is_dir() and best["val_nelbo"] == pytest.approx(min(e["val_nelbo"] for e in evals[1:]))
+    assert (run / "checkpoints" / best["checkpoint"]).is_dir() and best["val_nelbo"] == pytest.approx(
+        min(e["val_nelbo"] for e in evals[1:])
+    )
 
     # model.safetensors alone is the EMA model; it is not the raw one
     model, info = load_model(last)
     assert model.config.model_length == L and info["clip"] == (0.0, 1.0)
     raw = load_file(str(last / "train_state/raw_model.safetensors"))
     ema = load_file(str(last / "model.safetensors"))
-    assert set(raw) <= set(ema) and not torch.equal(raw["backbone.blocks.0.attn_qkv.weight"], ema["backbone.blocks.0.attn_qkv.weight"])
+    assert set(raw) <= set(ema) and not torch.equal(
+        raw["backbone.blocks.0.attn_qkv.weight"], ema["backbone.blocks.0.attn_qkv.weight"]
+    )
     state = json.loads((last / "train_state/state.json").read_text())
     assert state["step"] == 30 and state["rows_per_step"] == 8 and "block_sampler" in state
 
 
 def test_resume_is_bit_exact(data_dir, tmp_path):
-    kw = dict(steps=6, save_every=3, eval_every=3, dropout=0.1, block_sizes=[4, 8, "L"], block_weights=[0.5, 0.3, 0.2])
+    kw = dict(
+        steps=6,
+        save_every=3,
+        eval_every=3,
+        dropout=0.1,
+        block_sizes=[4, 8, "L"],
+        block_weights=[0.5, 0.3, 0.2],
+    )
     train(quick(data_dir, tmp_path / "a", **kw))
     train(quick(data_dir, tmp_path / "b", **{**kw, "steps": 3}))
     train(quick(data_dir, tmp_path / "b", resume=True, **kw))
@@ -139,7 +192,17 @@ def test_nonfinite_loss_stops_or_skips(data_dir, tmp_path):
     ["missing-data", "block-not-dividing", "weights-mismatch", "clip-range", "other-tokenizer"],
 )
 def test_cli_bad_input_is_one_line(case, data_dir, tmp_path):
-    args = ["train", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2"]
+    args = [
+        "train",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+    ]
     expect_code, expect_text = 2, None
     if case == "missing-data":
         args[2] = str(tmp_path / "nope")
@@ -154,9 +217,9 @@ def test_cli_bad_input_is_one_line(case, data_dir, tmp_path):
         args += ["--clip", "0.5,1.5"]
         expect_text = "--clip"
     else:
+        from did_cli.core.dit import DiT
         from did_cli.core.model_config import preset
         from did_cli.io.checkpoint import save_model
-        from did_cli.core.dit import DiT
 
         save_model(DiT(preset("tiny", model_length=L, tokenizer="bert-base-uncased")), tmp_path / "bert")
         args += ["--init", str(tmp_path / "bert")]
@@ -171,10 +234,32 @@ def test_cli_bad_input_is_one_line(case, data_dir, tmp_path):
 
 def test_ctrl_c_saves_and_exits_130(data_dir, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "did_cli.cli", "train", "--data", str(data_dir), "--out", str(run),
-                             "--steps", "1000", "--batch-size", "2", "--log-every", "1", "--eval-every", "0",
-                             "--save-every", "0", "--warmup", "1"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "did_cli.cli",
+            "train",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(run),
+            "--steps",
+            "1000",
+            "--batch-size",
+            "2",
+            "--log-every",
+            "1",
+            "--eval-every",
+            "0",
+            "--save-every",
+            "0",
+            "--warmup",
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     for line in proc.stderr:
         if "step 2/1000" in line or time.time() > deadline:
@@ -195,13 +280,57 @@ def test_two_processes_match_one_with_the_same_global_batch(data_dir, tmp_path):
     to the global batch); only float summation order differs (dropout off)."""
     if shutil.which("accelerate") is None:
         pytest.skip("accelerate launcher not on PATH")
-    common = ["--data", str(data_dir), "--steps", "8", "--lr", "3e-3", "--warmup", "4", "--eval-every", "0",
-              "--eval-batches", "4", "--log-every", "1", "--ema", "0.9", "--block-sizes", "4,L", "--dropout", "0", "-q"]
+    common = [
+        "--data",
+        str(data_dir),
+        "--steps",
+        "8",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "4",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "4",
+        "--log-every",
+        "1",
+        "--ema",
+        "0.9",
+        "--block-sizes",
+        "4,L",
+        "--dropout",
+        "0",
+        "-q",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    multi = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "did_cli.cli", "train",
-                            "--out", str(tmp_path / "m"), "--batch-size", "4", *common],
-                           capture_output=True, text=True, timeout=600, env=env)
+    multi = subprocess.run(
+        [
+            "accelerate",
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "did_cli.cli",
+            "train",
+            "--out",
+            str(tmp_path / "m"),
+            "--batch-size",
+            "4",
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert multi.returncode == 0, multi.stderr[-2000:]
     single = did("train", "--out", str(tmp_path / "s"), "--batch-size", "8", *common, timeout=600)
     assert single.returncode == 0, single.stderr

@@ -15,8 +15,9 @@ from __future__ import annotations
 import difflib
 import json
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from did_cli.commands.options import Opt, explicit
 from did_cli.errors import UsageError
@@ -24,8 +25,11 @@ from did_cli.errors import UsageError
 COMMANDS = ("prepare", "train", "finetune-mixscale", "draft", "refine", "eval-ppl", "show", "quickstart")
 RUN_CONFIG = "config.json"
 
-CONFIG_HELP = ("YAML or JSON file of options (keys are option names, e.g. batch_size: 16; one section per command "
-               "allowed); flags given here override it. A run folder (its config.json) repeats that run. See docs/config.md.")
+CONFIG_HELP = (
+    "YAML or JSON file of options (keys are option names, e.g. batch_size: 16; one section per command "
+    "allowed); flags given here override it. A run folder (its config.json) repeats that run. See "
+    "docs/config.md."
+)
 
 
 def cli_name(name: str) -> str:
@@ -53,11 +57,15 @@ def read_file(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(text)
     except Exception as e:  # json.JSONDecodeError, yaml.YAMLError: one line with the position
         msg = " ".join(str(e).split())
-        raise UsageError(f"--config {path}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'} ({msg})") from None
+        raise UsageError(
+            f"--config {path}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'} ({msg})"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
+        raise UsageError(
+            f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}"
+        )
     return data
 
 
@@ -66,20 +74,28 @@ def section(data: dict[str, Any], command: str, path: str | Path) -> dict[str, A
     if isinstance(data.get("options"), dict) and "values" in data["options"]:  # a run folder's config.json
         saved = data["options"]
         if saved.get("command") not in (None, command):
-            raise UsageError(f"--config {path}: holds the options of did {saved['command']}, not did {command}")
+            raise UsageError(
+                f"--config {path}: holds the options of did {saved['command']}, not did {command}"
+            )
         return dict(saved["values"])
     if "train" in data and "model" in data and isinstance(data["train"], dict):
-        raise UsageError(f"--config {path}: a run config without saved options (written by an older did); "
-                         "write a config file with the options instead")
+        raise UsageError(
+            f"--config {path}: a run config without saved options (written by an older did); "
+            "write a config file with the options instead"
+        )
     sections = [k for k in data if str(k).replace("_", "-") in COMMANDS and isinstance(data[k], dict)]
     if not sections:
         return dict(data)
     plain = [k for k in data if k not in sections]
     if plain:
-        raise UsageError(f"--config {path}: key {plain[0]!r} is outside the command sections ({', '.join(sections)})")
+        raise UsageError(
+            f"--config {path}: key {plain[0]!r} is outside the command sections ({', '.join(sections)})"
+        )
     mine = [k for k in sections if str(k).replace("_", "-") == command]
     if not mine:
-        raise UsageError(f"--config {path}: no section for did {command} (it has {', '.join(map(str, sections))})")
+        raise UsageError(
+            f"--config {path}: no section for did {command} (it has {', '.join(map(str, sections))})"
+        )
     return dict(data[mine[0]])
 
 
@@ -118,7 +134,10 @@ def convert(opt: Opt, value: Any, key: str, path: str | Path) -> Any:
             raise UsageError(f"{where} must be a list of numbers or texts, got {value!r}")
         out = ",".join(map(str, value))
     elif isinstance(value, (dict, bool)):
-        raise UsageError(f"{where} must be a {'text' if base in (str, Path) else getattr(base, '__name__', 'value')}, got {value!r}")
+        raise UsageError(
+            f"{where} must be a {'text' if base in (str, Path) else getattr(base, '__name__', 'value')}, "
+            f"got {value!r}"
+        )
     else:
         out = str(value)
     if base is Path:
@@ -158,9 +177,13 @@ def file_values(path: str | Path, command: str, options: list[Opt]) -> dict[str,
     return out
 
 
-def apply(values: dict[str, Any], options: list[Opt], command: str,
-          implicit: Callable[[dict[str, Any]], Path | None] | None = None,
-          given: Callable[[str], bool] = explicit) -> dict[str, Any]:
+def apply(
+    values: dict[str, Any],
+    options: list[Opt],
+    command: str,
+    implicit: Callable[[dict[str, Any]], Path | None] | None = None,
+    given: Callable[[str], bool] = explicit,
+) -> dict[str, Any]:
     """`values` with every option not given on the command line taken from --config (then from
     the file `implicit(values)` names, e.g. the run being resumed); then the required ones checked."""
     command = cli_name(command)
@@ -183,7 +206,9 @@ def apply(values: dict[str, Any], options: list[Opt], command: str,
     for o in options:
         if o.resolve()[1] is ... and values.get(o.name) is None:
             what = "argument " + o.name.upper() if o.argument else "option " + _flag(o)
-            raise UsageError(f"missing {what} (give it on the command line or in --config; see 'did {command} --help')")
+            raise UsageError(
+                f"missing {what} (give it on the command line or in --config; see 'did {command} --help')"
+            )
     return values
 
 
@@ -198,6 +223,7 @@ def _has_saved_options(path: Path) -> bool:
 
 def record(command: str, values: dict[str, Any]) -> dict[str, Any]:
     """The resolved options of a run as saved in its config.json (itself a valid --config)."""
+
     def plain(v: Any) -> Any:
         if isinstance(v, Path):
             return str(v)

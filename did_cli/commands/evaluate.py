@@ -64,13 +64,26 @@ def _test_ppl(cfg: EvalConfig) -> None:
     if cfg.data is None:
         raise UsageError("--model needs --data DIR (a prepared data folder)")
     _check_json_target(cfg.json)
-    res = test_ppl(cfg.model, cfg.data, cfg.block_size, cfg.split, batch_size=cfg.batch_size, device=cfg.device,
-                   seed=cfg.seed, draws=cfg.draws, weight=cfg.nelbo_weight)
+    res = test_ppl(
+        cfg.model,
+        cfg.data,
+        cfg.block_size,
+        cfg.split,
+        batch_size=cfg.batch_size,
+        device=cfg.device,
+        seed=cfg.seed,
+        draws=cfg.draws,
+        weight=cfg.nelbo_weight,
+    )
     _emit_json(res, cfg.json)
     if cfg.json != "-":
         se = "" if res["nelbo_se"] is None else f" +- {res['nelbo_se']:.4f} (s.e.)"
-        _console().print(f"test NELBO {res['nelbo']:.4f}{se} nats/token, PPL <= {res['ppl']:.3f}; {res['rows']} rows x "
-                         f"{res['draws']} draws, block {res['block_size']}, split {res['split']}", markup=False, highlight=False)
+        _console().print(
+            f"test NELBO {res['nelbo']:.4f}{se} nats/token, PPL <= {res['ppl']:.3f}; {res['rows']} rows x "
+            f"{res['draws']} draws, block {res['block_size']}, split {res['split']}",
+            markup=False,
+            highlight=False,
+        )
 
 
 def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
@@ -81,7 +94,9 @@ def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
     if inputs.count("-") > 1:
         raise UsageError("stdin ('-') can be read only once")
     if "-" in inputs and sys.stdin.isatty():
-        raise UsageError("no input: pass sample files or pipe records into stdin (did draft ... | did eval-ppl)")
+        raise UsageError(
+            "no input: pass sample files or pipe records into stdin (did draft ... | did eval-ppl)"
+        )
     names = _unique_names(inputs)
     _check_json_target(cfg.json)
     _check_json_target(cfg.plot)
@@ -91,26 +106,48 @@ def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
     sc.cleanup = cfg.cleanup
     err = _console()
     # soft_wrap: a long scorer path stays on one line (greppable in CI logs)
-    err.print(f"scorer: {sc.name} (context {sc.context}, loaded in {sc.load_seconds:.1f}s; text clean-up "
-              f"{'on' if sc.cleanup else 'off'})", markup=False, highlight=False, soft_wrap=True)
+    err.print(
+        f"scorer: {sc.name} (context {sc.context}, loaded in {sc.load_seconds:.1f}s; text clean-up "
+        f"{'on' if sc.cleanup else 'off'})",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     results = {name: gp.gen_ppl(rs, sc, batch_size=cfg.batch_size) for name, rs in recs.items()}
     rows = gp.compare(results)
     err.print(_table(rows))
     for name, res in results.items():
         if res["summary"]["n_empty"]:
-            typer.echo(f"{name}: {res['summary']['n_empty']} sample(s) had no scorable token and are left out of the PPL figures", err=True)
+            typer.echo(
+                f"{name}: {res['summary']['n_empty']} sample(s) had no scorable token and are left out of "
+                "the PPL figures",
+                err=True,
+            )
     multi = len(rows) > 1
-    reasons = [f"{name}: {why}" if multi else why for name, res in results.items()
-               for why in gp.check_thresholds(res["summary"], cfg.max_gen_ppl, cfg.min_entropy)]
+    reasons = [
+        f"{name}: {why}" if multi else why
+        for name, res in results.items()
+        for why in gp.check_thresholds(res["summary"], cfg.max_gen_ppl, cfg.min_entropy)
+    ]
     if cfg.plot is not None:
         from did_cli.pipeline.plots import plot_distributions
 
         plot_distributions(results, cfg.plot)
         err.print(f"plot: {cfg.plot}", markup=False, highlight=False, soft_wrap=True)
     if cfg.json is not None:
-        _emit_json({"scorer": sc.name, "scorer_context": sc.context, "cleanup": sc.cleanup, "inputs": results, "compare": rows,
-                    "thresholds": {"max_gen_ppl": cfg.max_gen_ppl, "min_entropy": cfg.min_entropy},
-                    "passed": not reasons, "reasons": reasons}, cfg.json)
+        _emit_json(
+            {
+                "scorer": sc.name,
+                "scorer_context": sc.context,
+                "cleanup": sc.cleanup,
+                "inputs": results,
+                "compare": rows,
+                "thresholds": {"max_gen_ppl": cfg.max_gen_ppl, "min_entropy": cfg.min_entropy},
+                "passed": not reasons,
+                "reasons": reasons,
+            },
+            cfg.json,
+        )
     if reasons:
         for why in reasons:
             typer.echo(f"did eval-ppl: threshold not met: {why}", err=True)
@@ -123,30 +160,61 @@ def _table(rows: list[dict]) -> Any:
 
     table = Table(title="generative perplexity (scorer above)", title_justify="left")
     multi = len(rows) > 1
-    cols = ["input", "n", "gen PPL", "pooled", "median", "entropy"] + (["PPL vs 1st [95% CI]", "entropy vs 1st [95% CI]",
-                                                                        "verdict"] if multi else [])
+    cols = ["input", "n", "gen PPL", "pooled", "median", "entropy"] + (
+        ["PPL vs 1st [95% CI]", "entropy vs 1st [95% CI]", "verdict"] if multi else []
+    )
     for col in cols:
         table.add_column(col, justify="left" if col == "input" else "right", overflow="fold")
     for r in rows:
-        cells = [Text(r["input"]), str(r["n"]), _fmt(r["mean_ppl"]), _fmt(r["pooled_ppl"]),
-                 _fmt(r["median_ppl"]), _fmt(r["mean_entropy"], 3)]
+        cells = [
+            Text(r["input"]),
+            str(r["n"]),
+            _fmt(r["mean_ppl"]),
+            _fmt(r["pooled_ppl"]),
+            _fmt(r["median_ppl"]),
+            _fmt(r["mean_entropy"], 3),
+        ]
         if multi:
-            cells += [_pct(r["rel_mean_ppl"]) + _ci(r.get("rel_mean_ppl_ci")), _pct(r["rel_entropy"]) + _ci(r.get("rel_entropy_ci")),
-                      r.get("verdict") or ("" if r is rows[0] else "unpaired")]
+            cells += [
+                _pct(r["rel_mean_ppl"]) + _ci(r.get("rel_mean_ppl_ci")),
+                _pct(r["rel_entropy"]) + _ci(r.get("rel_entropy_ci")),
+                r.get("verdict") or ("" if r is rows[0] else "unpaired"),
+            ]
         table.add_row(*cells)
     return table
 
 
-eval_ppl = command(_eval_ppl, [
-    Opt("inputs", type=list[str], default=None, argument=True, help="Sample JSONL files (did.sample/1); '-' reads stdin (the default)."),
-    Opt("scorer", EvalConfig, kw={"rich_help_panel": GEN}),
-    Opt("cleanup", EvalConfig, flags=("--cleanup/--no-cleanup",), kw={"rich_help_panel": GEN}),
-    Opt("batch_size", EvalConfig, kw={"min": 1}),
-    Opt("json", EvalConfig),
-    *fields_of(EvalConfig, "max_gen_ppl", "min_entropy", "plot", kw={"rich_help_panel": GEN}),
-    Opt("device", EvalConfig),
-    *fields_of(EvalConfig, "model", "data", "block_size", "split", "draws", "nelbo_weight", "seed", kw={"rich_help_panel": TEST}),
-], name="eval_ppl", config=True)
+eval_ppl = command(
+    _eval_ppl,
+    [
+        Opt(
+            "inputs",
+            type=list[str],
+            default=None,
+            argument=True,
+            help="Sample JSONL files (did.sample/1); '-' reads stdin (the default).",
+        ),
+        Opt("scorer", EvalConfig, kw={"rich_help_panel": GEN}),
+        Opt("cleanup", EvalConfig, flags=("--cleanup/--no-cleanup",), kw={"rich_help_panel": GEN}),
+        Opt("batch_size", EvalConfig, kw={"min": 1}),
+        Opt("json", EvalConfig),
+        *fields_of(EvalConfig, "max_gen_ppl", "min_entropy", "plot", kw={"rich_help_panel": GEN}),
+        Opt("device", EvalConfig),
+        *fields_of(
+            EvalConfig,
+            "model",
+            "data",
+            "block_size",
+            "split",
+            "draws",
+            "nelbo_weight",
+            "seed",
+            kw={"rich_help_panel": TEST},
+        ),
+    ],
+    name="eval_ppl",
+    config=True,
+)
 
 
 def _unique_names(inputs: list[str]) -> list[str]:
@@ -161,7 +229,9 @@ def _unique_names(inputs: list[str]) -> list[str]:
 def _emit_json(obj: object, target: str | None) -> None:
     if target is None:
         return
-    text = json.dumps(obj, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o))
+    text = json.dumps(
+        obj, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o)
+    )
     if target == "-":
         from did_cli.io.outputs import write_stdout
 

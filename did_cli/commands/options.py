@@ -16,9 +16,10 @@ import dataclasses
 import functools
 import inspect
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -26,7 +27,7 @@ _FROM_FIELD = object()
 CONTEXT = "did_context"  # the parameter that receives Typer's context in commands with --config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Field docstrings (the string literal under each field) of a dataclass and its bases."""
     docs: dict[str, str] = {}
@@ -38,7 +39,11 @@ def field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError, SyntaxError):  # no source (frozen installs): no help texts
             continue
         for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant):
+            if (
+                isinstance(a, ast.AnnAssign)
+                and isinstance(b, ast.Expr)
+                and isinstance(getattr(b, "value", None), ast.Constant)
+            ):
                 docs[a.target.id] = " ".join(str(b.value.value).split())
     return docs
 
@@ -87,7 +92,11 @@ class Opt:
         --config instead (checked after the file is read)."""
         typ, default, help_text = self.resolve()
         if optional and default is ...:
-            typ, default, help_text = Optional[typ], None, (help_text + " Required (here or in --config).").strip()
+            typ, default, help_text = (
+                Optional[typ],
+                None,
+                (help_text + " Required (here or in --config).").strip(),
+            )
         if self.argument:
             info = typer.Argument(default, help=help_text, show_default=False, **self.kw)
         else:
@@ -132,8 +141,13 @@ def fields_of(cls: type, *names: str, **kw: Any) -> list[Opt]:
     return [Opt(n, source=cls, **kw) for n in names]
 
 
-def command(body: Callable[..., Any], options: list[Opt], name: str | None = None, config: bool = False,
-            implicit: Callable[[dict[str, Any]], Any] | None = None) -> Callable[..., Any]:
+def command(
+    body: Callable[..., Any],
+    options: list[Opt],
+    name: str | None = None,
+    config: bool = False,
+    implicit: Callable[[dict[str, Any]], Any] | None = None,
+) -> Callable[..., Any]:
     """A function with `options` as its signature that calls `body(**values)`; Typer reads
     the signature (and the annotations) to build the command. The body's docstring is the
     command's help. `config`: the command also takes --config FILE (did_cli.commands.config_file),
@@ -141,7 +155,9 @@ def command(body: Callable[..., Any], options: list[Opt], name: str | None = Non
     one more file read under it (a resumed run's config.json)."""
     names = [o.name for o in options]
     if len(set(names)) != len(names):
-        raise TypeError(f"duplicate option in {body.__name__}: {sorted(n for n in names if names.count(n) > 1)}")
+        raise TypeError(
+            f"duplicate option in {body.__name__}: {sorted(n for n in names if names.count(n) > 1)}"
+        )
     cmd_name = name or body.__name__
 
     def cmd(**values: Any) -> Any:
@@ -158,7 +174,9 @@ def command(body: Callable[..., Any], options: list[Opt], name: str | None = Non
 
         if "config" in names:
             raise TypeError(f"{body.__name__} declares its own --config")
-        params.append(Opt("config", type=Path, default=None, help=CONFIG_HELP, flags=("--config", "-c")).parameter())
+        params.append(
+            Opt("config", type=Path, default=None, help=CONFIG_HELP, flags=("--config", "-c")).parameter()
+        )
         params.append(inspect.Parameter(CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
     cmd.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     cmd.__annotations__ = {p.name: p.annotation for p in params}

@@ -26,19 +26,32 @@ def _check_out(out: Path, force: bool) -> None:
     check_out_folder(out)
     if force or not out.is_dir() or is_empty_folder(out) or (out / "data").is_dir() or (out / "run").is_dir():
         return
-    raise DidError(f"--out {out} holds files that are not a quickstart's ({describe_folder(out)}); pass --force to "
-                   "write into it anyway, or choose another --out")
+    raise DidError(
+        f"--out {out} holds files that are not a quickstart's ({describe_folder(out)}); pass --force to "
+        "write into it anyway, or choose another --out"
+    )
 
 
-quickstart = command(_quickstart, [
-    Opt("out", QuickstartConfig, type=Path),
-    Opt("minutes", QuickstartConfig, help="Wall-time budget; training gets what the other stages leave."),
-    Opt("samples", QuickstartConfig),
-    Opt("seq_len", QuickstartConfig, help="Sequence length L (also the global refine block)."),
-    Opt("preset", QuickstartConfig, help="Model preset: tiny, quick, small, medium."),
-    Opt("ratio", QuickstartConfig, help="Share of generated tokens re-masked by the global refine stage."),
-    Opt("scorer", QuickstartConfig),
-    Opt("device", QuickstartConfig),
-    Opt("seed", QuickstartConfig),
-    Opt("force", type=bool, default=False, help="Write into a non-empty --out that is not an earlier quickstart's."),
-], name="quickstart")
+quickstart = command(
+    _quickstart,
+    [
+        Opt("out", QuickstartConfig, type=Path),
+        Opt("minutes", QuickstartConfig, help="Wall-time budget; training gets what the other stages leave."),
+        Opt("samples", QuickstartConfig),
+        Opt("seq_len", QuickstartConfig, help="Sequence length L (also the global refine block)."),
+        Opt("preset", QuickstartConfig, help="Model preset: tiny, quick, small, medium."),
+        Opt(
+            "ratio", QuickstartConfig, help="Share of generated tokens re-masked by the global refine stage."
+        ),
+        Opt("scorer", QuickstartConfig),
+        Opt("device", QuickstartConfig),
+        Opt("seed", QuickstartConfig),
+        Opt(
+            "force",
+            type=bool,
+            default=False,
+            help="Write into a non-empty --out that is not an earlier quickstart's.",
+        ),
+    ],
+    name="quickstart",
+)

@@ -54,8 +54,8 @@ def _draft(**kw: Any) -> None:
     from did_cli import sampling
     from did_cli.io.checkpoint import load_model, read_config
     from did_cli.io.records import RecordWriter
-    from did_cli.sampling.prompts import resolve_prompts
     from did_cli.io.tokenizer import load_tokenizer
+    from did_cli.sampling.prompts import resolve_prompts
     from did_cli.util import resolve_device
 
     model, output, prompt, prompts = kw.pop("model"), kw.pop("output"), kw.pop("prompt"), kw.pop("prompts")
@@ -78,19 +78,41 @@ def _draft(**kw: Any) -> None:
         for rec in sampling.draft(net, cfg, tokenizer=tok, model_path=str(path)):
             w.write(rec)
             rej = f", {rec['entropy_rejections']} redraws" if rec.get("entropy_rejections") else ""
-            err.print(f"{rec['id']}: {len(rec['tokens'])} tokens, {rec['nfe']} NFEs ({rec['forward_passes']} forward passes), "
-                      f"{rec['seconds']:.2f} s{rej}")
+            err.print(
+                f"{rec['id']}: {len(rec['tokens'])} tokens, {rec['nfe']} NFEs ({rec['forward_passes']} "
+                "forward passes), "
+                f"{rec['seconds']:.2f} s{rej}"
+            )
 
 
-draft = command(_draft, [
-    MODEL, Opt("n", DraftConfig, flags=("-n", "--n")), *fields_of(DraftConfig, "length", "block_size"), *SAMPLER,
-    *fields_of(DraftConfig, "var_length", "min_entropy", "max_retries", "entropy_fail"),
-    Opt("no_cache", default=False, help="Recompute the whole prefix every call (slow; same tokens)."),
-    *PLACEMENT, OUTPUT,
-    Opt("prompt", type=list[str], default=None, help="Prompt text (repeatable); -n samples per prompt continue it after BOS."),
-    Opt("prompts", type=str, default=None, help='JSONL file of {"id", "prompt"} lines (\'-\' = stdin); -n samples per prompt.'),
-    Opt("suffix", DraftConfig, type=str),
-], name="draft", config=True)
+draft = command(
+    _draft,
+    [
+        MODEL,
+        Opt("n", DraftConfig, flags=("-n", "--n")),
+        *fields_of(DraftConfig, "length", "block_size"),
+        *SAMPLER,
+        *fields_of(DraftConfig, "var_length", "min_entropy", "max_retries", "entropy_fail"),
+        Opt("no_cache", default=False, help="Recompute the whole prefix every call (slow; same tokens)."),
+        *PLACEMENT,
+        OUTPUT,
+        Opt(
+            "prompt",
+            type=list[str],
+            default=None,
+            help="Prompt text (repeatable); -n samples per prompt continue it after BOS.",
+        ),
+        Opt(
+            "prompts",
+            type=str,
+            default=None,
+            help='JSONL file of {"id", "prompt"} lines (\'-\' = stdin); -n samples per prompt.',
+        ),
+        Opt("suffix", DraftConfig, type=str),
+    ],
+    name="draft",
+    config=True,
+)
 
 
 def _refine(**kw: Any) -> None:
@@ -111,7 +133,9 @@ def _refine(**kw: Any) -> None:
 
     tok = load_tokenizer(mcfg.tokenizer)
     need = ("id", "tokens", "confidence") if cfg.confidence == "snapshot" else ("id", "tokens")
-    records = unique_ids(read_records(source, vocab_size=mcfg.vocab_size, need=need), "stdin" if source == "-" else source)
+    records = unique_ids(
+        read_records(source, vocab_size=mcfg.vocab_size, need=need), "stdin" if source == "-" else source
+    )
     if source != "-":
         # a file is checked whole before the weights load; stdin streams record by record
         records = list(records)
@@ -122,15 +146,35 @@ def _refine(**kw: Any) -> None:
     with RecordWriter(output) as w:
         for rec in sampling.refine(net, records, cfg, tokenizer=tok, model_path=str(path)):
             w.write(rec)
-            st = rec["stages"][-len(cfg.stages):]
-            figs = ", ".join(f"B={s['block_size']} re-masked {len(s['remasked'])} changed {s['changed']}" for s in st)
-            err.print(f"{rec['id']}: {figs}; {sum(s['nfe'] for s in st)} NFEs ({sum(s['forward_passes'] for s in st)} forward "
-                      f"passes), {sum(s['seconds'] for s in st):.2f} s")
+            st = rec["stages"][-len(cfg.stages) :]
+            figs = ", ".join(
+                f"B={s['block_size']} re-masked {len(s['remasked'])} changed {s['changed']}" for s in st
+            )
+            err.print(
+                f"{rec['id']}: {figs}; {sum(s['nfe'] for s in st)} NFEs "
+                f"({sum(s['forward_passes'] for s in st)} forward "
+                f"passes), {sum(s['seconds'] for s in st):.2f} s"
+            )
 
 
-refine = command(_refine, [
-    Opt("input", default="-", argument=True, help="Draft records (JSONL); '-' reads stdin."), MODEL,
-    Opt("stages", RefineConfig, type=str, default="L:0.25",
-        extra="As text: BLOCK:RATIO,... in order; BLOCK 'L' (or >= the length) = global pass. E.g. 1024:0.25 or 64:0.3,L:0.2."),
-    Opt("confidence", RefineConfig), *SAMPLER, *PLACEMENT, OUTPUT,
-], name="refine", config=True)
+refine = command(
+    _refine,
+    [
+        Opt("input", default="-", argument=True, help="Draft records (JSONL); '-' reads stdin."),
+        MODEL,
+        Opt(
+            "stages",
+            RefineConfig,
+            type=str,
+            default="L:0.25",
+            extra="As text: BLOCK:RATIO,... in order; BLOCK 'L' (or >= the length) = global pass. E.g. "
+            "1024:0.25 or 64:0.3,L:0.2.",
+        ),
+        Opt("confidence", RefineConfig),
+        *SAMPLER,
+        *PLACEMENT,
+        OUTPUT,
+    ],
+    name="refine",
+    config=True,
+)

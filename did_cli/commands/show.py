@@ -14,9 +14,9 @@ from did_cli.pipeline.page import render_page
 def _show(inputs: list[str], output: str, scores: str | None, limit: int, tokenizer: str) -> None:
     """Write one self-contained HTML page: each sample's tokens shaded by confidence, re-masked and
     changed tokens marked, draft beside refined, entropy, gen PPL and the settings."""
-    from did_cli.pipeline.page import check_target, write_page
     from did_cli.io.records import read_records
     from did_cli.io.tokenizer import load_tokenizer
+    from did_cli.pipeline.page import check_target, write_page
 
     if len(inputs) > 2:
         raise UsageError(f"at most two inputs (SAMPLES.jsonl [REFINED.jsonl]), got {len(inputs)}")
@@ -27,8 +27,9 @@ def _show(inputs: list[str], output: str, scores: str | None, limit: int, tokeni
     recs = [list(read_records(src, vocab_size=tok.vocab_size, need=("id", "tokens"))) for src in inputs]
     evals = _load_scores(scores) if scores is not None else None
     names = {"draft": inputs[0], "refined": inputs[1] if len(inputs) > 1 else None}
-    page = render_page(recs[0], recs[1] if len(recs) > 1 else None, scores=evals, tokenizer=tok,
-                       limit=limit, names=names)
+    page = render_page(
+        recs[0], recs[1] if len(recs) > 1 else None, scores=evals, tokenizer=tok, limit=limit, names=names
+    )
     write_page(page, output)
     if output != "-":
         typer.echo(f"wrote {output}", err=True)
@@ -46,12 +47,43 @@ def _load_scores(path: str) -> dict:
         raise DidError(f"{path}: JSON nested too deeply") from None
 
 
-show = command(_show, [
-    Opt("inputs", type=list[str], default=..., argument=True,
-        help="SAMPLES.jsonl [REFINED.jsonl]: drafts and their refinements (paired by id), or one file alone; '-' reads stdin."),
-    Opt("output", flags=("-o", "--output"), type=str, default=..., help="HTML file to write ('-' = stdout)."),
-    Opt("scores", type=str, default=None, help="JSON written by `did eval-ppl --json`: per-sample gen PPL, matched by id."),
-    Opt("limit", render_page, type=int, kw={"min": 0}, help="Samples shown (0 = all); the summary covers every sample."),
-    Opt("tokenizer", type=str, default="gpt2",
-        help="Tokenizer that decodes the token ids: 'gpt2' (bundled), a folder or a hub name."),
-], name="show")
+show = command(
+    _show,
+    [
+        Opt(
+            "inputs",
+            type=list[str],
+            default=...,
+            argument=True,
+            help="SAMPLES.jsonl [REFINED.jsonl]: drafts and their refinements (paired by id), or one file "
+            "alone; '-' reads stdin.",
+        ),
+        Opt(
+            "output",
+            flags=("-o", "--output"),
+            type=str,
+            default=...,
+            help="HTML file to write ('-' = stdout).",
+        ),
+        Opt(
+            "scores",
+            type=str,
+            default=None,
+            help="JSON written by `did eval-ppl --json`: per-sample gen PPL, matched by id.",
+        ),
+        Opt(
+            "limit",
+            render_page,
+            type=int,
+            kw={"min": 0},
+            help="Samples shown (0 = all); the summary covers every sample.",
+        ),
+        Opt(
+            "tokenizer",
+            type=str,
+            default="gpt2",
+            help="Tokenizer that decodes the token ids: 'gpt2' (bundled), a folder or a hub name.",
+        ),
+    ],
+    name="show",
+)

@@ -16,14 +16,42 @@ from did_cli.core.model_config import parse_clip, parse_float_list
 from did_cli.errors import DidError, UsageError
 from did_cli.training.train_config import LENGTH_WORDS, MixScaleConfig, TrainConfig
 
-LOOP = fields_of(TrainConfig, "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "betas", "grad_clip", "ema",
-                 "eval_every", "eval_batches", "val_draws", "val_weight", "save_every", "keep_last", "log_every", "seed", "resume")
-CLIP = Opt("clip", type=str, default=None,
-           help="t range: auto (BD3-LM's search at each evaluation; not the global block unless --clip-global), none "
-                "(= 0,1) or BETA,OMEGA. Default: 0,1, or the learned range stored with --init.")
-CLIP_SEARCH = [Opt("resample", TrainConfig, flags=("--resample/--no-resample",)), Opt("clip_widths", TrainConfig, type=str, extra="Comma-separated."),
-               *fields_of(TrainConfig, "clip_delta", "clip_batches", "clip_global")]
-MIXED_PRECISION = Opt("mixed_precision", default="auto", help="no, bf16, fp16, or auto (bf16 on CUDA, else no).")
+LOOP = fields_of(
+    TrainConfig,
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "warmup",
+    "weight_decay",
+    "betas",
+    "grad_clip",
+    "ema",
+    "eval_every",
+    "eval_batches",
+    "val_draws",
+    "val_weight",
+    "save_every",
+    "keep_last",
+    "log_every",
+    "seed",
+    "resume",
+)
+CLIP = Opt(
+    "clip",
+    type=str,
+    default=None,
+    help="t range: auto (BD3-LM's search at each evaluation; not the global block unless --clip-global), "
+    "none "
+    "(= 0,1) or BETA,OMEGA. Default: 0,1, or the learned range stored with --init.",
+)
+CLIP_SEARCH = [
+    Opt("resample", TrainConfig, flags=("--resample/--no-resample",)),
+    Opt("clip_widths", TrainConfig, type=str, extra="Comma-separated."),
+    *fields_of(TrainConfig, "clip_delta", "clip_batches", "clip_global"),
+]
+MIXED_PRECISION = Opt(
+    "mixed_precision", default="auto", help="no, bf16, fp16, or auto (bf16 on CUDA, else no)."
+)
 RUNTIME = fields_of(TrainConfig, "dropout", "num_workers", "on_nonfinite") + [
     Opt("compile", TrainConfig, flags=("--compile/--no-compile",), type=bool),
     Opt("time_limit", TrainConfig, extra="In seconds.", kw={"min": 0}),
@@ -31,8 +59,15 @@ RUNTIME = fields_of(TrainConfig, "dropout", "num_workers", "on_nonfinite") + [
 ]
 DATA = Opt("data", TrainConfig, type=Path, default=...)
 OUT = Opt("out", TrainConfig, type=Path, default=...)
-SIZE = fields_of(TrainConfig, "layers", "hidden", "heads", "mlp_ratio", "cond_dim",
-                 kw={"rich_help_panel": "Model size (a fresh model; default: the preset's)"})
+SIZE = fields_of(
+    TrainConfig,
+    "layers",
+    "hidden",
+    "heads",
+    "mlp_ratio",
+    "cond_dim",
+    kw={"rich_help_panel": "Model size (a fresh model; default: the preset's)"},
+)
 LOG_WITH = Opt("log_with", TrainConfig, type=str)
 
 
@@ -116,27 +151,62 @@ def _train(**kw: Any) -> None:
     if bw is not None:
         weights = parse_float_list(bw, "--block-weights")
     elif sizes == defaults.block_sizes:
-        weights = list(defaults.block_weights)  # the DiD mix: drafting block most of the time, the global block 10%
+        weights = list(
+            defaults.block_weights
+        )  # the DiD mix: drafting block most of the time, the global block 10%
     else:
         weights = None
     _run(_config(dict(kw, block_sizes=sizes, block_weights=weights)))
 
 
-train = command(_train, [
-    DATA, OUT, Opt("preset", TrainConfig),
-    Opt("block_sizes", TrainConfig, extra="Comma-separated, e.g. 4,L or 4,1024."),
-    Opt("block_weights", TrainConfig, type=str, default=None, extra="Default: 0.9,0.1 for the default 4,L; equal otherwise."),
-    Opt("steps", TrainConfig), Opt("tokens", TrainConfig), *LOOP, Opt("init", TrainConfig), CLIP, *CLIP_SEARCH,
-    MIXED_PRECISION, LOG_WITH,
-    *RUNTIME[:1], Opt("model_length", TrainConfig), *RUNTIME[1:], *SIZE,
-], name="train", config=True, implicit=_saved_run_options)
+train = command(
+    _train,
+    [
+        DATA,
+        OUT,
+        Opt("preset", TrainConfig),
+        Opt("block_sizes", TrainConfig, extra="Comma-separated, e.g. 4,L or 4,1024."),
+        Opt(
+            "block_weights",
+            TrainConfig,
+            type=str,
+            default=None,
+            extra="Default: 0.9,0.1 for the default 4,L; equal otherwise.",
+        ),
+        Opt("steps", TrainConfig),
+        Opt("tokens", TrainConfig),
+        *LOOP,
+        Opt("init", TrainConfig),
+        CLIP,
+        *CLIP_SEARCH,
+        MIXED_PRECISION,
+        LOG_WITH,
+        *RUNTIME[:1],
+        Opt("model_length", TrainConfig),
+        *RUNTIME[1:],
+        *SIZE,
+    ],
+    name="train",
+    config=True,
+    implicit=_saved_run_options,
+)
 
 
 def _finetune(**kw: Any) -> None:
     """Mix-scale fine-tune: block size --draft-block with weight 1-lambda, the global block L with lambda."""
     kw["options"] = record("finetune-mixscale", kw)
-    mix = MixScaleConfig(**{k: kw.pop(k) for k in ("draft_block", "global_weight", "budget_fraction", "baseline_steps",
-                                                    "baseline_batch_tokens")})
+    mix = MixScaleConfig(
+        **{
+            k: kw.pop(k)
+            for k in (
+                "draft_block",
+                "global_weight",
+                "budget_fraction",
+                "baseline_steps",
+                "baseline_batch_tokens",
+            )
+        }
+    )
     steps, tokens = kw.pop("steps"), kw.pop("tokens")
     if steps is not None and tokens is not None:
         raise UsageError("--steps and --tokens exclude each other")
@@ -144,19 +214,39 @@ def _finetune(**kw: Any) -> None:
     cfg = mix.apply(cfg, steps if tokens is None else 1)
     try:
         _run(cfg if tokens is None else dataclasses.replace(cfg, tokens=tokens))
-    except UsageError as e:  # the mix's block sizes come from --draft-block, not a --block-sizes the user passed
+    except (
+        UsageError
+    ) as e:  # the mix's block sizes come from --draft-block, not a --block-sizes the user passed
         if not str(e).startswith("--block-sizes"):
             raise
         raise UsageError(f"--draft-block {mix.draft_block}: {str(e).split(': ', 1)[-1]}") from None
 
 
-finetune_mixscale = command(_finetune, [
-    Opt("init", TrainConfig, type=str, default=...), DATA, OUT,
-    *fields_of(MixScaleConfig, "draft_block", "global_weight"),
-    Opt("steps", type=int, default=None,
-        help="Optimiser steps (default: the budget, --budget-fraction x --baseline-steps x --baseline-batch-tokens "
-             "tokens, in steps of this run's global batch)."),
-    Opt("tokens", TrainConfig),
-    *fields_of(MixScaleConfig, "budget_fraction", "baseline_steps", "baseline_batch_tokens"),
-    *LOOP, CLIP, *CLIP_SEARCH, MIXED_PRECISION, LOG_WITH, *RUNTIME,
-], name="finetune_mixscale", config=True, implicit=_saved_run_options)
+finetune_mixscale = command(
+    _finetune,
+    [
+        Opt("init", TrainConfig, type=str, default=...),
+        DATA,
+        OUT,
+        *fields_of(MixScaleConfig, "draft_block", "global_weight"),
+        Opt(
+            "steps",
+            type=int,
+            default=None,
+            help="Optimiser steps (default: the budget, --budget-fraction x --baseline-steps x "
+            "--baseline-batch-tokens "
+            "tokens, in steps of this run's global batch).",
+        ),
+        Opt("tokens", TrainConfig),
+        *fields_of(MixScaleConfig, "budget_fraction", "baseline_steps", "baseline_batch_tokens"),
+        *LOOP,
+        CLIP,
+        *CLIP_SEARCH,
+        MIXED_PRECISION,
+        LOG_WITH,
+        *RUNTIME,
+    ],
+    name="finetune_mixscale",
+    config=True,
+    implicit=_saved_run_options,
+)

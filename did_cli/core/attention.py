@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ except ImportError:
 # --------------------------------------------------------------------------------------------
 
 
-def train_predicate(q: torch.Tensor, k: torch.Tensor, block_size: "int | torch.Tensor", n: int) -> torch.Tensor:
+def train_predicate(q: torch.Tensor, k: torch.Tensor, block_size: int | torch.Tensor, n: int) -> torch.Tensor:
     """Block-diffusion training mask over `[x_t ; x_0]` (indices 0..2n-1); `block_size` an int or
     a 0-d integer tensor."""
     q_clean, k_clean = q >= n, k >= n
@@ -65,7 +66,9 @@ def train_predicate(q: torch.Tensor, k: torch.Tensor, block_size: "int | torch.T
     return same_block | noisy_sees_earlier_clean | clean_causal
 
 
-def causal_predicate(q: torch.Tensor, k: torch.Tensor, block_size: "int | torch.Tensor", n: int) -> torch.Tensor:
+def causal_predicate(
+    q: torch.Tensor, k: torch.Tensor, block_size: int | torch.Tensor, n: int
+) -> torch.Tensor:
     """Block-causal mask over n tokens: a token sees its own and earlier blocks."""
     return (k // block_size) <= (q // block_size)
 
@@ -109,7 +112,7 @@ def dense_mask(kind: str, block_size: int, n: int, device: torch.device) -> torc
 
 
 @functools.lru_cache(maxsize=64)
-def flex_mask(kind: str, block_size: int, n: int, device: torch.device) -> "BlockMask":
+def flex_mask(kind: str, block_size: int, n: int, device: torch.device) -> BlockMask:
     """FlexAttention BlockMask from the same predicate (built once per key). The block size is a
     0-d tensor the mask function captures: compiled code reads it as an input, not a constant."""
     pred = PREDICATES[kind]
@@ -168,7 +171,7 @@ def _use_flex(device: torch.device) -> bool:
     return _BACKEND == "auto" and device.type == "cuda"
 
 
-def mask_for(spec: MaskSpec | None, device: torch.device) -> "BlockMask | torch.Tensor | None":
+def mask_for(spec: MaskSpec | None, device: torch.device) -> BlockMask | torch.Tensor | None:
     """The cached mask object `attend` uses for `spec` on `device` under the current back-end:
     a BlockMask (flex), a dense boolean tensor (SDPA), or None (unmasked). Looked up outside a
     compiled region and passed in, so torch.compile never traces the cache or the mask build."""
@@ -179,8 +182,13 @@ def mask_for(spec: MaskSpec | None, device: torch.device) -> "BlockMask | torch.
     return dense_mask(spec.kind, spec.block_size, spec.n, device)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec | None,
-           mask: "BlockMask | torch.Tensor | None" = None) -> torch.Tensor:
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: MaskSpec | None,
+    mask: BlockMask | torch.Tensor | None = None,
+) -> torch.Tensor:
     """Scaled dot-product attention of [B, H, S, D] tensors under `spec` (None = unmasked).
     `mask`: the object `mask_for(spec, q.device)` returns (looked up here when not given)."""
     kind = None if spec is None else spec.kind
@@ -189,8 +197,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec | N
     return attend_kind(q, k, v, kind, mask)
 
 
-def attend_kind(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str | None,
-                mask: "BlockMask | torch.Tensor | None") -> torch.Tensor:
+def attend_kind(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str | None, mask: BlockMask | torch.Tensor | None
+) -> torch.Tensor:
     """`attend` given the mask kind and object only: what a compiled region calls, so that no
     block size or length is among its arguments."""
     if kind is None:
@@ -200,7 +209,9 @@ def attend_kind(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str | N
             return out.transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v)
     if HAS_FLEX and isinstance(mask, BlockMask):
-        if not q.is_cuda or torch.compiler.is_compiling() or kind in _FLEX_FAILED:  # a compiled caller fuses it
+        if (
+            not q.is_cuda or torch.compiler.is_compiling() or kind in _FLEX_FAILED
+        ):  # a compiled caller fuses it
             return flex_attention(q, k, v, block_mask=mask)
         try:
             return _compiled_flex(kind == "train")(q, k, v, mask)

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +60,11 @@ def allowed_counts(block_size: int, clip: tuple[float, float], eps: float = 1e-3
     unclipped 1e-3, or 0) bounds nothing below and a high end of 1 nothing above, as in BD3-LM."""
     lo, hi = clip
     tol = 1e-6  # float32 spellings of the bounds (0.45 -> 0.44999998) compare as the decimals
-    return [k for k in range(block_size + 1)
-            if (lo <= eps or k / block_size >= lo - tol) and (hi >= 1.0 or k / block_size <= hi + tol)]
+    return [
+        k
+        for k in range(block_size + 1)
+        if (lo <= eps or k / block_size >= lo - tol) and (hi >= 1.0 or k / block_size <= hi + tol)
+    ]
 
 
 def resamples(clip: tuple[float, float] | None, eps: float = 1e-3) -> bool:
@@ -71,12 +75,19 @@ def resamples(clip: tuple[float, float] | None, eps: float = 1e-3) -> bool:
 def check_resample(block_size: int, clip: tuple[float, float], flag: str = "--clip") -> None:
     """UsageError when no masked count of a block satisfies the range (resampling would never end)."""
     if resamples(clip) and not allowed_counts(block_size, clip):
-        raise UsageError(f"{flag} {clip[0]:g},{clip[1]:g}: no number of masked tokens in a block of {block_size} has a "
-                         "fraction inside the range, so resampling cannot succeed; widen it or pass --no-resample")
+        raise UsageError(
+            f"{flag} {clip[0]:g},{clip[1]:g}: no number of masked tokens in a block of {block_size} has a "
+            "fraction inside the range, so resampling cannot succeed; widen it or pass --no-resample"
+        )
 
 
-def _resample(masked: torch.Tensor, t_tok: torch.Tensor, block_size: int, clip: tuple[float, float],
-              generator: torch.Generator | None) -> torch.Tensor:
+def _resample(
+    masked: torch.Tensor,
+    t_tok: torch.Tensor,
+    block_size: int,
+    clip: tuple[float, float],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """Redraw every block whose masked count is not allowed under `clip` (all its tokens, same t)
     until each block is allowed; blocks already allowed keep their masks."""
     b, n = masked.shape
@@ -159,9 +170,15 @@ def nelbo(
     b, n = x0.shape
     block_size = min(block_size, n)
     t = sample_t(b * world, n // block_size, cfg, x0.device, generator)
-    _, masked, t_tok = corrupt(torch.zeros((b * world, n), dtype=x0.dtype, device=x0.device), t, block_size, mask_id, generator,
-                               cfg.clip if cfg.resample else None)
-    masked, t_tok = masked[rank * b:(rank + 1) * b], t_tok[rank * b:(rank + 1) * b]
+    _, masked, t_tok = corrupt(
+        torch.zeros((b * world, n), dtype=x0.dtype, device=x0.device),
+        t,
+        block_size,
+        mask_id,
+        generator,
+        cfg.clip if cfg.resample else None,
+    )
+    masked, t_tok = masked[rank * b : (rank + 1) * b], t_tok[rank * b : (rank + 1) * b]
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     n_tokens = b * (n - 1)
     # one nonzero (one host sync) serves the model's gather, the targets and the count
@@ -187,7 +204,9 @@ def posterior_weights(n: int, t_range: tuple[float, float] = (1e-3, 1.0), grid: 
     for k0 in range(1, n + 1, 128):  # chunks of k: a [128, grid] table at a time
         k = torch.arange(k0, min(k0 + 128, n + 1), dtype=torch.float64)[:, None]
         # over t: t^(k-1) (1-t)^(n-k) / t^k (1-t)^(n-k); dt = t ds
-        w[k0:k0 + len(k)] = (torch.logsumexp(k * s + (n - k) * l1, 1) - torch.logsumexp((k + 1) * s + (n - k) * l1, 1)).exp()
+        w[k0 : k0 + len(k)] = (
+            torch.logsumexp(k * s + (n - k) * l1, 1) - torch.logsumexp((k + 1) * s + (n - k) * l1, 1)
+        ).exp()
     return w
 
 
@@ -225,7 +244,12 @@ def block_nll(
 
 
 def nelbo_loop_reference(
-    model: torch.nn.Module, x0: torch.Tensor, xt: torch.Tensor, t_tok: torch.Tensor, block_size: int, mask_id: int
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    xt: torch.Tensor,
+    t_tok: torch.Tensor,
+    block_size: int,
+    mask_id: int,
 ) -> torch.Tensor:
     """The same loss computed block by block (each block denoised from its own noisy tokens and
     the clean earlier blocks, through the sampling pass). Slow; for tests."""
@@ -288,18 +312,29 @@ class NelboEstimate:
     """Per-row NELBO [rows] (float64, CPU), the mean over the row's draws."""
 
 
-def stratified_t(n: int, generator: torch.Generator, device: Any, t_range: tuple[float, float] = EVAL_T_RANGE) -> torch.Tensor:
+def stratified_t(
+    n: int, generator: torch.Generator, device: Any, t_range: tuple[float, float] = EVAL_T_RANGE
+) -> torch.Tensor:
     """n noise levels, one in each of n equal strata of t_range, in a random order."""
     lo, hi = t_range
-    u = (torch.randperm(n, generator=generator, device=device).double()
-         + torch.rand(n, generator=generator, device=device, dtype=torch.float64)) / n
+    u = (
+        torch.randperm(n, generator=generator, device=device).double()
+        + torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    ) / n
     return (lo + (hi - lo) * u).float()
 
 
 @torch.no_grad()
-def estimate_nelbo(model: torch.nn.Module, batches: Sequence[torch.Tensor], block_size: int, mask_id: int, seed: int,
-                   draws: int | None = None, t_range: tuple[float, float] = EVAL_T_RANGE,
-                   weight: str = "posterior") -> NelboEstimate:
+def estimate_nelbo(
+    model: torch.nn.Module,
+    batches: Sequence[torch.Tensor],
+    block_size: int,
+    mask_id: int,
+    seed: int,
+    draws: int | None = None,
+    t_range: tuple[float, float] = EVAL_T_RANGE,
+    weight: str = "posterior",
+) -> NelboEstimate:
     """NELBO of clean row batches (each [b, L]) with its standard error.
 
     t is stratified over the whole set: its rows x draws x blocks levels take one value from
@@ -326,8 +361,8 @@ def estimate_nelbo(model: torch.nn.Module, batches: Sequence[torch.Tensor], bloc
     for x in batches:
         b = len(x)
         for d in range(k):
-            nll = block_nll(model, x, t[r0:r0 + b, d], block_size, mask_id, g, posterior=post)
-            per_row[r0:r0 + b, d] = nll.sum(1).double().cpu() / (n - 1)
+            nll = block_nll(model, x, t[r0 : r0 + b, d], block_size, mask_id, g, posterior=post)
+            per_row[r0 : r0 + b, d] = nll.sum(1).double().cpu() / (n - 1)
         r0 += b
     rows = per_row.mean(1)
     se = float(rows.std(unbiased=True) / math.sqrt(total)) if total > 1 else float("nan")

@@ -115,7 +115,9 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
+        freqs = torch.exp(
+            -math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half
+        )
         args = sigma.float()[:, None] * freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
@@ -142,7 +144,9 @@ class DiTBlock(nn.Module):
         self.attn_qkv = nn.Linear(d, 3 * d, bias=False)  # rows: all-heads Q, then K, then V
         self.attn_out = nn.Linear(d, d, bias=False)
         self.norm2 = LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"), nn.Linear(cfg.mlp_ratio * d, d))
+        self.mlp = nn.Sequential(
+            nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"), nn.Linear(cfg.mlp_ratio * d, d)
+        )
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
         self.dropout = cfg.dropout
         nn.init.zeros_(self.adaLN_modulation.weight)
@@ -172,7 +176,12 @@ class FinalLayer(nn.Module):
         self.norm_final = LayerNorm(cfg.hidden_dim)
         self.linear = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_dim)
-        for p in (self.linear.weight, self.linear.bias, self.adaLN_modulation.weight, self.adaLN_modulation.bias):
+        for p in (
+            self.linear.weight,
+            self.linear.bias,
+            self.adaLN_modulation.weight,
+            self.adaLN_modulation.bias,
+        ):
             nn.init.zeros_(p)
 
 
@@ -254,7 +263,9 @@ class DiT(nn.Module):
         kind = None if spec is None else spec.kind
         return (run or self._blocks)(x, cos, sin, kind, mask_for(spec, x.device))
 
-    def _blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kind: str | None, mask: Any) -> torch.Tensor:
+    def _blocks(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kind: str | None, mask: Any
+    ) -> torch.Tensor:
         """Embedding and all transformer blocks: the region `compile_blocks` compiles."""
         h = self.vocab_embed(x)
         for blk, mod in zip(self.blocks, self._modulations()):
@@ -269,7 +280,7 @@ class DiT(nn.Module):
         kwargs.setdefault("dynamic", False)
         return torch.compile(self._blocks, **kwargs)
 
-    def compile_blocks(self, **kwargs: Any) -> "DiT":
+    def compile_blocks(self, **kwargs: Any) -> DiT:
         """Wrap the embedding and transformer blocks with torch.compile (in place; returns self).
 
         Static shapes: one graph per (sequence shape, grad mode), built once and then reused;
@@ -318,14 +329,20 @@ class DiT(nn.Module):
             h = self._backbone(x, spec, 1)
         if select is not None:
             # flat indices into [B * L] (the caller's one nonzero, reused for its targets) or a mask
-            h = h.reshape(-1, h.shape[-1]).index_select(0, select) if select.dtype == torch.long else h[select]
+            h = (
+                h.reshape(-1, h.shape[-1]).index_select(0, select)
+                if select.dtype == torch.long
+                else h[select]
+            )
         return self.logits(h)
 
     def new_cache(self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         p = self.vocab_embed.embedding
         return KVCache(self.config, batch, capacity or self.config.model_length, p.device, dtype or p.dtype)
 
-    def step(self, x: torch.Tensor, cache: KVCache, commit: bool = False, need_logits: bool = True) -> torch.Tensor | None:
+    def step(
+        self, x: torch.Tensor, cache: KVCache, commit: bool = False, need_logits: bool = True
+    ) -> torch.Tensor | None:
         """KV-cached pass for the block x [B, n] at positions cache.length.. : queries for the
         block only; it sees every committed token and the whole block. `commit=True` appends the
         block's keys and values to the cache (the block is final). Returns logits [B, n, V]."""
@@ -359,7 +376,9 @@ class DiT(nn.Module):
         shift, scale = self.output_layer.adaLN_modulation(self._cond())[0].chunk(2, dim=-1)
         return StepConstants(cos, sin, mods, (shift, scale))
 
-    def step_static(self, x: torch.Tensor, cache: KVCache, consts: StepConstants | None = None) -> torch.Tensor:
+    def step_static(
+        self, x: torch.Tensor, cache: KVCache, consts: StepConstants | None = None
+    ) -> torch.Tensor:
         """The cached step with static shapes: positions come from the device scalar
         `cache.start`, keys/values are written with `index_copy_`, and attention runs over the
         whole cache capacity with a validity mask. No host synchronisation and no shape that
@@ -377,7 +396,9 @@ class DiT(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             cache.k[i].index_copy_(2, pos, k.to(cache.k[i].dtype))
             cache.v[i].index_copy_(2, pos, v.to(cache.v[i].dtype))
-            att = F.scaled_dot_product_attention(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), attn_mask=visible)
+            att = F.scaled_dot_product_attention(
+                q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), attn_mask=visible
+            )
             h = blk.finish(h, att, mod)
         shift, scale = c.final
         return self.output_layer.linear(modulate(self.output_layer.norm_final(h), shift, scale))

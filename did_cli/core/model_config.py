@@ -70,7 +70,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from our config.json or a BD3-LM/MDLM one (unknown keys are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
         renamed = {k: JSON_KEYS[k] for k in JSON_KEYS}

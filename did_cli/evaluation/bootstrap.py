@@ -10,7 +10,7 @@ reproducible). `verdict` reads an interval of a relative change in gen PPL: lowe
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -33,8 +33,9 @@ def paired(a: Sequence[dict], b: Sequence[dict], key: str) -> tuple[np.ndarray, 
     return np.asarray(xa, dtype=np.float64), np.asarray(xb, dtype=np.float64)
 
 
-def bootstrap(stat: Callable[[np.ndarray], float], n: int, n_boot: int = N_BOOT, level: float = LEVEL,
-              seed: int = SEED) -> tuple[float, float, float]:
+def bootstrap(
+    stat: Callable[[np.ndarray], float], n: int, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = SEED
+) -> tuple[float, float, float]:
     """(statistic on all n items, lower, upper) of the percentile interval of `stat(idx)` over
     resamples idx of range(n) with replacement."""
     rng = np.random.default_rng(seed)

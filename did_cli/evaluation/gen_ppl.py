@@ -42,13 +42,15 @@ def gen_ppl(records: list[dict], scorer: Any, batch_size: int = 8) -> dict:
     scores = scorer.nll(texts, batch_size=batch_size)
     samples = []
     for i, (r, (nll, n)) in enumerate(zip(records, scores)):
-        samples.append({
-            "id": r.get("id", str(i)),
-            "ppl": math.exp(nll / n) if n else None,
-            "nll": nll,
-            "n_tokens": n,
-            "entropy": unigram_entropy(sample_tokens(r)) if "tokens" in r else None,
-        })
+        samples.append(
+            {
+                "id": r.get("id", str(i)),
+                "ppl": math.exp(nll / n) if n else None,
+                "nll": nll,
+                "n_tokens": n,
+                "entropy": unigram_entropy(sample_tokens(r)) if "tokens" in r else None,
+            }
+        )
     ppls = [s["ppl"] for s in samples if s["ppl"] is not None]
     ents = [s["entropy"] for s in samples if s["entropy"] is not None]
     tot_nll = sum(s["nll"] for s in samples)
@@ -106,15 +108,21 @@ def compare(results: dict[str, dict]) -> list[dict]:
             pe = bs.paired(ref_samples, res["samples"], "entropy")
             ci_p = bs.relative_change(*pp) if pp else None
             ci_e = bs.relative_change(*pe) if pe else None
-            row.update({"paired": ci_p["n"] if ci_p else None,
-                        "rel_mean_ppl_ci": [ci_p["lo"], ci_p["hi"]] if ci_p else None,
-                        "rel_entropy_ci": [ci_e["lo"], ci_e["hi"]] if ci_e else None,
-                        "verdict": bs.verdict(ci_p)})
+            row.update(
+                {
+                    "paired": ci_p["n"] if ci_p else None,
+                    "rel_mean_ppl_ci": [ci_p["lo"], ci_p["hi"]] if ci_p else None,
+                    "rel_entropy_ci": [ci_e["lo"], ci_e["hi"]] if ci_e else None,
+                    "verdict": bs.verdict(ci_p),
+                }
+            )
         rows.append(row)
     return rows
 
 
-def check_thresholds(summary: dict, max_gen_ppl: float | None = None, min_entropy: float | None = None) -> list[str]:
+def check_thresholds(
+    summary: dict, max_gen_ppl: float | None = None, min_entropy: float | None = None
+) -> list[str]:
     """One-line reasons why `summary` misses the given bars (empty when it meets them)."""
     s = summary.get("summary", summary)
     reasons = []

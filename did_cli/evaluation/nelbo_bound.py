@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from did_cli.io.checkpoint import load_model, resolve_checkpoint
-from did_cli.io.data import PreparedData, check_token_ids
 from did_cli.core.diffusion import estimate_nelbo
 from did_cli.errors import DidError, UsageError
+from did_cli.io.checkpoint import load_model, resolve_checkpoint
+from did_cli.io.data import PreparedData, check_token_ids
 from did_cli.util import resolve_device
 
 
@@ -31,7 +31,8 @@ def test_ppl(
     t in [1e-3, 1], one per (row, draw, block), stratified over the whole split
     (`did_cli.core.diffusion.estimate_nelbo`); `draws` noise draws per row (default: enough for 2
     noise levels per row); `weight` 'posterior' (E[1/t | masked count]) or 'inverse-t' (1/t).
-    The checkpoint's EMA weights (model.safetensors); position 0 is neither masked nor counted. `block_size` defaults to the model's length (MDLM bound);
+    The checkpoint's EMA weights (model.safetensors); position 0 is neither masked nor counted.
+    `block_size` defaults to the model's length (MDLM bound);
     `model_path` may be a checkpoint folder or a run folder (its latest checkpoint).
     Returns {nelbo, nelbo_se, ppl, ppl_ci95, bits_per_token, tokens, rows, draws, weight,
     block_size, split, row_layout, model}."""
@@ -52,14 +53,19 @@ def test_ppl(
         raise DidError(f"{data_dir}: split {split!r} has no rows")
     if max_rows:
         rows = rows[:max_rows]
-    batches = [torch.as_tensor(rows[i : i + batch_size].astype("int64"), device=dev) for i in range(0, len(rows), batch_size)]
+    batches = [
+        torch.as_tensor(rows[i : i + batch_size].astype("int64"), device=dev)
+        for i in range(0, len(rows), batch_size)
+    ]
     est = estimate_nelbo(model, batches, bs, cfg.mask_id, seed, draws, weight=weight)
     se = est.se if math.isfinite(est.se) else None
     return {
         "nelbo": est.nelbo,
         "nelbo_se": se,
         "ppl": math.exp(est.nelbo),
-        "ppl_ci95": [math.exp(est.nelbo - 1.96 * se), math.exp(est.nelbo + 1.96 * se)] if se is not None else None,
+        "ppl_ci95": [math.exp(est.nelbo - 1.96 * se), math.exp(est.nelbo + 1.96 * se)]
+        if se is not None
+        else None,
         "bits_per_token": est.nelbo / math.log(2),
         "tokens": est.tokens,
         "rows": est.rows,

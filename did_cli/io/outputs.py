@@ -56,8 +56,13 @@ class Target:
             mode = os.stat(self.path).st_mode
         except OSError:
             return "new"
-        for test, name in ((stat.S_ISCHR, "character device"), (stat.S_ISFIFO, "named pipe"),
-                           (stat.S_ISSOCK, "socket"), (stat.S_ISBLK, "block device"), (stat.S_ISREG, "file")):
+        for test, name in (
+            (stat.S_ISCHR, "character device"),
+            (stat.S_ISFIFO, "named pipe"),
+            (stat.S_ISSOCK, "socket"),
+            (stat.S_ISBLK, "block device"),
+            (stat.S_ISREG, "file"),
+        ):
             if test(mode):
                 return name
         return "special file"
@@ -139,7 +144,8 @@ def write_bytes(path: str | Path, data: Any, fsync: bool = False) -> None:
 
 
 def write_stdout(text: str | bytes) -> None:
-    """Write `text` (str, or bytes to the binary layer) to stdout in one call and flush, so a downstream reader sees whole lines. A
+    """Write `text` (str, or bytes to the binary layer) to stdout in one call and flush, so a
+    downstream reader sees whole lines. A
     failed write (a full disk behind `> FILE`) is one DidError; stdout then points at /dev/null so
     the interpreter's exit does not fail on the same buffer again. A closed pipe stays a
     BrokenPipeError (the CLI exits 0 on it: `| head` is not an error)."""
@@ -162,7 +168,7 @@ def write_stdout(text: str | bytes) -> None:
 def _write_all(f: Any, raw: Any) -> None:
     data = memoryview(raw).cast("B")
     while data:
-        data = data[f.write(data) or 0:]
+        data = data[f.write(data) or 0 :]
 
 
 # ------------------------------------------------------------------------------------ locks
@@ -193,8 +199,10 @@ def _holder(lock: Path) -> int | None:
 
 
 def _busy(t: Target, pid: int) -> DidError:
-    return DidError(f"cannot write {t.path}: another did process (pid {pid}) is writing it "
-                    f"(lock {lock_path(t)}); wait for it or choose another output")
+    return DidError(
+        f"cannot write {t.path}: another did process (pid {pid}) is writing it "
+        f"(lock {lock_path(t)}); wait for it or choose another output"
+    )
 
 
 def check_free(t: Target) -> None:
@@ -227,7 +235,9 @@ class Lock:
                 except FileNotFoundError:
                     pass
                 except OSError as e:
-                    raise DidError(f"cannot write {t.path}: cannot remove stale lock {lock} ({_reason(e)})") from None
+                    raise DidError(
+                        f"cannot write {t.path}: cannot remove stale lock {lock} ({_reason(e)})"
+                    ) from None
                 continue
             except OSError as e:
                 raise DidError(f"cannot write {t.path}: {_reason(e)}") from None
@@ -244,8 +254,6 @@ class Lock:
             except OSError:
                 pass
             self.path = None
-
-
 
 
 # ---------------------------------------------------------------------------------- folders
@@ -285,5 +293,15 @@ def check_out_folder(path: str | Path, flag: str = "--out") -> Path:
     return p
 
 
-__all__ = ["Target", "target", "write_bytes", "special_mode", "check_free", "Lock", "lock_path", "describe_folder", "is_empty_folder",
-           "check_out_folder"]
+__all__ = [
+    "Target",
+    "target",
+    "write_bytes",
+    "special_mode",
+    "check_free",
+    "Lock",
+    "lock_path",
+    "describe_folder",
+    "is_empty_folder",
+    "check_out_folder",
+]

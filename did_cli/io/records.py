@@ -12,8 +12,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Sequence
+from typing import IO, Any
 
 from did_cli.errors import DidError
 
@@ -97,7 +98,11 @@ def validate(
     if tokens is not None:
         if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
             raise bad("'tokens' must be a list of integers")
-        if vocab_size is None and isinstance(rec.get("model"), dict) and _is_int(rec["model"].get("vocab_size")):
+        if (
+            vocab_size is None
+            and isinstance(rec.get("model"), dict)
+            and _is_int(rec["model"].get("vocab_size"))
+        ):
             vocab_size = rec["model"]["vocab_size"]
         hi = vocab_size if vocab_size is not None else math.inf
         for pos, t in enumerate(tokens):
@@ -195,7 +200,10 @@ def unique_ids(records: Iterable[dict], source: str = "the input") -> Iterator[d
     for k, rec in enumerate(records, 1):
         rid = rec.get("id")
         if rid in seen:
-            raise DidError(f"record {k} of {source}: id {rid!r} repeats record {seen[rid]} (ids must be unique in a file)")
+            raise DidError(
+                f"record {k} of {source}: id {rid!r} repeats record {seen[rid]} (ids must be unique in a "
+                "file)"
+            )
         seen[rid] = k
         yield rec
 
@@ -297,7 +305,7 @@ class RecordWriter:
             if self._lock is not None:
                 self._lock.release()
 
-    def __enter__(self) -> "RecordWriter":
+    def __enter__(self) -> RecordWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -343,7 +351,13 @@ def make_record(
             raise DidError("make_record needs a tokenizer or a text")
         body = tokens[1:] if tokens and bos_id is not None and tokens[0] == bos_id else tokens
         text = tokenizer.decode([t for t in body if t != mask_id])
-    rec: dict[str, Any] = {"schema": SCHEMA, "id": str(id), "tokens": tokens, "confidence": conf, "text": text}
+    rec: dict[str, Any] = {
+        "schema": SCHEMA,
+        "id": str(id),
+        "tokens": tokens,
+        "confidence": conf,
+        "text": text,
+    }
     if prompt_len != 1:
         rec["prompt_len"] = int(prompt_len)
     rec.update({k: v for k, v in extra.items() if v is not None})

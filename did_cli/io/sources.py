@@ -17,9 +17,10 @@ import bz2
 import gzip
 import json
 import lzma
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from did_cli.errors import DidError, UsageError
 from did_cli.util import first_line, hub_unreachable, warn
@@ -61,7 +62,9 @@ def _file_kind(path: Path) -> tuple[str, Any] | None:
 def _read_file(path: Path, label: str) -> Source:
     kind = _file_kind(path)
     if kind is None:
-        raise UsageError(f"{label}: unsupported file type (use .txt, .jsonl, .json or .parquet, optionally .gz/.xz/.bz2)")
+        raise UsageError(
+            f"{label}: unsupported file type (use .txt, .jsonl, .json or .parquet, optionally .gz/.xz/.bz2)"
+        )
     try:
         raw = path.read_bytes()
         data = kind[1](raw) if kind[1] else raw
@@ -79,7 +82,9 @@ def collect_sources(sources: list[str] | None) -> list[Source]:
     for s in sources:
         p = Path(s).expanduser()
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and _file_kind(f) and not f.name.startswith("."))
+            files = sorted(
+                f for f in p.rglob("*") if f.is_file() and _file_kind(f) and not f.name.startswith(".")
+            )
             if not files:
                 raise UsageError(f"source folder {s} holds no .txt/.jsonl/.json/.parquet files")
             out += [_read_file(f, str(f)) for f in files]
@@ -97,14 +102,18 @@ def collect_sources(sources: list[str] | None) -> list[Source]:
 def _hub_source(name: str) -> Source:
     reason = hub_unreachable()
     if reason:
-        raise UsageError(f"source {name!r} is neither an existing file/folder nor a reachable dataset ({reason})")
+        raise UsageError(
+            f"source {name!r} is neither an existing file/folder nor a reachable dataset ({reason})"
+        )
     try:
         import datasets
 
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:  # offline, unknown name, bad config...
         reason = first_line(e)
-        raise UsageError(f"source {name!r} is neither an existing file/folder nor a reachable dataset ({reason})") from None
+        raise UsageError(
+            f"source {name!r} is neither an existing file/folder nor a reachable dataset ({reason})"
+        ) from None
     if "text" not in ds.column_names:
         raise DidError(f"dataset {name!r} has no 'text' column (columns: {', '.join(ds.column_names)})")
     return Source(name, "hub", dataset=ds)
@@ -121,12 +130,12 @@ def _decode(src: Source) -> str:
 
 def _text_of(obj: Any, where: str) -> str:
     if not isinstance(obj, dict) or "text" not in obj:
-        raise DidError(f"{where}: expected a JSON object with a \"text\" field")
+        raise DidError(f'{where}: expected a JSON object with a "text" field')
     t = obj["text"]
     if t is None:
         return ""
     if not isinstance(t, str):
-        raise DidError(f"{where}: \"text\" is not a string")
+        raise DidError(f'{where}: "text" is not a string')
     return t
 
 

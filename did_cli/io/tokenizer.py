@@ -16,8 +16,9 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from did_cli.errors import DidError
 from did_cli.util import hub_unreachable, one_line
@@ -69,7 +70,9 @@ class Tokenizer:
             return []
         return [list(ids) for ids in self.hf(list(texts), add_special_tokens=False)["input_ids"]]
 
-    def decode(self, ids: Iterable[int] | Any, *, mask_marker: str | None = None, skip_special: bool = False) -> str:
+    def decode(
+        self, ids: Iterable[int] | Any, *, mask_marker: str | None = None, skip_special: bool = False
+    ) -> str:
         """Text of `ids`. [MASK] ids decode to "" unless `mask_marker` (e.g. "[MASK]") is given.
 
         Special tokens such as `<|endoftext|>` are kept unless `skip_special` is true.
@@ -158,7 +161,10 @@ def _load(name: str) -> Tokenizer:
         hf = GPT2TokenizerFast.from_pretrained(str(GPT2_DIR))
         tok = Tokenizer(hf, "gpt2")
         if tok.encode("Hello world") != [15496, 995]:
-            raise DidError(f"bundled GPT-2 tokenizer in {GPT2_DIR} is broken (Hello world does not encode to [15496, 995])")
+            raise DidError(
+                f"bundled GPT-2 tokenizer in {GPT2_DIR} is broken (Hello world does not encode to [15496, "
+                "995])"
+            )
         return tok
     path = Path(name).expanduser()
     if not path.exists() and _looks_like_path(name):
@@ -169,9 +175,14 @@ def _load(name: str) -> Tokenizer:
     offline = None if path.exists() else hub_unreachable()
     try:
         with _quiet_hub():
-            hf = AutoTokenizer.from_pretrained(str(path) if path.exists() else name, local_files_only=offline is not None)
+            hf = AutoTokenizer.from_pretrained(
+                str(path) if path.exists() else name, local_files_only=offline is not None
+            )
     except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
         why = f"{offline}, and it is not in the local cache" if offline else one_line(e)
-        raise DidError(f"cannot load tokenizer {name!r} (not a bundled name, a tokenizer folder, or a reachable hub name): "
-                       f"{why}") from None
+        raise DidError(
+            f"cannot load tokenizer {name!r} (not a bundled name, a tokenizer folder, or a reachable hub "
+            "name): "
+            f"{why}"
+        ) from None
     return Tokenizer(hf, name)

@@ -100,7 +100,10 @@ def check_scorer_available(spec: str | None) -> None:
         import importlib.util
 
         if importlib.util.find_spec("gguf") is None:
-            raise DidError("the on-disk SmolLM2 scorer needs the gguf package: pip install gguf (or pip install 'did-cli[scorer]')")
+            raise DidError(
+                "the on-disk SmolLM2 scorer needs the gguf package: pip install gguf (or pip install "
+                "'did-cli[scorer]')"
+            )
     if spec:
         p = Path(spec).expanduser()
         if (p.suffix.lower() == ".gguf" or p.is_absolute() or spec.startswith(".")) and not p.exists():
@@ -114,7 +117,9 @@ def check_scorer_available(spec: str | None) -> None:
                 return
         except Exception:
             pass
-        raise DidError(f"no scorer available offline: install the on-disk scorer with `{GGUF_INSTALL}` or pass --scorer")
+        raise DidError(
+            f"no scorer available offline: install the on-disk scorer with `{GGUF_INSTALL}` or pass --scorer"
+        )
 
 
 class _Timer:
@@ -135,8 +140,8 @@ def run(cfg: QuickstartConfig) -> dict:
     """Run the pipeline; returns the results dict also written to OUT/results.json."""
     from did_cli.io.checkpoint import load_model
     from did_cli.io.data import PreparedData, prepare
-    from did_cli.pipeline import report
     from did_cli.io.tokenizer import load_tokenizer
+    from did_cli.pipeline import report
     from did_cli.util import atomic_write, resolve_device
 
     cfg.check()
@@ -164,21 +169,35 @@ def run(cfg: QuickstartConfig) -> dict:
     _say(f"scorer: {scorer.name}")
     from did_cli.evaluation.gen_ppl import gen_ppl
 
-    res = {"draft": gen_ppl(drafts, scorer), "refined": gen_ppl(refined, scorer), "control": gen_ppl(control, scorer)}
+    res = {
+        "draft": gen_ppl(drafts, scorer),
+        "refined": gen_ppl(refined, scorer),
+        "control": gen_ppl(control, scorer),
+    }
     timer.stage("score", t)
 
     results = _results(cfg, res, data, drafts, refined, scorer.name)
-    results.update({
-        "training": {k: v for k, v in trained.items() if isinstance(v, (int, float, str, list, dict)) or v is None},
-        "checkpoint": str(ckpt), "config": dataclasses.asdict(cfg), "device": device, "torch": _torch_version(),
-        "timings_s": timer.timings, "total_s": round(timer.elapsed(), 1),
-    })
+    results.update(
+        {
+            "training": {
+                k: v for k, v in trained.items() if isinstance(v, (int, float, str, list, dict)) or v is None
+            },
+            "checkpoint": str(ckpt),
+            "config": dataclasses.asdict(cfg),
+            "device": device,
+            "torch": _torch_version(),
+            "timings_s": timer.timings,
+            "total_s": round(timer.elapsed(), 1),
+        }
+    )
     _view(out, drafts, refined, res, tok)
     report.write_report(out, results, out / "run", drafts, refined)
     atomic_write(out / "results.json", json.dumps(_finite(results), indent=2) + "\n")
     d, r = results["draft"], results["refined"]
-    _say(f"draft gen PPL {d['mean_ppl']:.2f} (entropy {d['mean_entropy']:.3f}) -> refined {r['mean_ppl']:.2f} "
-         f"(entropy {r['mean_entropy']:.3f}); report: {out / 'report.md'}")
+    _say(
+        f"draft gen PPL {d['mean_ppl']:.2f} (entropy {d['mean_entropy']:.3f}) -> refined {r['mean_ppl']:.2f} "
+        f"(entropy {r['mean_entropy']:.3f}); report: {out / 'report.md'}"
+    )
     return results
 
 
@@ -188,7 +207,10 @@ def _view(out: Path, drafts: list, refined: list, scores: dict, tok: Any) -> Non
 
     names = {"draft": "draft.jsonl", "refined": "refined.jsonl"}
     evals = {"inputs": {names["draft"]: scores["draft"], names["refined"]: scores["refined"]}}
-    write_page(render_page(drafts, refined, scores=evals, tokenizer=tok, limit=50, names=names), str(out / "view.html"))
+    write_page(
+        render_page(drafts, refined, scores=evals, tokenizer=tok, limit=50, names=names),
+        str(out / "view.html"),
+    )
 
 
 def _torch_version() -> str:
@@ -215,16 +237,37 @@ def _train(cfg: QuickstartConfig, out: Path, device: str, timer: _Timer) -> dict
     # validation: one evaluation at the end, on enough rows for a standard error below 0.03
     # nats at both block sizes (docs/quickstart.md): 3 forward passes a row (1 noise draw at
     # the draft block, 2 at the global one), ~1.5 minutes on 2 CPU cores
-    rest = 90.0 + cfg.samples * (1.6 if device == "cpu" else 0.2) + VAL_ROWS * (0.075 if device == "cpu" else 0.0075)
+    rest = (
+        90.0
+        + cfg.samples * (1.6 if device == "cpu" else 0.2)
+        + VAL_ROWS * (0.075 if device == "cpu" else 0.0075)
+    )
     limit = max(30.0, timer.budget - timer.elapsed() - rest)
-    _say(f"[2/5] training preset {cfg.preset!r} on blocks {cfg.draft_block} and {cfg.seq_len} for {limit / 60:.1f} min")
+    _say(
+        f"[2/5] training preset {cfg.preset!r} on blocks {cfg.draft_block} and {cfg.seq_len} for "
+        f"{limit / 60:.1f} min"
+    )
     run_dir = out / "run"
     tcfg = TrainConfig(
-        data=str(out / "data"), out=str(run_dir), preset=cfg.preset,
-        block_sizes=[cfg.draft_block, "L"], block_weights=[1 - cfg.global_weight, cfg.global_weight],
-        steps=1_000_000, batch_size=cfg.batch_size, lr=cfg.lr, warmup=100, ema=0.999,
-        eval_every=0, eval_batches=max(1, VAL_ROWS // cfg.batch_size), save_every=100, keep_last=1, log_every=20, seed=cfg.seed,
-        time_limit=limit, mixed_precision=None, progress=True,
+        data=str(out / "data"),
+        out=str(run_dir),
+        preset=cfg.preset,
+        block_sizes=[cfg.draft_block, "L"],
+        block_weights=[1 - cfg.global_weight, cfg.global_weight],
+        steps=1_000_000,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        warmup=100,
+        ema=0.999,
+        eval_every=0,
+        eval_batches=max(1, VAL_ROWS // cfg.batch_size),
+        save_every=100,
+        keep_last=1,
+        log_every=20,
+        seed=cfg.seed,
+        time_limit=limit,
+        mixed_precision=None,
+        progress=True,
         resume=(run_dir / "checkpoints").is_dir(),  # a re-run continues the same model for another budget
     )
     trained = train(tcfg)
@@ -232,13 +275,20 @@ def _train(cfg: QuickstartConfig, out: Path, device: str, timer: _Timer) -> dict
     return trained
 
 
-def _sample(cfg: QuickstartConfig, out: Path, model: Any, tok: Any, ckpt: str, timer: _Timer) -> tuple[list, list, list]:
+def _sample(
+    cfg: QuickstartConfig, out: Path, model: Any, tok: Any, ckpt: str, timer: _Timer
+) -> tuple[list, list, list]:
     """Drafts, the entropy-control drafts, and the refined drafts (each also written as JSONL)."""
     from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
 
     t = time.perf_counter()
-    _say(f"[3/5] drafting {cfg.samples} samples of {cfg.seq_len} tokens (block {cfg.draft_block}, first-hitting)")
-    dcfg = DraftConfig(n=cfg.samples, length=cfg.seq_len, block_size=cfg.draft_block, batch_size=32, seed=cfg.seed)
+    _say(
+        f"[3/5] drafting {cfg.samples} samples of {cfg.seq_len} tokens (block {cfg.draft_block}, "
+        "first-hitting)"
+    )
+    dcfg = DraftConfig(
+        n=cfg.samples, length=cfg.seq_len, block_size=cfg.draft_block, batch_size=32, seed=cfg.seed
+    )
     drafts = _save(out / "draft.jsonl", draft(model, dcfg, tokenizer=tok, model_path=ckpt))
     timer.stage("draft", t)
 
@@ -246,7 +296,9 @@ def _sample(cfg: QuickstartConfig, out: Path, model: Any, tok: Any, ckpt: str, t
     # gen PPL, so drafts at a lower nucleus mass give the draft's PPL-entropy trade-off
     t = time.perf_counter()
     ccfg = dataclasses.replace(dcfg, top_p=cfg.control_top_p)
-    control = _save(out / f"draft_top_p{cfg.control_top_p}.jsonl", draft(model, ccfg, tokenizer=tok, model_path=ckpt))
+    control = _save(
+        out / f"draft_top_p{cfg.control_top_p}.jsonl", draft(model, ccfg, tokenizer=tok, model_path=ckpt)
+    )
     timer.stage("control draft", t)
 
     t = time.perf_counter()
@@ -267,7 +319,9 @@ def _results(cfg: QuickstartConfig, res: dict, data: Any, drafts: list, refined:
     d, r, c = res["draft"]["summary"], res["refined"]["summary"], res["control"]["summary"]
     rel_ppl = (r["mean_ppl"] - d["mean_ppl"]) / d["mean_ppl"] if d["mean_ppl"] else None
     rel_ent = (r["mean_entropy"] - d["mean_entropy"]) / d["mean_entropy"] if d["mean_entropy"] else None
-    matched = draft_ppl_at_entropy((d["mean_entropy"], d["mean_ppl"]), (c["mean_entropy"], c["mean_ppl"]), r["mean_entropy"])
+    matched = draft_ppl_at_entropy(
+        (d["mean_entropy"], d["mean_ppl"]), (c["mean_entropy"], c["mean_ppl"]), r["mean_entropy"]
+    )
     ci = comparison_intervals(res["draft"]["samples"], res["refined"]["samples"], res["control"]["samples"])
     vs_draft = bs.verdict(ci["relative_change_gen_ppl_ci"])
     vs_control = bs.verdict(ci["gap_vs_entropy_control_ci"])
@@ -288,8 +342,10 @@ def _results(cfg: QuickstartConfig, res: dict, data: Any, drafts: list, refined:
         "refinement_vs_entropy_control": vs_control,
         # better than the draft at (about) the same entropy: the whole interval of the PPL change
         # below 0, and either the entropy interval within +-3% or the control beaten
-        "refinement_helps": bool(vs_draft == "beats" and (bs.within(ci["relative_change_entropy_ci"], ENTROPY_BAND)
-                                                          or vs_control == "beats")),
+        "refinement_helps": bool(
+            vs_draft == "beats"
+            and (bs.within(ci["relative_change_entropy_ci"], ENTROPY_BAND) or vs_control == "beats")
+        ),
         # the stricter test: better than drafts sampled more conservatively to the same entropy
         "refinement_beats_entropy_control": None if matched is None else vs_control == "beats",
         "per_sample": {"draft": res["draft"]["samples"], "refined": res["refined"]["samples"]},

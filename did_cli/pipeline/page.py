@@ -16,14 +16,15 @@ import json
 import math
 import os
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from did_cli.errors import DidError
-from did_cli.io.outputs import target, write_bytes, write_stdout
 from did_cli.evaluation.gen_ppl import sample_tokens
-from did_cli.util import unigram_entropy
+from did_cli.io.outputs import target, write_bytes, write_stdout
 from did_cli.pipeline.page_html import Pieces, column, css, esc, legend
+from did_cli.util import unigram_entropy
 
 DOT = " \u00b7 "
 OUTCOMES = ("remasked", "changed", "nfe", "seconds")  # per-stage results, not settings
@@ -152,7 +153,9 @@ def apply_scores(samples: list[Sample], scores: dict | None, names: dict[str, st
     return notes
 
 
-def _sides(name: str, rows: list[dict], names: dict[str, str | None], by_id: dict[str, list[Sample]]) -> list[str]:
+def _sides(
+    name: str, rows: list[dict], names: dict[str, str | None], by_id: dict[str, list[Sample]]
+) -> list[str]:
     paths = {side: p for side, p in names.items() if p}
     for how in (lambda p: os.path.abspath(p), lambda p: os.path.basename(p)):
         hits = [side for side, p in paths.items() if how(p) == how(name)]
@@ -172,7 +175,7 @@ def _sides(name: str, rows: list[dict], names: dict[str, str | None], by_id: dic
 def _fmt(v: float | None, digits: int = 3) -> str:
     if v is None:
         return "-"
-    return f"{v:.2e}" if 0 < abs(v) < 10 ** -digits else f"{v:.{digits}f}"
+    return f"{v:.2e}" if 0 < abs(v) < 10**-digits else f"{v:.{digits}f}"
 
 
 def _settings(s: Sample) -> dict[str, str]:
@@ -183,7 +186,7 @@ def _settings(s: Sample) -> dict[str, str]:
         for k, v in (src.get(key) or {}).items():
             out[f"{key}.{k}"] = v if isinstance(v, str) else json.dumps(v)
     for n, st in enumerate((s.refined or {}).get("stages") or [], 1):
-        for k, v in (st.items() if isinstance(st, dict) else []):
+        for k, v in st.items() if isinstance(st, dict) else []:
             if k not in OUTCOMES:
                 out[f"stage {n}.{k}"] = v if isinstance(v, str) else json.dumps(v)
     return out
@@ -195,40 +198,68 @@ def _dl(items: dict[str, str]) -> str:
 
 def _summary(samples: list[Sample], shown: int, notes: list[str]) -> str:
     has_r = any(s.refined for s in samples)
-    rows = [("mean confidence", [_mean(_mean_conf(s.draft) for s in samples), _mean(_mean_conf(s.refined) for s in samples)], 3),
-            ("mean entropy (nats)", [_mean(s.entropy("draft") for s in samples), _mean(s.entropy("refined") for s in samples if s.refined)], 3)]
+    rows = [
+        (
+            "mean confidence",
+            [_mean(_mean_conf(s.draft) for s in samples), _mean(_mean_conf(s.refined) for s in samples)],
+            3,
+        ),
+        (
+            "mean entropy (nats)",
+            [
+                _mean(s.entropy("draft") for s in samples),
+                _mean(s.entropy("refined") for s in samples if s.refined),
+            ],
+            3,
+        ),
+    ]
     ppl = [[s.ppl[side] for s in samples if side in s.ppl] for side in ("draft", "refined")]
     if ppl[0] or ppl[1]:
         rows.append(("mean gen PPL", [_mean(p) for p in ppl], 2))
     head = "<tr><th></th><th>draft</th>" + ("<th>refined</th>" if has_r else "") + "</tr>"
-    body = "".join(f"<tr><th>{esc(label)}</th>" + "".join(f"<td>{_fmt(v, d)}</td>" for v in vals[: 1 + has_r]) + "</tr>"
-                   for label, vals, d in rows)
+    body = "".join(
+        f"<tr><th>{esc(label)}</th>" + "".join(f"<td>{_fmt(v, d)}</td>" for v in vals[: 1 + has_r]) + "</tr>"
+        for label, vals, d in rows
+    )
     if ppl[0] or ppl[1]:
-        body += "<tr><th>samples with gen PPL</th>" + "".join(f"<td>{len(p)}</td>" for p in ppl[: 1 + has_r]) + "</tr>"
+        body += (
+            "<tr><th>samples with gen PPL</th>"
+            + "".join(f"<td>{len(p)}</td>" for p in ppl[: 1 + has_r])
+            + "</tr>"
+        )
     gen = sum(max(0, len(s.draft_tokens or []) - 1) for s in samples)
     rem = sum(len(s.remasked) for s in samples)
     chg = sum(len(s.changed) for s in samples)
     left = len(samples) - shown
-    lines = [f"{len(samples)} samples" + (f"; the first {shown} are shown, {left} left out (--limit)" if left else ", all shown")]
+    lines = [
+        f"{len(samples)} samples"
+        + (f"; the first {shown} are shown, {left} left out (--limit)" if left else ", all shown")
+    ]
     if has_r:
         pct = lambda k: f" ({100 * k / gen:.1f}% of {gen} generated)" if gen else ""  # noqa: E731
         lines.append(f"re-masked tokens: {rem}{pct(rem)}; changed tokens: {chg}{pct(chg)}")
     lines += notes
     items = "".join(f"<p>{esc(x)}</p>" for x in lines)
-    return f"<section class=summary><h2>Summary</h2>{items}<table>{head}{body}</table>" \
-           "<p class=note>Figures cover every sample in the input, shown or not.</p></section>"
+    return (
+        f"<section class=summary><h2>Summary</h2>{items}<table>{head}{body}</table>"
+        "<p class=note>Figures cover every sample in the input, shown or not.</p></section>"
+    )
 
 
 def _stages_table(rec: dict) -> str:
     stages = [st for st in rec.get("stages") or [] if isinstance(st, dict)]
     if not stages:
         return ""
-    head = "<tr><th>stage</th><th>block</th><th>ratio</th><th>re-masked</th><th>changed</th><th>NFE</th><th>seconds</th></tr>"
+    head = (
+        "<tr><th>stage</th><th>block</th><th>ratio</th><th>re-masked</th><th>changed</th>"
+        "<th>NFE</th><th>seconds</th></tr>"
+    )
     rows = "".join(
         f"<tr><td>{k}</td><td>{esc(st.get('block_size', '-'))}</td><td>{esc(st.get('ratio', '-'))}</td>"
         f"<td>{len(st.get('remasked') or [])}</td><td>{esc(st.get('changed', '-'))}</td>"
         f"<td>{esc(st.get('nfe', '-'))}</td><td>{_fmt(_finite(st.get('seconds')), 2)}</td></tr>"
-        for k, st in enumerate(stages, 1))
+        for k, st in enumerate(stages, 1)
+    )
     return f"<table class=stages>{head}{rows}</table>"
 
 
@@ -257,16 +288,31 @@ def _sample(k: int, s: Sample, pieces: Pieces, common: dict[str, str]) -> str:
         slen = (rec or base).get("suffix_len") or 0
         fixed = set(range(min(plen, n))) | set(range(max(0, n - slen), n))
         start = 1 if tokens and tokens[0] == pieces.tok.bos_id else 0
-        return column(pieces, tokens, conf, body_start=start, fixed=fixed, mask_id=mask_id,
-                      remasked=marks, changed=other)
+        return column(
+            pieces,
+            tokens,
+            conf,
+            body_start=start,
+            fixed=fixed,
+            mask_id=mask_id,
+            remasked=marks,
+            changed=other,
+        )
 
     cols = []
     if s.draft_tokens is not None:
         conf = s.draft.get("confidence") if s.draft else None
-        cols.append(("draft", col(s.draft, s.draft_tokens, conf, {p: r for p, (_, r) in changed.items()}, remasked)))
+        cols.append(
+            ("draft", col(s.draft, s.draft_tokens, conf, {p: r for p, (_, r) in changed.items()}, remasked))
+        )
     if s.refined is not None:
         r = s.refined
-        cols.append(("refined", col(r, r["tokens"], r.get("confidence"), {p: d for p, (d, _) in changed.items()}, remasked)))
+        cols.append(
+            (
+                "refined",
+                col(r, r["tokens"], r.get("confidence"), {p: d for p, (d, _) in changed.items()}, remasked),
+            )
+        )
     figs = [f"{len(base['tokens'])} tokens"]
     ent = [_fmt(s.entropy(side)) for side, _ in cols]
     figs.append("entropy " + " \u2192 ".join(ent) + " nats")
@@ -275,7 +321,10 @@ def _sample(k: int, s: Sample, pieces: Pieces, common: dict[str, str]) -> str:
     if s.refined is not None:
         stages = [st for st in s.refined.get("stages") or [] if isinstance(st, dict)]
         total = sum(len(st.get("remasked") or []) for st in stages)
-        figs.append(f"re-masked {len(remasked)}" + (f" ({total} over {len(stages)} stages)" if total != len(remasked) else ""))
+        figs.append(
+            f"re-masked {len(remasked)}"
+            + (f" ({total} over {len(stages)} stages)" if total != len(remasked) else "")
+        )
         figs.append(f"changed {len(changed)}")
     cost = [f"draft {_cost(s.draft)}"] if s.draft else []
     cost += [f"refined (total) {_cost(s.refined)}"] if s.refined else []
@@ -285,12 +334,16 @@ def _sample(k: int, s: Sample, pieces: Pieces, common: dict[str, str]) -> str:
     for side, rec in (("draft", s.draft), ("refined", s.refined)):
         if rec is not None and _text_differs(rec, pieces.tok, mask_id):
             notes.append(f"the {side} record's text differs from its decoded tokens (the tokens are shown)")
-    head = "".join(f"<div class=col><h3>{side}</h3><div class=tokens>{html}</div></div>" for side, html in cols)
-    return (f'<section class=sample id="s{k}"><h2>{esc(s.id)}</h2>'
-            f"<p class=figs>{esc(DOT.join(figs))}</p>"
-            + "".join(f"<p class=warn>{esc(x)}</p>" for x in notes)
-            + (f"<p class=own>settings of this sample: {_dl(own)}</p>" if own else "")
-            + f"<div class=cols>{head}</div>{_stages_table(s.refined or {})}</section>")
+    head = "".join(
+        f"<div class=col><h3>{side}</h3><div class=tokens>{html}</div></div>" for side, html in cols
+    )
+    return (
+        f'<section class=sample id="s{k}"><h2>{esc(s.id)}</h2>'
+        f"<p class=figs>{esc(DOT.join(figs))}</p>"
+        + "".join(f"<p class=warn>{esc(x)}</p>" for x in notes)
+        + (f"<p class=own>settings of this sample: {_dl(own)}</p>" if own else "")
+        + f"<div class=cols>{head}</div>{_stages_table(s.refined or {})}</section>"
+    )
 
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
@@ -323,19 +376,24 @@ def render_page(
     if not samples:
         raise DidError("no samples to show")
     notes = apply_scores(samples, scores, names or {})
-    shown = samples[: limit] if limit else samples
+    shown = samples[:limit] if limit else samples
     flat = [_settings(s) for s in shown]
     common = {k: v for k, v in flat[0].items() if all(f.get(k) == v for f in flat[1:])}
     pieces = Pieces(tokenizer)
     body = "".join(_sample(k, s, pieces, common) for k, s in enumerate(shown))
-    settings = f"<section><h2>Settings shared by the shown samples</h2><p>{_dl(common) or 'none'}</p></section>"
+    settings = (
+        f"<section><h2>Settings shared by the shown samples</h2><p>{_dl(common) or 'none'}</p></section>"
+    )
     return (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         '<meta name=viewport content="width=device-width,initial-scale=1">'
         f"<title>did show: {len(samples)} samples</title><style>{css()}</style></head><body>"
         f"<h1>did show: {len(samples)} samples</h1>"
-        + _summary(samples, len(shown), notes) + legend(refined is not None) + settings + body
+        + _summary(samples, len(shown), notes)
+        + legend(refined is not None)
+        + settings
+        + body
         + "</body></html>\n"
     )
 
@@ -346,8 +404,10 @@ def _check_tokenizer(tok: Any, records: list[dict]) -> None:
     for rec in records:
         fp = (rec.get("model") or {}).get("fingerprint")
         if mine and isinstance(fp, str) and fp != mine:
-            raise DidError(f"record {rec['id']!r} was made with another tokenizer (fingerprint {fp}, "
-                           f"{getattr(tok, 'name', 'this one')} has {mine}); pass --tokenizer")
+            raise DidError(
+                f"record {rec['id']!r} was made with another tokenizer (fingerprint {fp}, "
+                f"{getattr(tok, 'name', 'this one')} has {mine}); pass --tokenizer"
+            )
 
 
 def check_target(path: str) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 REPLACEMENT = "\ufffd"
 MAX_GROUP = 8  # tokens one character can span (UTF-8 has at most 4 bytes; margin for odd merges)
@@ -69,7 +70,7 @@ def _prefix_spans(tok: Any, ids: list[int], full: str) -> list[tuple[int, int, s
     for j in range(1, len(ids) + 1):
         s = full if j == len(ids) else tok.decode(ids[:j])
         if s.startswith(done) and (j == len(ids) or not s.endswith(REPLACEMENT)):
-            out.append((start, j, s[len(done):]))
+            out.append((start, j, s[len(done) :]))
             done, start = s, j
     if start < len(ids) or done != full:
         return [(0, len(ids), full)] if ids else []
@@ -90,7 +91,7 @@ def palette() -> list[tuple[str, str]]:
     for k in range(LEVELS):
         f = (k + 0.5) / LEVELS
         rgb = tuple(round(a + (b - a) * f) for a, b in zip(lo, hi))
-        out.append(("#%02x%02x%02x" % rgb, "#fff" if f > 0.55 else "#111"))
+        out.append(("#{:02x}{:02x}{:02x}".format(*rgb), "#fff" if f > 0.55 else "#111"))
     return out
 
 
@@ -149,31 +150,37 @@ def _span(pieces, positions, text, conf, fixed, remasked, changed) -> str:
 
 def legend(has_refined: bool) -> str:
     steps = "".join(f'<span class="c{k}">{k / LEVELS:.1f}</span>' for k in range(LEVELS))
-    parts = [f"<p>Token shading = snapshot confidence (the probability the drafter gave the token "
-             f"it committed), from 0 (white) to 1 (dark blue): {steps}</p>",
-             '<p><span class="f">grey</span> = fixed positions (prompt, suffix) with no confidence; '
-             '<span class="n">plain</span> = the record holds no confidence; '
-             '<span class="m">[MASK]</span> = a position still masked. Hover a token for its position and figures.</p>']
+    parts = [
+        f"<p>Token shading = snapshot confidence (the probability the drafter gave the token "
+        f"it committed), from 0 (white) to 1 (dark blue): {steps}</p>",
+        '<p><span class="f">grey</span> = fixed positions (prompt, suffix) with no confidence; '
+        '<span class="n">plain</span> = the record holds no confidence; '
+        '<span class="m">[MASK]</span> = a position still masked. Hover a token for its position and '
+        "figures.</p>",
+    ]
     if has_refined:
-        parts.append('<p><span class="c0 r">red underline</span> = re-masked by a refine stage '
-                     '(the draft column marks what was re-masked; the refined column what was regenerated); '
-                     '<span class="c0 x">orange box</span> = the token differs between draft and refined.</p>')
+        parts.append(
+            '<p><span class="c0 r">red underline</span> = re-masked by a refine stage '
+            "(the draft column marks what was re-masked; the refined column what was regenerated); "
+            '<span class="c0 x">orange box</span> = the token differs between draft and refined.</p>'
+        )
     return "<section class=legend><h2>Legend</h2>" + "".join(parts) + "</section>"
 
 
 def css() -> str:
     shades = "".join(f".c{k}{{background:{bg};color:{fg}}}" for k, (bg, fg) in enumerate(palette()))
     return (
-        "body{font:15px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1400px;padding:0 1em;color:#111}"
+        "body{font:15px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1400px;padding:0 "
+        "1em;color:#111}"
         "h1{font-size:1.4em}h2{font-size:1.15em;margin:.2em 0}h3{font-size:.95em;margin:.2em 0;color:#555}"
         "section{border-top:1px solid #ccc;padding:.6em 0}table{border-collapse:collapse;margin:.4em 0}"
-        "td,th{border:1px solid #ddd;padding:.15em .5em;text-align:right}th{text-align:left;background:#f6f6f6}"
+        "td,th{border:1px solid #ddd;padding:.15em "
+        ".5em;text-align:right}th{text-align:left;background:#f6f6f6}"
         ".cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(380px,1fr));gap:1em}"
         ".tokens{font:13px/1.7 ui-monospace,monospace;white-space:pre-wrap;overflow-wrap:anywhere;"
         "border:1px solid #ddd;padding:.4em}"
         ".f{background:#e4e4e4;color:#666}.n{color:#111}.m{background:#fde0ef;color:#8e0152}"
         ".r{border-bottom:3px solid #d7301f}.x{outline:2px solid #f28e2b;font-weight:bold}"
         ".legend span{padding:0 .3em}.kv{margin-right:.8em;white-space:nowrap}"
-        ".figs{font-weight:600}.warn{color:#a50026}.own,.note{color:#555;font-size:.9em}"
-        + shades
+        ".figs{font-weight:600}.warn{color:#a50026}.own,.note{color:#555;font-size:.9em}" + shades
     )

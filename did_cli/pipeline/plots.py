@@ -44,11 +44,20 @@ def plot_training(run_dir: Path, path: Path) -> Path | None:
     evals = [e for e in events if e.get("event") == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot([e["step"] for e in train], [e["loss"] for e in train], color="0.7", lw=1, label="train loss (mixed blocks)")
-    keys = sorted({k for e in evals for k in e if k.startswith("val_nelbo_b")}, key=lambda k: int(k[len("val_nelbo_b"):]))
+        ax.plot(
+            [e["step"] for e in train],
+            [e["loss"] for e in train],
+            color="0.7",
+            lw=1,
+            label="train loss (mixed blocks)",
+        )
+    keys = sorted(
+        {k for e in evals for k in e if k.startswith("val_nelbo_b")},
+        key=lambda k: int(k[len("val_nelbo_b") :]),
+    )
     for k in keys:
         pts = [(e["step"], e[k]) for e in evals if k in e]
-        ax.plot(*zip(*pts), marker="o", ms=3, label=f"validation NELBO, block {k[len('val_nelbo_b'):]}")
+        ax.plot(*zip(*pts), marker="o", ms=3, label=f"validation NELBO, block {k[len('val_nelbo_b') :]}")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("nats per token")
     ax.set_title("Training curve")
@@ -115,11 +124,17 @@ def plot_confidence(drafts: list[dict], refined: list[dict], path: Path) -> Path
     fig, ax = plt.subplots(figsize=(7, 4))
     # log-spaced bins: an undertrained model's confidences span several orders of magnitude
     lo = max(1e-6, min(remasked + kept + [1.0]))
-    bins = [10 ** v for v in _linspace(math.log10(lo), 0.0, 41)]
+    bins = [10**v for v in _linspace(math.log10(lo), 0.0, 41)]
     ax.set_xscale("log")
     for vals, name in ((kept, "kept"), (remasked, "re-masked")):
         if vals:
-            ax.hist(vals, bins=bins, alpha=0.6, label=f"{name} ({len(vals)} tokens)", weights=[1.0 / len(vals)] * len(vals))
+            ax.hist(
+                vals,
+                bins=bins,
+                alpha=0.6,
+                label=f"{name} ({len(vals)} tokens)",
+                weights=[1.0 / len(vals)] * len(vals),
+            )
     ax.set_xlabel("snapshot confidence at commit time")
     ax.set_ylabel("share of tokens")
     ax.set_title("Which draft tokens the global refine stage regenerates")
@@ -151,7 +166,9 @@ def plot_distributions(results: dict[str, dict], path: str | Path) -> Path:
         scorer = r["summary"].get("scorer", scorer)
         ppl = [s["ppl"] for s in r["samples"] if s["ppl"]]
         ent = [s["entropy"] for s in r["samples"] if s["entropy"] is not None]
-        ax1.hist(ppl, bins=bins, alpha=0.5, label=f"{name} (mean {r['summary']['mean_ppl'] or float('nan'):.1f})")
+        ax1.hist(
+            ppl, bins=bins, alpha=0.5, label=f"{name} (mean {r['summary']['mean_ppl'] or float('nan'):.1f})"
+        )
         ax2.hist(ent, bins=30, alpha=0.5, label=name)
     ax1.set_xscale("log")
     ax1.set_xlabel("per-sample gen PPL")

@@ -11,12 +11,14 @@ from did_cli.io.outputs import write_bytes
 from did_cli.pipeline.plots import plot_confidence, plot_ppl_pairs, plot_training
 
 
-def ngram_copy_rate(samples: list[list[int]], train_rows: Any, n: int = 8, max_train_tokens: int = 20_000_000) -> float | None:
+def ngram_copy_rate(
+    samples: list[list[int]], train_rows: Any, n: int = 8, max_train_tokens: int = 20_000_000
+) -> float | None:
     """Share of the samples' n-grams that also occur in the training split (memorisation check:
     a model that copies its training data gets a flattering gen PPL)."""
     import numpy as np
 
-    def hashes(arr: "np.ndarray") -> "np.ndarray":
+    def hashes(arr: np.ndarray) -> np.ndarray:
         arr = arr.astype(np.uint64)
         if len(arr) < n:
             return np.empty(0, np.uint64)
@@ -56,8 +58,11 @@ def comparison_intervals(draft: list[dict], refined: list[dict], control: list[d
 
     from did_cli.evaluation import bootstrap as bs
 
-    out: dict[str, Any] = {"relative_change_gen_ppl_ci": None, "relative_change_entropy_ci": None,
-                           "gap_vs_entropy_control_ci": None}
+    out: dict[str, Any] = {
+        "relative_change_gen_ppl_ci": None,
+        "relative_change_entropy_ci": None,
+        "gap_vs_entropy_control_ci": None,
+    }
     pp, pe = bs.paired(draft, refined, "ppl"), bs.paired(draft, refined, "entropy")
     if pp:
         out["relative_change_gen_ppl_ci"] = bs.relative_change(*pp)
@@ -70,13 +75,19 @@ def comparison_intervals(draft: list[dict], refined: list[dict], control: list[d
         return out
     (dp, rp), (de, re_), cpv, cev = pp, pe, cp[1], ce[1]
 
-    def gap(i: "np.ndarray") -> float:
+    def gap(i: np.ndarray) -> float:
         m = draft_ppl_at_entropy((de[i].mean(), dp[i].mean()), (cev[i].mean(), cpv[i].mean()), re_[i].mean())
         return float("nan") if m is None else rp[i].mean() / m - 1.0
 
     est, lo, hi = bs.bootstrap(gap, len(dp))
     if math.isfinite(est):
-        out["gap_vs_entropy_control_ci"] = {"estimate": est, "lo": lo, "hi": hi, "level": bs.LEVEL, "n": len(dp)}
+        out["gap_vs_entropy_control_ci"] = {
+            "estimate": est,
+            "lo": lo,
+            "hi": hi,
+            "level": bs.LEVEL,
+            "n": len(dp),
+        }
     return out
 
 
@@ -100,22 +111,31 @@ def _verdict(results: dict, r: dict, matched: float | None) -> str:
     """The report's reading of the comparisons; each claim follows its interval."""
     vs_draft = results.get("refinement_vs_draft")
     if not results["refinement_helps"]:
-        verdict = ("Refinement did NOT lower the mean gen PPL at about the drafts' entropy in this run"
-                   + (" (the interval of the PPL change holds 0: level)." if vs_draft == "level" else "."))
+        verdict = "Refinement did NOT lower the mean gen PPL at about the drafts' entropy in this run" + (
+            " (the interval of the PPL change holds 0: level)." if vs_draft == "level" else "."
+        )
     elif vs_draft == "beats" and abs(results["relative_change_entropy"] or 0) <= 0.03:
-        verdict = "Refinement lowered the mean gen PPL (the whole interval is below 0) at an entropy within 3% of the drafts'."
+        verdict = (
+            "Refinement lowered the mean gen PPL (the whole interval is below 0) at an entropy "
+            "within 3% of the drafts'."
+        )
     else:
         verdict = "Refinement lowered the mean gen PPL by more than its drop in entropy accounts for."
     if matched is not None:
         vs = results.get("refinement_vs_entropy_control")
         gap = results.get("gap_vs_entropy_control_ci")
-        verdict += (f" Entropy control: drafts sampled with a lower nucleus down to the refined entropy would score "
-                    f"about {matched:.1f} (read off the two draft settings) against the refined {r['mean_ppl']:.1f}"
-                    f"{' (gap ' + _pct(gap['estimate']) + _ci(gap) + ')' if gap else ''}, "
-                    + ("so refinement also beats simply sampling more conservatively." if vs == "beats" else
-                       "so refinement is level with simply sampling more conservatively (the interval holds 0)."
-                       if vs in ("level", None) else
-                       "so in this run refinement does worse than simply sampling more conservatively."))
+        verdict += (
+            f" Entropy control: drafts sampled with a lower nucleus down to the refined entropy would score "
+            f"about {matched:.1f} (read off the two draft settings) against the refined {r['mean_ppl']:.1f}"
+            f"{' (gap ' + _pct(gap['estimate']) + _ci(gap) + ')' if gap else ''}, "
+            + (
+                "so refinement also beats simply sampling more conservatively."
+                if vs == "beats"
+                else "so refinement is level with simply sampling more conservatively (the interval holds 0)."
+                if vs in ("level", None)
+                else "so in this run refinement does worse than simply sampling more conservatively."
+            )
+        )
     return verdict
 
 
@@ -123,12 +143,19 @@ def _validation_lines(training: dict) -> list[str]:
     """Validation NELBO of the sampled (best) checkpoint with standard errors."""
     best = training.get("best") or {}
     sizes = training.get("block_sizes") or []
-    figs = [f"block {b}: {best[f'val_nelbo_b{b}']:.3f} +- {best.get(f'val_nelbo_se_b{b}') or float('nan'):.3f}"
-            for b in sizes if best.get(f"val_nelbo_b{b}") is not None]
+    figs = [
+        f"block {b}: {best[f'val_nelbo_b{b}']:.3f} +- {best.get(f'val_nelbo_se_b{b}') or float('nan'):.3f}"
+        for b in sizes
+        if best.get(f"val_nelbo_b{b}") is not None
+    ]
     if not figs:
         return []
-    return [f"Validation NELBO of the sampled checkpoint (step {best.get('step')}, nats/token +- standard error over "
-            f"{best.get('val_rows', '?')} rows): {'; '.join(figs)}.", ""]
+    return [
+        f"Validation NELBO of the sampled checkpoint (step {best.get('step')}, nats/token +- standard "
+        "error over "
+        f"{best.get('val_rows', '?')} rows): {'; '.join(figs)}.",
+        "",
+    ]
 
 
 def write_report(out: Path, results: dict, run_dir: Path, drafts: list[dict], refined: list[dict]) -> Path:
@@ -137,7 +164,9 @@ def write_report(out: Path, results: dict, run_dir: Path, drafts: list[dict], re
     plots = {
         "training curve": plot_training(run_dir, out / "training_curve.png"),
         "gen PPL, draft vs refined": plot_ppl_pairs(results, out / "gen_ppl_draft_vs_refined.png"),
-        "confidence of re-masked vs kept tokens": plot_confidence(drafts, refined, out / "confidence_remasked_vs_kept.png"),
+        "confidence of re-masked vs kept tokens": plot_confidence(
+            drafts, refined, out / "confidence_remasked_vs_kept.png"
+        ),
     }
     d, r = results["draft"], results["refined"]
     cfg = results["config"]
@@ -147,13 +176,17 @@ def write_report(out: Path, results: dict, run_dir: Path, drafts: list[dict], re
         "# did quickstart report",
         "",
         f"Scorer: **{results['scorer']}**. Device: {results['device']}, torch {results['torch']}. "
-        f"Total time {results['total_s']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in results['timings_s'].items())}).",
+        f"Total time {results['total_s']:.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in results['timings_s'].items())}).",
         "",
         f"Model: preset `{cfg['preset']}`, L = {cfg['seq_len']}, mix-scale training on blocks "
-        f"{cfg['draft_block']} and {cfg['seq_len']} (weights {1 - cfg['global_weight']:.2f} / {cfg['global_weight']:.2f}), "
-        f"{results['training'].get('step', '?')} steps; sampled from `{results['checkpoint']}` (best validation NELBO).",
+        f"{cfg['draft_block']} and {cfg['seq_len']} (weights {1 - cfg['global_weight']:.2f} / "
+        f"{cfg['global_weight']:.2f}), "
+        f"{results['training'].get('step', '?')} steps; sampled from `{results['checkpoint']}` (best "
+        "validation NELBO).",
         "",
-        f"Draft: block {cfg['draft_block']}, first-hitting, top-p 0.9. Refine: one global stage (block {cfg['seq_len']}) "
+        f"Draft: block {cfg['draft_block']}, first-hitting, top-p 0.9. Refine: one global stage (block "
+        f"{cfg['seq_len']}) "
         f"re-masking the {cfg['ratio']:.0%} lowest snapshot confidences.",
         "",
         "| | samples | mean gen PPL | median | pooled | mean entropy | 8-gram copy rate |",
@@ -162,13 +195,17 @@ def write_report(out: Path, results: dict, run_dir: Path, drafts: list[dict], re
     c = results.get("control_draft")
     named = [("draft", d), ("refined", r)] + ([(f"control draft, top-p {c['top_p']}", c)] if c else [])
     for name, s in named:
-        lines.append(f"| {name} | {s['n']} | {_fmt(s['mean_ppl'])} | {_fmt(s['median_ppl'])} | {_fmt(s['pooled_ppl'])} | "
-                     f"{_fmt(s['mean_entropy'], 3)} | {_fmt(s.get('copy_rate_8gram'), 3)} |")
+        lines.append(
+            f"| {name} | {s['n']} | {_fmt(s['mean_ppl'])} | {_fmt(s['median_ppl'])} | "
+            f"{_fmt(s['pooled_ppl'])} | "
+            f"{_fmt(s['mean_entropy'], 3)} | {_fmt(s.get('copy_rate_8gram'), 3)} |"
+        )
     lines += [
         "",
         f"Change from draft to refined (paired by sample, 95% bootstrap intervals): gen PPL "
         f"{_pct(results['relative_change_gen_ppl'])}{_ci(results.get('relative_change_gen_ppl_ci'))}, "
-        f"entropy {_pct(results['relative_change_entropy'])}{_ci(results.get('relative_change_entropy_ci'))}. {verdict}",
+        f"entropy {_pct(results['relative_change_entropy'])}"
+        f"{_ci(results.get('relative_change_entropy_ci'))}. {verdict}",
         "",
         *_validation_lines(results.get("training") or {}),
         "",
@@ -182,11 +219,30 @@ def write_report(out: Path, results: dict, run_dir: Path, drafts: list[dict], re
             lines += [f"## {title[0].upper() + title[1:]}", "", f"![{title}]({p.name})", ""]
     lines += ["## Samples (draft, then refined)", ""]
     if (out / "view.html").is_file():
-        lines += ["Every sample, each token shaded by its snapshot confidence, the re-masked and changed tokens marked, "
-                  "draft beside refined: [view.html](view.html) (`did show`, docs/show.md).", ""]
+        lines += [
+            "Every sample, each token shaded by its snapshot confidence, the re-masked and changed tokens "
+            "marked, "
+            "draft beside refined: [view.html](view.html) (`did show`, docs/show.md).",
+            "",
+        ]
     for dr, rf in list(zip(drafts, refined))[:3]:
-        lines += [f"**{dr['id']}**", "", "```text", dr["text"].strip(), "```", "", "```text", rf["text"].strip(), "```", ""]
-    lines += ["Files: `draft.jsonl`, `refined.jsonl` (did.sample/1 records), `results.json`, `view.html`, `run/` (checkpoints, metrics.jsonl).", ""]
+        lines += [
+            f"**{dr['id']}**",
+            "",
+            "```text",
+            dr["text"].strip(),
+            "```",
+            "",
+            "```text",
+            rf["text"].strip(),
+            "```",
+            "",
+        ]
+    lines += [
+        "Files: `draft.jsonl`, `refined.jsonl` (did.sample/1 records), `results.json`, `view.html`, "
+        "`run/` (checkpoints, metrics.jsonl).",
+        "",
+    ]
     path = out / "report.md"
     write_bytes(path, "\n".join(lines))
     return path

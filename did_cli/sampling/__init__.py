@@ -14,8 +14,14 @@ Names are imported on first use, so reading the settings does not import torch.
 import importlib
 
 _NAMES = {
-    "SamplerConfig": "sampler_config", "DraftConfig": "sampler_config", "RefineConfig": "sampler_config", "parse_stages": "sampler_config",
-    "draft": "drafting", "refine": "refinement", "check_record": "refinement", "read_prompts": "prompts",
+    "SamplerConfig": "sampler_config",
+    "DraftConfig": "sampler_config",
+    "RefineConfig": "sampler_config",
+    "parse_stages": "sampler_config",
+    "draft": "drafting",
+    "refine": "refinement",
+    "check_record": "refinement",
+    "read_prompts": "prompts",
 }
 
 

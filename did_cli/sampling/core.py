@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -94,8 +95,9 @@ def _chunks(groups: list[tuple[int, int]], rows_per_chunk: int) -> list[list[tup
     return out
 
 
-def draw(out: "torch.Tensor | RowLogits", groups: list[tuple[int, int]], gens: list,
-         sp: "SamplerSettings") -> tuple[torch.Tensor, torch.Tensor]:
+def draw(
+    out: torch.Tensor | RowLogits, groups: list[tuple[int, int]], gens: list, sp: SamplerSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of `out` ([N, V] logits or RowLogits); rows come in `groups`
     (sample i, its row count) in order, and a group whose generator is None draws nothing (its
     row is a placeholder). Returns token ids [N] and float64 probabilities [N]."""
@@ -113,9 +115,11 @@ def draw(out: "torch.Tensor | RowLogits", groups: list[tuple[int, int]], gens: l
         off = 0
         for i, c in chunk:
             if gens[i] is not None:
-                torch.rand((c, vocab), generator=gens[i], out=u[off:off + c])
+                torch.rand((c, vocab), generator=gens[i], out=u[off : off + c])
             off += c
-        tok[lo:hi], prob[lo:hi] = sample_rows(lg, u, sp.mask_id, sp.top_p, prefilter=total >= PREFILTER_MIN_ROWS)
+        tok[lo:hi], prob[lo:hi] = sample_rows(
+            lg, u, sp.mask_id, sp.top_p, prefilter=total >= PREFILTER_MIN_ROWS
+        )
         lo = hi
     return tok, prob
 
@@ -165,8 +169,17 @@ def fill(
         calls += 1
 
 
-def _parallel_step(x, conf, s: int, e: int, counts: list[int], masked: torch.Tensor, logits_fn: LogitsFn,
-                   gens: list, sp: SamplerSettings) -> list[int]:
+def _parallel_step(
+    x,
+    conf,
+    s: int,
+    e: int,
+    counts: list[int],
+    masked: torch.Tensor,
+    logits_fn: LogitsFn,
+    gens: list,
+    sp: SamplerSettings,
+) -> list[int]:
     """One call of the parallel sampler: candidates at every masked position, commit the K most
     confident (or those above the threshold); returns the masks left per row."""
     b, n = x.shape[0], e - s
@@ -213,7 +226,12 @@ def tokenizer_for(model: Any, tokenizer: Any) -> Any:
 
 def model_info(model: Any, tokenizer: Any, model_path: str | None) -> dict:
     c = model.config
-    info = {"fingerprint": getattr(tokenizer, "fingerprint", None), "vocab_size": c.vocab_size, "mask_id": c.mask_id, "length": c.model_length}
+    info = {
+        "fingerprint": getattr(tokenizer, "fingerprint", None),
+        "vocab_size": c.vocab_size,
+        "mask_id": c.mask_id,
+        "length": c.model_length,
+    }
     if model_path is not None:
         info["path"] = str(model_path)
     return {k: v for k, v in info.items() if v is not None}
@@ -228,8 +246,14 @@ class Progress:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                console=Console(stderr=True), transient=True)
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
             self.bar.start()
             self.task = self.bar.add_task(what, total=total)
 

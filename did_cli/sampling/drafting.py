@@ -22,17 +22,30 @@ import dataclasses
 import math
 import time
 from collections import deque
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-from did_cli.sampling.sampler_config import ENTROPY_WINDOW, DraftConfig
 from did_cli.errors import DidError
-from did_cli.sampling.core import (DTYPES, EvalMode, Progress, RowLogits, SamplerSettings, autocast, fill,
-                                   make_generator, mix_seed, model_info, place, tokenizer_for)
+from did_cli.sampling.core import (
+    DTYPES,
+    EvalMode,
+    Progress,
+    RowLogits,
+    SamplerSettings,
+    autocast,
+    fill,
+    make_generator,
+    mix_seed,
+    model_info,
+    place,
+    tokenizer_for,
+)
 from did_cli.sampling.fast import cached_step
 from did_cli.sampling.graph import EagerStep, GraphedStep
 from did_cli.sampling.prompts import Prompt, resolve_prompts
+from did_cli.sampling.sampler_config import ENTROPY_WINDOW, DraftConfig
 
 
 def draft(
@@ -57,8 +70,11 @@ def draft(
     tok = tokenizer_for(model, tokenizer)
     prompts = resolve_prompts(cfg, tok, length)
     sp = cfg.settings(mc.mask_id)
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if k not in ("n", "device", "allow_longer", "prompts", "prompt_ids", "suffix")}
+    settings = {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in ("n", "device", "allow_longer", "prompts", "prompt_ids", "suffix")
+    }
     settings["length"] = length
     info = model_info(model, tok, model_path)
     total = cfg.n * len(prompts)
@@ -82,27 +98,52 @@ def draft(
             rows = [prompts[i // cfg.n] for i in idxs]
             # the last allowed draw under entropy_fail=keep finishes without the check
             checked = [rejections.get(i, 0) < cfg.max_retries or cfg.entropy_fail == "error" for i in idxs]
-            results = draft_batch(model, cfg, sp, length, rows, [gens[i] for i in idxs], device, bar, checked, step)
+            results = draft_batch(
+                model, cfg, sp, length, rows, [gens[i] for i in idxs], device, bar, checked, step
+            )
             retry = []
             for i, pr, res in zip(idxs, rows, results):
                 if res is None:
                     rejections[i] = rejections.get(i, 0) + 1
                     if rejections[i] > cfg.max_retries:
-                        raise DidError(f"sample draft-{cfg.seed}-{i}: the entropy of its last {ENTROPY_WINDOW} tokens fell below "
-                                       f"--min-entropy {cfg.min_entropy:g} in all {rejections[i]} draws (BD3-LM fails here too); "
-                                       "pass --entropy-fail keep to keep the last draw, or --min-entropy 0 to turn the check off")
+                        raise DidError(
+                            f"sample draft-{cfg.seed}-{i}: the entropy of its last {ENTROPY_WINDOW} "
+                            "tokens fell below "
+                            f"--min-entropy {cfg.min_entropy:g} in all {rejections[i]} draws (BD3-LM "
+                            "fails here too); "
+                            "pass --entropy-fail keep to keep the last draw, or --min-entropy 0 to turn "
+                            "the check off"
+                        )
                     retry.append(i)
                     continue
                 tokens, conf, counts, secs, notes = res
-                extra = {**counts, "entropy_rejections": rejections.get(i, 0) if _checking(cfg) else None, **notes}
+                extra = {
+                    **counts,
+                    "entropy_rejections": rejections.get(i, 0) if _checking(cfg) else None,
+                    **notes,
+                }
                 if cfg.prompts is not None:
                     extra["prompt_id"] = pr.id
                 if pr.suffix:
                     extra["suffix_len"] = len(pr.suffix)
-                check_finite_conf(f"sample draft-{cfg.seed}-{i}", conf, min(1 + len(pr.tokens), len(tokens)),
-                                  len(tokens) - len(pr.suffix or []), cfg.block_size)
-                done[i] = _record(tok, f"draft-{cfg.seed}-{i}", tokens, conf, prompt_len=min(1 + len(pr.tokens), len(tokens)),
-                                  model=info, draft=dict(settings), seconds=round(secs, 4), **extra)
+                check_finite_conf(
+                    f"sample draft-{cfg.seed}-{i}",
+                    conf,
+                    min(1 + len(pr.tokens), len(tokens)),
+                    len(tokens) - len(pr.suffix or []),
+                    cfg.block_size,
+                )
+                done[i] = _record(
+                    tok,
+                    f"draft-{cfg.seed}-{i}",
+                    tokens,
+                    conf,
+                    prompt_len=min(1 + len(pr.tokens), len(tokens)),
+                    model=info,
+                    draft=dict(settings),
+                    seconds=round(secs, 4),
+                    **extra,
+                )
                 bar.advance(1)
             queue.extendleft(reversed(retry))  # redraw them next, keeping output order
             while next_out in done:
@@ -135,11 +176,15 @@ def check_finite_conf(what: str, conf: list, lo: int, hi: int, block: int | None
         c = conf[p]
         if c is not None and not math.isfinite(c):
             where = f" (block {p // block} of size {block})" if block else ""
-            raise DidError(f"{what}: the model gave non-finite logits at position {p}{where}; the weights or "
-                           "the precision (--dtype) are at fault")
+            raise DidError(
+                f"{what}: the model gave non-finite logits at position {p}{where}; the weights or "
+                "the precision (--dtype) are at fault"
+            )
 
 
-def _record(tok: Any, rid: str, tokens: list[int], conf: list[float], prompt_len: int = 1, **extra: Any) -> dict:
+def _record(
+    tok: Any, rid: str, tokens: list[int], conf: list[float], prompt_len: int = 1, **extra: Any
+) -> dict:
     from did_cli.io.records import make_record
 
     return make_record(tokens, conf, id=rid, tokenizer=tok, prompt_len=prompt_len, **extra)
@@ -151,7 +196,8 @@ def window_entropy(x: torch.Tensor) -> torch.Tensor:
     new = torch.ones_like(srt, dtype=torch.bool)
     new[:, 1:] = srt[:, 1:] != srt[:, :-1]
     counts = torch.zeros(x.shape, dtype=torch.float64, device=x.device).scatter_add_(
-        1, new.long().cumsum(1) - 1, torch.ones(x.shape, dtype=torch.float64, device=x.device))
+        1, new.long().cumsum(1) - 1, torch.ones(x.shape, dtype=torch.float64, device=x.device)
+    )
     p = counts / x.shape[1]
     return -(p * p.clamp_min(1e-300).log()).sum(dim=1)
 
@@ -159,8 +205,9 @@ def window_entropy(x: torch.Tensor) -> torch.Tensor:
 REJECT = -1
 
 
-def _block_stops(cfg: DraftConfig, mc: Any, x: torch.Tensor, is_gen: torch.Tensor, s: int, e: int,
-                 checked: list[bool]) -> tuple[dict[int, int], set[int], set[int]]:
+def _block_stops(
+    cfg: DraftConfig, mc: Any, x: torch.Tensor, is_gen: torch.Tensor, s: int, e: int, checked: list[bool]
+) -> tuple[dict[int, int], set[int], set[int]]:
     """Which batch rows stop after block [s, e): ({row: tokens kept, or REJECT}, rows cut by the
     entropy rule, rows that failed an unenforced check). One host sync when a rule applies."""
     stops: dict[int, int] = {}
@@ -173,7 +220,7 @@ def _block_stops(cfg: DraftConfig, mc: Any, x: torch.Tensor, is_gen: torch.Tenso
             firsts = gen.int().argmax(dim=1).tolist()
             stops = {r: s + firsts[r] + 1 for r, h in enumerate(hit) if h}
     if cfg.min_entropy and e > ENTROPY_WINDOW:
-        fail = (window_entropy(x[:, e - ENTROPY_WINDOW:e]) < cfg.min_entropy).tolist()
+        fail = (window_entropy(x[:, e - ENTROPY_WINDOW : e]) < cfg.min_entropy).tolist()
         for r, f in enumerate(fail):
             if not f:
                 continue
@@ -188,9 +235,18 @@ def _block_stops(cfg: DraftConfig, mc: Any, x: torch.Tensor, is_gen: torch.Tenso
 
 
 @torch.inference_mode()
-def draft_batch(model, cfg: DraftConfig, sp: SamplerSettings, L: int, prompts: list[Prompt], gens: list[torch.Generator],
-                device: torch.device, bar: Progress | None = None, checked: list[bool] | None = None,
-                step: Any = None) -> list[Any]:
+def draft_batch(
+    model,
+    cfg: DraftConfig,
+    sp: SamplerSettings,
+    L: int,
+    prompts: list[Prompt],
+    gens: list[torch.Generator],
+    device: torch.device,
+    bar: Progress | None = None,
+    checked: list[bool] | None = None,
+    step: Any = None,
+) -> list[Any]:
     """Draft one batch (row r continues prompts[r]); returns per sample (tokens, confidences,
     {"nfe", "forward_passes"}, seconds, notes), or None for a fixed-length sample rejected by
     the entropy check (`checked[r]` False: a failure is only noted, as low_entropy). `step`: a
@@ -210,8 +266,14 @@ def draft_batch(model, cfg: DraftConfig, sp: SamplerSettings, L: int, prompts: l
     if step is not None:
         step.reset()
     elif cfg.use_cache:
-        step = EagerStep(model, model.new_cache(b, L, dtype=None if cfg.dtype == "fp32" else DTYPES[cfg.dtype]))
-    st = _Batch(rows=list(range(b)), gens=list(gens) + [None] * pad, checked=list(checked or [True] * b) + [False] * pad)
+        step = EagerStep(
+            model, model.new_cache(b, L, dtype=None if cfg.dtype == "fp32" else DTYPES[cfg.dtype])
+        )
+    st = _Batch(
+        rows=list(range(b)),
+        gens=list(gens) + [None] * pad,
+        checked=list(checked or [True] * b) + [False] * pad,
+    )
     out: list[Any] = [None] * b
     notes: list[dict] = [{} for _ in range(b)]
     n_blocks = L // B
@@ -220,7 +282,9 @@ def draft_batch(model, cfg: DraftConfig, sp: SamplerSettings, L: int, prompts: l
             s, e = j * B, (j + 1) * B
             # masks of each row in this block: its generated positions (BOS, prompt, suffix are fixed);
             # placeholder and retired rows hold none
-            counts = [max(0, min(e, spans[r][1]) - max(s, spans[r][0])) if r is not None else 0 for r in st.rows] + [0] * pad
+            counts = [
+                max(0, min(e, spans[r][1]) - max(s, spans[r][0])) if r is not None else 0 for r in st.rows
+            ] + [0] * pad
             calls = fill(x, conf, s, e, counts, _block_logits(model, x, s, e, B, step), st.gens, sp)
             st.nfe, st.fwd = st.nfe + calls, st.fwd + calls
             stops, cut, low = _block_stops(cfg, mc, x, is_gen, s, e, st.checked)
@@ -230,7 +294,9 @@ def draft_batch(model, cfg: DraftConfig, sp: SamplerSettings, L: int, prompts: l
                     notes[st.rows[r]]["low_entropy"] = True
             stops = {r: end for r, end in stops.items() if live[r]}
             if stops:
-                x, conf, is_gen = _stop_rows(st, stops, cut, notes, out, x, conf, is_gen, step, time.perf_counter() - t0)
+                x, conf, is_gen = _stop_rows(
+                    st, stops, cut, notes, out, x, conf, is_gen, step, time.perf_counter() - t0
+                )
                 if all(r is None for r in st.rows):
                     break
             if step is not None and j < n_blocks - 1:
@@ -240,7 +306,7 @@ def draft_batch(model, cfg: DraftConfig, sp: SamplerSettings, L: int, prompts: l
                 bar.advance(0, f"draft: block {j + 1}/{n_blocks}")
         else:
             secs = time.perf_counter() - t0
-            xs, cs = x[:len(st.rows)].tolist(), conf[:len(st.rows)].tolist()
+            xs, cs = x[: len(st.rows)].tolist(), conf[: len(st.rows)].tolist()
             for r, i in enumerate(st.rows):
                 if i is not None:
                     out[i] = (xs[r], cs[r], {"nfe": st.nfe, "forward_passes": st.fwd}, secs, notes[i])
@@ -258,8 +324,18 @@ class _Batch:
     fwd: int = 0
 
 
-def _stop_rows(st: _Batch, stops: dict[int, int], cut: set[int], notes: list[dict], out: list, x, conf, is_gen, step,
-               secs: float):
+def _stop_rows(
+    st: _Batch,
+    stops: dict[int, int],
+    cut: set[int],
+    notes: list[dict],
+    out: list,
+    x,
+    conf,
+    is_gen,
+    step,
+    secs: float,
+):
     """Finish the rows in `stops` (or drop them, REJECT) and take them out of the batch: sliced
     away where the step can select rows, retired in place (no mask left) under a captured graph,
     whose shapes are fixed."""
@@ -267,7 +343,13 @@ def _stop_rows(st: _Batch, stops: dict[int, int], cut: set[int], notes: list[dic
         i = st.rows[r]
         if end != REJECT:
             note = dict(notes[i], **({"entropy_truncated": True} if r in cut else {}))
-            out[i] = (x[r, :end].tolist(), conf[r, :end].tolist(), {"nfe": st.nfe, "forward_passes": st.fwd}, secs, note)
+            out[i] = (
+                x[r, :end].tolist(),
+                conf[r, :end].tolist(),
+                {"nfe": st.nfe, "forward_passes": st.fwd},
+                secs,
+                note,
+            )
     if isinstance(step, GraphedStep):
         for r in stops:
             st.rows[r], st.checked[r] = None, False
@@ -280,11 +362,17 @@ def _stop_rows(st: _Batch, stops: dict[int, int], cut: set[int], notes: list[dic
     kt = torch.tensor(keep, device=x.device)
     if step is not None:
         step.select(kt)
-    st.rows, st.gens, st.checked = [st.rows[r] for r in keep], [st.gens[r] for r in keep], [st.checked[r] for r in keep]
+    st.rows, st.gens, st.checked = (
+        [st.rows[r] for r in keep],
+        [st.gens[r] for r in keep],
+        [st.checked[r] for r in keep],
+    )
     return x[kt], conf[kt], is_gen[kt]
 
 
-def _canvas(mc: Any, prompts: list[Prompt], L: int, device: torch.device, pad: int = 0) -> tuple[torch.Tensor, list, torch.Tensor]:
+def _canvas(
+    mc: Any, prompts: list[Prompt], L: int, device: torch.device, pad: int = 0
+) -> tuple[torch.Tensor, list, torch.Tensor]:
     """The batch before the first call: BOS, each row's prompt and suffix, [MASK] elsewhere;
     with per row the generated positions [lo, hi) and them as a mask. `pad` placeholder rows
     follow, all BOS (no mask: the sampler never touches them)."""
@@ -319,13 +407,16 @@ def _block_logits(model: Any, x: torch.Tensor, s: int, e: int, B: int, step: Any
     over the prefix (rounded up by `prefix_bucket`). (x is read at call time: rows may leave
     the batch between blocks, but never within one.)"""
     if step is not None:
+
         def logits_fn(sel, flat):
             lg = step(x[:, s:e])
             return lg.reshape(-1, lg.shape[-1]).index_select(0, flat)
     else:
+
         def logits_fn(sel, flat):
             n = prefix_bucket(e, x.shape[1], B)
             full = torch.zeros((x.shape[0], n), dtype=torch.bool, device=x.device)
             full[:, s:e] = sel
             return RowLogits(model.hidden(x[:, :n], B)[full], model.logits, model.config.vocab_size)
+
     return logits_fn

@@ -55,8 +55,16 @@ def low_precision_copy(model: DiT, dtype: torch.dtype) -> DiT:
     return copy.deepcopy(model, memo).eval()
 
 
-def cached_step(model: DiT, batch: int, capacity: int, block: int, dtype: str = "fp32", mode: str = "auto",
-                applies: bool = True, net: DiT | None = None):
+def cached_step(
+    model: DiT,
+    batch: int,
+    capacity: int,
+    block: int,
+    dtype: str = "fp32",
+    mode: str = "auto",
+    applies: bool = True,
+    net: DiT | None = None,
+):
     """The cached step a batch of drafting (or a block stage of refinement) runs, with its
     `path`. `mode` 'auto': on CUDA the static step, compiled and replayed as a CUDA graph (a
     failure of either falls back with one warning line), elsewhere `DiT.step`; 'off': `DiT.step`
@@ -71,7 +79,9 @@ def cached_step(model: DiT, batch: int, capacity: int, block: int, dtype: str = 
     if net is None:
         net = model if dtype == "fp32" else low_precision_copy(model, DTYPES[dtype])
     auto = mode == "auto"
-    return GraphedStep(net, net.new_cache(batch, capacity, dtype=kv), batch, block, use_graph=auto, compile=auto)
+    return GraphedStep(
+        net, net.new_cache(batch, capacity, dtype=kv), batch, block, use_graph=auto, compile=auto
+    )
 
 
 class FastFirstHitting:
@@ -83,14 +93,30 @@ class FastFirstHitting:
     `run` can be called repeatedly (each call drafts a fresh batch) without capturing again.
     `low_precision_weights` None = when dtype is not fp32."""
 
-    def __init__(self, model: DiT, batch: int, length: int | None = None, block_size: int = 4, top_p: float = 0.9,
-                 dtype: str = "fp32", use_graph: bool | None = None, low_precision_weights: bool | None = None,
-                 reference: bool = False, compile: bool | None = None):
+    def __init__(
+        self,
+        model: DiT,
+        batch: int,
+        length: int | None = None,
+        block_size: int = 4,
+        top_p: float = 0.9,
+        dtype: str = "fp32",
+        use_graph: bool | None = None,
+        low_precision_weights: bool | None = None,
+        reference: bool = False,
+        compile: bool | None = None,
+    ):
         mc = model.config
         self.length = length or mc.model_length
         if self.length % block_size:
             raise ValueError(f"block size {block_size} does not divide length {self.length}")
-        self.batch, self.block, self.top_p, self.dtype, self.reference = batch, block_size, top_p, dtype, reference
+        self.batch, self.block, self.top_p, self.dtype, self.reference = (
+            batch,
+            block_size,
+            top_p,
+            dtype,
+            reference,
+        )
         amp = DTYPES[dtype]
         if low_precision_weights is None:
             low_precision_weights = dtype != "fp32"
@@ -100,8 +126,11 @@ class FastFirstHitting:
         self.device = next(model.parameters()).device
         cache = model.new_cache(batch, self.length, dtype=None if dtype == "fp32" else amp)
         with self._autocast():
-            self.step = (EagerStep(model, cache) if reference
-                         else GraphedStep(model, cache, batch, block_size, use_graph=use_graph, compile=compile))
+            self.step = (
+                EagerStep(model, cache)
+                if reference
+                else GraphedStep(model, cache, batch, block_size, use_graph=use_graph, compile=compile)
+            )
         self.cache = cache
 
     @property

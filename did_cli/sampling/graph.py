@@ -55,8 +55,15 @@ class GraphedStep:
     (with `cache_enabled=False`). The cache's buffers must stay where they are while this
     object lives (no `cache.select`)."""
 
-    def __init__(self, model: DiT, cache: KVCache, batch: int, block: int, use_graph: bool | None = None,
-                 compile: bool | None = None):
+    def __init__(
+        self,
+        model: DiT,
+        cache: KVCache,
+        batch: int,
+        block: int,
+        use_graph: bool | None = None,
+        compile: bool | None = None,
+    ):
         self.model, self.cache, self.batch, self.block = model, cache, batch, block
         device = cache.k[0].device
         self.x = torch.zeros(batch, block, dtype=torch.long, device=device)
@@ -73,8 +80,16 @@ class GraphedStep:
         return "graph" if self.graph is not None else "static"
 
     def _compile(self) -> None:
-        key = (id(self.model), self.batch, self.block, self.cache.capacity, self.cache.k[0].dtype,
-               torch.get_autocast_dtype(self.x.device.type) if torch.is_autocast_enabled(self.x.device.type) else None)
+        key = (
+            id(self.model),
+            self.batch,
+            self.block,
+            self.cache.capacity,
+            self.cache.k[0].dtype,
+            torch.get_autocast_dtype(self.x.device.type)
+            if torch.is_autocast_enabled(self.x.device.type)
+            else None,
+        )
         if key not in _COMPILED and len(_COMPILED) >= MAX_COMPILED:
             return
         fn = torch.compile(self.model.step_static, dynamic=False, fullgraph=True)
@@ -97,7 +112,10 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(side)
             graph, out = capture(lambda: self.fn(self.x, self.cache, self.consts))
         except Exception as e:  # noqa: BLE001 - whatever broke the capture, the eager step is correct
-            warn(f"CUDA-graph capture of the drafting step failed ({first_line(e)}); running it without a graph")
+            warn(
+                f"CUDA-graph capture of the drafting step failed ({first_line(e)}); running it without a "
+                "graph"
+            )
             return
         self.graph, self.out = graph, out
 
@@ -123,7 +141,7 @@ class GraphedStep:
         self.cache.start.zero_()
 
 
-def capture(fn) -> tuple["torch.cuda.CUDAGraph", object]:
+def capture(fn) -> tuple[torch.cuda.CUDAGraph, object]:
     """(graph, output) of `fn()` captured on a private stream. Unlike `torch.cuda.graph`, the
     stream context is left and the capture ended even when `fn` or the end of the capture
     raises: no stream stays capturing, and the caller's stream is back as it was."""

@@ -76,7 +76,9 @@ def gumbel_argmax(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (probs.log() - (-u.log()).log()).argmax(dim=-1)
 
 
-def _draw_sorted(values: torch.Tensor, idx: torch.Tensor, u: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw_sorted(
+    values: torch.Tensor, idx: torch.Tensor, u: torch.Tensor, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gumbel-max over the nucleus of rows in nucleus order; u [r, V] uniforms by token id."""
     keep, renorm = _kept(values, top_p)
     ug = u.gather(-1, idx).clamp_min(torch.finfo(torch.float64).tiny)
@@ -97,8 +99,9 @@ def _prefilter(probs: torch.Tensor, top_p: float, k: int) -> tuple[torch.Tensor,
     return vals, idx, unsettled
 
 
-def sample_rows(logits: torch.Tensor, u: torch.Tensor, mask_id: int, top_p: float,
-                prefilter: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_rows(
+    logits: torch.Tensor, u: torch.Tensor, mask_id: int, top_p: float, prefilter: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of raw logits [r, V] by Gumbel-max with uniforms u [r, V] (float64):
     (token ids [r], their renormalised probabilities [r], float64). The same tokens and
     probabilities as `gumbel_argmax(token_probs(logits, mask_id, top_p), u)`. `prefilter`: try

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from did_cli.sampling.sampler_config import RefineConfig
 from did_cli.sampling.core import DTYPES
 from did_cli.sampling.fast import cached_step, low_precision_copy
+from did_cli.sampling.sampler_config import RefineConfig
 from did_cli.util import first_line, warn
 
 
@@ -66,8 +66,15 @@ class RefinePasses:
         step = self.steps.get(key)
         if step is None:
             applies = self.fast and n % block == 0
-            step = cached_step(self.model, b, n, block, self.cfg.dtype, self.cfg.fast_path if applies else "off",
-                               net=self.net if applies else None)
+            step = cached_step(
+                self.model,
+                b,
+                n,
+                block,
+                self.cfg.dtype,
+                self.cfg.fast_path if applies else "off",
+                net=self.net if applies else None,
+            )
             if applies:
                 self.steps[key] = step
         step.reset()

@@ -19,8 +19,14 @@ def log_prob_of(logits: torch.Tensor, targets: torch.Tensor, mask_id: int) -> to
     return (lg.gather(1, targets[:, None])[:, 0] - lg.logsumexp(dim=1)).exp()
 
 
-def posthoc_confidence(model: Any, x: torch.Tensor, ranges: list[tuple[int, int]], leave_one_out: bool,
-                       rows_per_call: int, passes: Any = None) -> tuple[torch.Tensor, int]:
+def posthoc_confidence(
+    model: Any,
+    x: torch.Tensor,
+    ranges: list[tuple[int, int]],
+    leave_one_out: bool,
+    rows_per_call: int,
+    passes: Any = None,
+) -> tuple[torch.Tensor, int]:
     """Confidences [b, n] (float64) of finished sequences x and the number of forward passes.
 
     - plain: one global pass over x as it is, p(x_i | x) at every position (the model sees x_i
@@ -40,12 +46,13 @@ def posthoc_confidence(model: Any, x: torch.Tensor, ranges: list[tuple[int, int]
             conf[i] = log_prob_of(passes.head(h[i]) if passes is not None else logits[i], x[i], mask_id)
         return conf, 1
     conf = torch.full((b, n), math.nan, dtype=torch.float64, device=x.device)
-    pairs = torch.tensor([(i, p) for i, (lo, hi) in enumerate(ranges) for p in range(lo, hi)],
-                         dtype=torch.long).reshape(-1, 2)
+    pairs = torch.tensor(
+        [(i, p) for i, (lo, hi) in enumerate(ranges) for p in range(lo, hi)], dtype=torch.long
+    ).reshape(-1, 2)
     per = max(1, rows_per_call)
     calls = 0
     for c in range(0, len(pairs), per):
-        ri, pi = pairs[c:c + per].to(x.device).unbind(1)
+        ri, pi = pairs[c : c + per].to(x.device).unbind(1)
         k = torch.arange(len(ri), device=x.device)
         xx = x[ri].clone()
         xx[k, pi] = mask_id

@@ -28,7 +28,9 @@ def read_prompts(source: str | Any) -> tuple[list[str], list[str]]:
                 with open(source, encoding="utf-8") as fh:
                     lines = fh.read().splitlines()
             except (OSError, UnicodeDecodeError) as e:
-                raise DidError(f"--prompts {source}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+                raise DidError(
+                    f"--prompts {source}: cannot read ({getattr(e, 'strerror', None) or e})"
+                ) from None
     else:
         name, lines = getattr(source, "name", "<stream>"), source.read().splitlines()
     ids: list[str] = []
@@ -49,7 +51,9 @@ def read_prompts(source: str | Any) -> tuple[list[str], list[str]]:
         if extra:
             raise DidError(f"{at}: unknown key {extra[0]!r} (a line holds 'id' and 'prompt')")
         if not isinstance(obj.get("prompt"), str):
-            raise DidError(f"{at}: 'prompt' must be a string" if "prompt" in obj else f"{at}: missing 'prompt'")
+            raise DidError(
+                f"{at}: 'prompt' must be a string" if "prompt" in obj else f"{at}: missing 'prompt'"
+            )
         if not obj["prompt"]:
             raise DidError(f"{at}: empty prompt")
         pid = obj.get("id", f"p{len(texts)}")
@@ -99,10 +103,14 @@ def resolve_prompts(cfg: DraftConfig, tokenizer: Any, length: int) -> list[Promp
             raise UsageError(f"prompt {pid!r} is empty (it encodes to no tokens)")
         for t in toks + suffix:
             if (vocab is not None and not 0 <= t < vocab) or t in bad:
-                raise UsageError(f"prompt {pid!r}: token id {t} is not a text token of the model's vocabulary")
+                raise UsageError(
+                    f"prompt {pid!r}: token id {t} is not a text token of the model's vocabulary"
+                )
         used = 1 + len(toks) + len(suffix)
         if used >= length:
             parts = f"BOS + {len(toks)} prompt tokens" + (f" + {len(suffix)} suffix tokens" if suffix else "")
-            raise UsageError(f"prompt {pid!r}: {parts} = {used} leave no position to generate in --length {length}")
+            raise UsageError(
+                f"prompt {pid!r}: {parts} = {used} leave no position to generate in --length {length}"
+            )
         out.append(Prompt(pid, toks, suffix))
     return out

@@ -14,16 +14,27 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
 from did_cli.errors import DidError
-from did_cli.sampling.sampler_config import RefineConfig
-from did_cli.sampling.core import (EvalMode, Progress, RowLogits, SamplerSettings, autocast, fill, make_generator,
-                                   mix_seed, place, tokenizer_for)
+from did_cli.sampling.core import (
+    EvalMode,
+    Progress,
+    RowLogits,
+    SamplerSettings,
+    autocast,
+    fill,
+    make_generator,
+    mix_seed,
+    place,
+    tokenizer_for,
+)
 from did_cli.sampling.passes import RefinePasses
 from did_cli.sampling.posthoc import posthoc_confidence
+from did_cli.sampling.sampler_config import RefineConfig
 
 
 def check_record(rec: dict, where: str, mc: Any, tokenizer: Any, cfg: RefineConfig) -> None:
@@ -37,18 +48,26 @@ def check_record(rec: dict, where: str, mc: Any, tokenizer: Any, cfg: RefineConf
     if isinstance(minfo, dict):
         v = minfo.get("vocab_size")
         if v is not None and v != mc.vocab_size:
-            raise DidError(f"{where}: drafted by a model with vocabulary size {v}; this model has {mc.vocab_size}")
+            raise DidError(
+                f"{where}: drafted by a model with vocabulary size {v}; this model has {mc.vocab_size}"
+            )
         fp, ours = minfo.get("fingerprint"), getattr(tokenizer, "fingerprint", None)
         if fp is not None and ours is not None and fp != ours:
-            raise DidError(f"{where}: drafted with another tokenizer (fingerprint {fp}, this model's is {ours})")
+            raise DidError(
+                f"{where}: drafted with another tokenizer (fingerprint {fp}, this model's is {ours})"
+            )
     tokens = rec["tokens"]
     n = len(tokens)
     if n > mc.model_length and not cfg.allow_longer:
-        raise DidError(f"{where}: {n} tokens, longer than the model's length {mc.model_length} (use --allow-longer)")
+        raise DidError(
+            f"{where}: {n} tokens, longer than the model's length {mc.model_length} (use --allow-longer)"
+        )
     if n < 1:
         raise DidError(f"{where}: no tokens")
     if mc.mask_id in tokens:
-        raise DidError(f"{where}: holds [MASK] at position {tokens.index(mc.mask_id)} (not a finished sample)")
+        raise DidError(
+            f"{where}: holds [MASK] at position {tokens.index(mc.mask_id)} (not a finished sample)"
+        )
     lo, hi = _gen_range(rec)
     if lo > hi:
         raise DidError(f"{where}: prompt_len + suffix_len exceed the length {n}")
@@ -123,7 +142,9 @@ def refine(
         bar.close()
 
 
-def _remask_positions(conf_row: list[float], lo: int, hi: int, k: int, mode: str, gen: torch.Generator | None) -> list[int]:
+def _remask_positions(
+    conf_row: list[float], lo: int, hi: int, k: int, mode: str, gen: torch.Generator | None
+) -> list[int]:
     """The k generated positions to re-mask: lowest confidence first, ties by lower position."""
     if k <= 0:
         return []
@@ -134,21 +155,34 @@ def _remask_positions(conf_row: list[float], lo: int, hi: int, k: int, mode: str
     return sorted(order[:k])
 
 
-def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: SamplerSettings, tok, device, model_path: str | None,
-                  passes: RefinePasses) -> list[dict]:
+def _refine_batch(
+    model,
+    recs: list[dict],
+    cfg: RefineConfig,
+    sp: SamplerSettings,
+    tok,
+    device,
+    model_path: str | None,
+    passes: RefinePasses,
+) -> list[dict]:
     b, n = len(recs), len(recs[0]["tokens"])
     ranges = [_gen_range(r) for r in recs]
     gens = [make_generator(mix_seed(cfg.seed, r["id"]), device) for r in recs]
     x = torch.tensor([r["tokens"] for r in recs], dtype=torch.long, device=device)
-    conf = torch.tensor([[math.nan if c is None else float(c) for c in (r.get("confidence") or [None] * n)] for r in recs],
-                        dtype=torch.float64, device=device)
+    conf = torch.tensor(
+        [[math.nan if c is None else float(c) for c in (r.get("confidence") or [None] * n)] for r in recs],
+        dtype=torch.float64,
+        device=device,
+    )
     stages_out: list[list[dict]] = [[] for _ in recs]
     nfe_total = fwd_total = 0
     t_start = time.perf_counter()
     with torch.inference_mode(), EvalMode(model), autocast(device, cfg.dtype, cache=passes.autocast_cache):
         scoring = 0  # re-scoring passes: forward passes, not denoising NFEs
         if cfg.confidence in ("posthoc", "posthoc-loo"):
-            conf, scoring = posthoc_confidence(model, x, ranges, cfg.confidence == "posthoc-loo", cfg.batch_size, passes)
+            conf, scoring = posthoc_confidence(
+                model, x, ranges, cfg.confidence == "posthoc-loo", cfg.batch_size, passes
+            )
         for si, (block, ratio) in enumerate(cfg.stages):
             t0 = time.perf_counter()
             before = x.clone()
@@ -175,9 +209,20 @@ def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: SamplerSetting
             changed = (x != before).sum(dim=1).tolist()
             secs = time.perf_counter() - t0
             for i in range(b):
-                entry = {"block_size": B, "ratio": ratio, "confidence": cfg.confidence, "remasked": remask[i],
-                         "changed": int(changed[i]), "nfe": calls, "forward_passes": calls + commits,
-                         "seconds": round(secs, 4), "sampler": cfg.sampler, "top_p": cfg.top_p, "seed": cfg.seed, "path": path}
+                entry = {
+                    "block_size": B,
+                    "ratio": ratio,
+                    "confidence": cfg.confidence,
+                    "remasked": remask[i],
+                    "changed": int(changed[i]),
+                    "nfe": calls,
+                    "forward_passes": calls + commits,
+                    "seconds": round(secs, 4),
+                    "sampler": cfg.sampler,
+                    "top_p": cfg.top_p,
+                    "seed": cfg.seed,
+                    "path": path,
+                }
                 if cfg.tokens_per_step is not None:
                     entry["tokens_per_step"] = cfg.tokens_per_step
                 if cfg.threshold is not None:
@@ -192,7 +237,11 @@ def _refine_batch(model, recs: list[dict], cfg: RefineConfig, sp: SamplerSetting
         lo, hi = ranges[i]
         old = rec.get("confidence") or [None] * n
         new_conf = [cs[i][p] if lo <= p < hi else old[p] for p in range(n)]
-        extra = {k: v for k, v in rec.items() if k not in ("schema", "id", "tokens", "confidence", "text", "prompt_len")}
+        extra = {
+            k: v
+            for k, v in rec.items()
+            if k not in ("schema", "id", "tokens", "confidence", "text", "prompt_len")
+        }
         extra["draft_tokens"] = rec.get("draft_tokens") or list(rec["tokens"])
         extra["stages"] = list(rec.get("stages") or []) + stages_out[i]
         extra["nfe"] = int(rec.get("nfe") or 0) + nfe_total
@@ -211,8 +260,10 @@ def _check_remasked(conf: torch.Tensor, remask: list[list[int]], recs: list[dict
     bad = (~torch.isfinite(vals)).nonzero()
     if len(bad):
         i, p = rows[int(bad[0])]
-        raise DidError(f"record {recs[i]['id']!r}: the model gave non-finite logits at position {p} in refine stage "
-                       f"{si + 1} (block size {B}); the weights or the precision (--dtype) are at fault")
+        raise DidError(
+            f"record {recs[i]['id']!r}: the model gave non-finite logits at position {p} in refine stage "
+            f"{si + 1} (block size {B}); the weights or the precision (--dtype) are at fault"
+        )
 
 
 def _remask(x, conf, ranges, recs, ratio: float, si: int, cfg: RefineConfig, mask_id: int) -> list[list[int]]:
@@ -222,7 +273,11 @@ def _remask(x, conf, ranges, recs, ratio: float, si: int, cfg: RefineConfig, mas
     remask: list[list[int]] = []
     for i, (lo, hi) in enumerate(ranges):
         k = math.ceil(ratio * (hi - lo) - 1e-9)
-        rg = make_generator(mix_seed(cfg.seed, recs[i]["id"], "remask", si), "cpu") if cfg.confidence == "random" else None
+        rg = (
+            make_generator(mix_seed(cfg.seed, recs[i]["id"], "remask", si), "cpu")
+            if cfg.confidence == "random"
+            else None
+        )
         remask.append(_remask_positions(conf_h[i], lo, hi, k, cfg.confidence, rg))
     sel = torch.zeros((b, n), dtype=torch.bool)
     for i, ps in enumerate(remask):
@@ -242,7 +297,9 @@ def _record_keep(tok, rec: dict, tokens: list[int], conf: list, lo: int, extra: 
     return r
 
 
-def _refine_blocks(step, x, conf, B: int, remask: list[list[int]], gens, sp: SamplerSettings) -> tuple[int, int]:
+def _refine_blocks(
+    step, x, conf, B: int, remask: list[list[int]], gens, sp: SamplerSettings
+) -> tuple[int, int]:
     """Regenerate masked positions block by block, left to right, with the KV cache of `step`
     (`passes.RefinePasses.block_step`): each block sees the earlier (final) blocks and itself.
     Returns (denoising calls, cache-commit passes)."""
@@ -253,6 +310,7 @@ def _refine_blocks(step, x, conf, B: int, remask: list[list[int]], gens, sp: Sam
         e = min(s + B, n)
         counts = [sum(1 for p in ps if s <= p < e) for ps in remask]
         if any(counts):
+
             def logits_fn(sel, flat, s=s, e=e):
                 lg = step(x[:, s:e])
                 return lg.reshape(-1, lg.shape[-1]).index_select(0, flat)

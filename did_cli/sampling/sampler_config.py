@@ -120,7 +120,9 @@ class DraftConfig(SamplerConfig):
         if self.prompt_ids is not None and len(self.prompt_ids) != len(self.prompts or []):
             raise UsageError(f"{len(self.prompt_ids)} prompt ids for {len(self.prompts or [])} prompts")
         if self.var_length and self.suffix is not None:
-            raise UsageError("--var-length and --suffix exclude each other (an early end would drop the suffix)")
+            raise UsageError(
+                "--var-length and --suffix exclude each other (an early end would drop the suffix)"
+            )
         if self.n < 1:
             raise UsageError(f"-n must be at least 1 (got {self.n})")
         if self.max_retries < 0:
@@ -133,7 +135,9 @@ class DraftConfig(SamplerConfig):
         if length < 2:
             raise UsageError(f"--length {length}: need at least 2 (BOS and one token)")
         if length > model_length and not self.allow_longer:
-            raise UsageError(f"--length {length} exceeds the model's length {model_length} (use --allow-longer)")
+            raise UsageError(
+                f"--length {length} exceeds the model's length {model_length} (use --allow-longer)"
+            )
         if self.block_size < 1 or length % self.block_size:
             raise UsageError(f"--block-size {self.block_size} does not divide the sequence length {length}")
         return length
@@ -167,7 +171,9 @@ class RefineConfig(SamplerConfig):
                 if b < 1:
                     raise UsageError(f"--stages: block size {b} must be positive")
                 if b < model_length and model_length % b:
-                    raise UsageError(f"--stages: block size {b} does not divide the sequence length {model_length}")
+                    raise UsageError(
+                        f"--stages: block size {b} does not divide the sequence length {model_length}"
+                    )
 
 
 def parse_stages(text: str, flag: str = "--stages") -> list[tuple[int | None, float]]:

@@ -14,7 +14,12 @@ use, so reading the settings does not import torch or Accelerate.
 
 import importlib
 
-_NAMES = {"TrainConfig": "train_config", "MixScaleConfig": "train_config", "Trainer": "trainer", "train": "trainer"}
+_NAMES = {
+    "TrainConfig": "train_config",
+    "MixScaleConfig": "train_config",
+    "Trainer": "trainer",
+    "train": "trainer",
+}
 
 
 def __getattr__(name: str):

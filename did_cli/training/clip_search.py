@@ -20,7 +20,9 @@ EPS = 1e-3
 FULL = (EPS, 1.0)
 
 
-def clip_grid(widths=(0.5, 0.6, 0.7, 0.8, 0.9), delta: float = 0.05, eps: float = EPS) -> list[tuple[float, float]]:
+def clip_grid(
+    widths=(0.5, 0.6, 0.7, 0.8, 0.9), delta: float = 0.05, eps: float = EPS
+) -> list[tuple[float, float]]:
     """The candidate ranges, in tie-break order: (eps, 1) first, then width by width."""
     grid = [(eps, 1.0)]
     for w in widths:
@@ -55,9 +57,15 @@ def key_of(cand: tuple[float, float]) -> str:
 
 
 @torch.no_grad()
-def search_clip(model, batches: list[torch.Tensor], block_size: int, mask_id: int, seed: int,
-                grid: list[tuple[float, float]] | None = None, resample: bool = True
-                ) -> tuple[tuple[float, float], dict[str, float]]:
+def search_clip(
+    model,
+    batches: list[torch.Tensor],
+    block_size: int,
+    mask_id: int,
+    seed: int,
+    grid: list[tuple[float, float]] | None = None,
+    resample: bool = True,
+) -> tuple[tuple[float, float], dict[str, float]]:
     """Score every candidate of `grid` on `batches`; returns (winner, {"lo,hi": score}).
 
     Every candidate sees the same seeded noise (common random numbers: the comparison between

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from did_cli.io import checkpoint as ck
 from did_cli.errors import DidError
+from did_cli.io import checkpoint as ck
 from did_cli.util import first_line
 
 
@@ -28,7 +28,9 @@ def fetch_init(init: str) -> Path:
 
         folder = snapshot_download(repo_id=init, allow_patterns=["config.json", "model.safetensors"])
     except Exception as e:  # offline, unknown repo, gated...
-        raise DidError(f"--init {init}: not a local folder and the hub is unreachable or lacks it ({first_line(e)})") from None
+        raise DidError(
+            f"--init {init}: not a local folder and the hub is unreachable or lacks it ({first_line(e)})"
+        ) from None
     return ck.resolve_checkpoint(folder)
 
 
@@ -52,7 +54,11 @@ def init_data_start(folder: Path, data_meta: dict, seed: int) -> list[int] | Non
         return None
     try:
         st = json.loads(path.read_text())
-        same = st.get("data_hash") is not None and st["data_hash"] == data_meta.get("content_hash") and st.get("seed") == seed
+        same = (
+            st.get("data_hash") is not None
+            and st["data_hash"] == data_meta.get("content_hash")
+            and st.get("seed") == seed
+        )
         return [int(st["epoch"]), int(st["position"])] if same else None
     except (ValueError, KeyError, TypeError):
         return None

@@ -14,16 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from did_cli.io.checkpoint import load_model
-from did_cli.core.model_config import JSON_KEYS, ModelConfig, preset
-from did_cli.io.data import check_token_ids
-from did_cli.errors import DidError, UsageError
-from did_cli.core.dit import DiT
 from did_cli.core.diffusion import check_resample
-from did_cli.training.train_config import FULL_RANGE, SIZE_FLAGS, TrainConfig, model_overrides
-from did_cli.training.init_source import fetch_init, init_clip_ranges, init_data_start
+from did_cli.core.dit import DiT
+from did_cli.core.model_config import JSON_KEYS, ModelConfig, preset
+from did_cli.errors import DidError, UsageError
+from did_cli.io.checkpoint import load_model
+from did_cli.io.data import check_token_ids
 from did_cli.training import tracking  # noqa: E402
+from did_cli.training.init_source import fetch_init, init_clip_ranges, init_data_start
 from did_cli.training.state import step_seed
+from did_cli.training.train_config import FULL_RANGE, SIZE_FLAGS, TrainConfig, model_overrides
 from did_cli.util import atomic_write, first_line, warn
 
 # fields that must match when resuming (they define the data order, noise and model)
@@ -43,11 +43,17 @@ def make_accelerator(cfg: TrainConfig):
     # environment (torchrun / `accelerate launch --multi_gpu`) on a machine without CUDA means that
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu,
-                           **tracking.accelerator_kwargs(cfg.log_with, Path(cfg.out)))
+        return Accelerator(
+            mixed_precision=mp,
+            gradient_accumulation_steps=cfg.grad_accum,
+            cpu=cpu,
+            **tracking.accelerator_kwargs(cfg.log_with, Path(cfg.out)),
+        )
     except (RuntimeError, ValueError) as e:  # e.g. an FSDP config on a machine without GPUs
-        raise DidError(f"accelerate could not set up this run ({first_line(e)}); check the accelerate config "
-                       "(FSDP needs GPUs; on a CPU use plain or --multi_gpu launches)") from None
+        raise DidError(
+            f"accelerate could not set up this run ({first_line(e)}); check the accelerate config "
+            "(FSDP needs GPUs; on a CPU use plain or --multi_gpu launches)"
+        ) from None
 
 
 def with_dropout(model: DiT, dropout: float | None) -> DiT:
@@ -59,8 +65,9 @@ def with_dropout(model: DiT, dropout: float | None) -> DiT:
     return model
 
 
-def build_model(cfg: TrainConfig, data: Any, run: Path, resume_ckpt: Path | None, accel: Any
-                ) -> tuple[DiT, dict[int, tuple[float, float]], dict[str, Any]]:
+def build_model(
+    cfg: TrainConfig, data: Any, run: Path, resume_ckpt: Path | None, accel: Any
+) -> tuple[DiT, dict[int, tuple[float, float]], dict[str, Any]]:
     """The model to train: the resumed run's config, the --init weights, or a fresh preset.
     Returns (model, clip ranges stored with --init, init info recorded in the run)."""
     if resume_ckpt is not None:
@@ -71,12 +78,23 @@ def build_model(cfg: TrainConfig, data: Any, run: Path, resume_ckpt: Path | None
             folder = fetch_init(cfg.init)
         model, info = load_model(folder, finite=False)  # non-finite weights: the loss guard reports them
         clip_from_init = init_clip_ranges(info["raw_config"], info.get("clip"))
-        init_info = {"init": str(folder), "init_clip": list(info["clip"]) if "clip" in info else None,
-                     "data_start": init_data_start(folder, data.meta, cfg.seed)}
+        init_info = {
+            "init": str(folder),
+            "init_clip": list(info["clip"]) if "clip" in info else None,
+            "data_start": init_data_start(folder, data.meta, cfg.seed),
+        }
         return with_dropout(model, cfg.dropout), clip_from_init, init_info
-    mc = preset(cfg.preset, model_length=data.seq_len, vocab_size=data.vocab_size, dropout=cfg.dropout, **model_overrides(cfg),
-                tokenizer=data.meta["tokenizer"], mask_id=data.meta.get("mask_id", data.vocab_size - 1),
-                bos_id=data.meta.get("bos_id"), eos_id=data.meta.get("eos_id"))
+    mc = preset(
+        cfg.preset,
+        model_length=data.seq_len,
+        vocab_size=data.vocab_size,
+        dropout=cfg.dropout,
+        **model_overrides(cfg),
+        tokenizer=data.meta["tokenizer"],
+        mask_id=data.meta.get("mask_id", data.vocab_size - 1),
+        bos_id=data.meta.get("bos_id"),
+        eos_id=data.meta.get("eos_id"),
+    )
     torch.manual_seed(step_seed(cfg.seed, 0, 0, 0, 7))  # same initial weights on every rank
     return DiT(mc), {}, {}
 
@@ -85,7 +103,9 @@ def check_model_fits_data(mc: ModelConfig, data: Any) -> None:
     data.check_compatible(tokenizer=mc.tokenizer, vocab_size=mc.vocab_size, seq_len=mc.model_length)
     check_token_ids(data, mc.vocab_size)
     if "mask_id" in data.meta and int(data.meta["mask_id"]) != mc.mask_id:
-        raise DidError(f"data in {data.path} uses [MASK] id {data.meta['mask_id']} but the model uses {mc.mask_id}")
+        raise DidError(
+            f"data in {data.path} uses [MASK] id {data.meta['mask_id']} but the model uses {mc.mask_id}"
+        )
 
 
 def make_optimizer(model: DiT, cfg: TrainConfig, device: torch.device):
@@ -99,7 +119,9 @@ def make_optimizer(model: DiT, cfg: TrainConfig, device: torch.device):
     except (RuntimeError, TypeError):  # a torch without the fused kernel for this device
         optimizer = torch.optim.AdamW(model.parameters(), **kw)
     warm = cfg.warmup
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0
+    )
     return optimizer, scheduler
 
 
@@ -115,13 +137,17 @@ def compile_model(model: DiT, wanted: bool | None) -> bool:
     if not wanted:
         return False
     if device.type != "cuda":
-        warn(f"--compile on {device.type}: the first step of each pass compiles for a minute or more (it pays on CUDA)")
+        warn(
+            f"--compile on {device.type}: the first step of each pass compiles for a minute or more (it "
+            "pays on CUDA)"
+        )
     model.compile_blocks()
     return True
 
 
-def clip_ranges(cfg: TrainConfig, sizes: list[int], length: int, from_init: dict[int, tuple[float, float]]
-                ) -> tuple[dict[int, tuple[float, float]], list[int]]:
+def clip_ranges(
+    cfg: TrainConfig, sizes: list[int], length: int, from_init: dict[int, tuple[float, float]]
+) -> tuple[dict[int, tuple[float, float]], list[int]]:
     """The t range each block size starts with (--clip, or the --init folder's, or the full
     range) and the block sizes --clip auto searches: all but the global block L, which BD3-LM
     never clips, unless `clip_global`."""
@@ -139,9 +165,15 @@ def clip_ranges(cfg: TrainConfig, sizes: list[int], length: int, from_init: dict
 def _spread_batches(val_rows: np.ndarray, n_rows: int, size: int, device: torch.device) -> list[torch.Tensor]:
     """`n_rows` rows evenly spread over the split, in batches of `size`."""
     n_val = min(len(val_rows), n_rows)
-    idx = np.unique(np.linspace(0, len(val_rows) - 1, n_val).round().astype(np.int64)) if n_val else np.empty(0, np.int64)
-    return [torch.from_numpy(np.asarray(val_rows[idx[i:i + size]], dtype=np.int64)).to(device)
-            for i in range(0, len(idx), size)]
+    idx = (
+        np.unique(np.linspace(0, len(val_rows) - 1, n_val).round().astype(np.int64))
+        if n_val
+        else np.empty(0, np.int64)
+    )
+    return [
+        torch.from_numpy(np.asarray(val_rows[idx[i : i + size]], dtype=np.int64)).to(device)
+        for i in range(0, len(idx), size)
+    ]
 
 
 def validation_batches(val_rows: np.ndarray, cfg: TrainConfig, device: torch.device) -> list[torch.Tensor]:
@@ -169,24 +201,49 @@ def check_resume(cfg: TrainConfig, saved: dict, sizes: list[int], weights: list[
     for opt, name in SIZE_FLAGS.items():  # a resumed run keeps its checkpoint's size
         want, key = getattr(cfg, opt), JSON_KEYS.get(name, name)
         if want is not None and model.get(key, want) != want:
-            raise UsageError(f"--resume: --{opt.replace('_', '-')} {want} differs from the run's {model[key]}")
+            raise UsageError(
+                f"--resume: --{opt.replace('_', '-')} {want} differs from the run's {model[key]}"
+            )
     if saved.get("block_sizes") != sizes:
-        raise UsageError(f"--resume: --block-sizes {','.join(map(str, sizes))} differs from the run's "
-                         f"{','.join(map(str, saved.get('block_sizes', [])))}")
+        raise UsageError(
+            f"--resume: --block-sizes {','.join(map(str, sizes))} differs from the run's "
+            f"{','.join(map(str, saved.get('block_sizes', [])))}"
+        )
     if not np.allclose(saved.get("block_weights", weights), weights):
         raise UsageError(f"--resume: --block-weights differ from the run's {saved.get('block_weights')}")
     if saved.get("world_size", world) != world:
-        print(f"did: warning: resuming with {world} processes instead of {saved['world_size']}: "
-              "the data order changes from here on", file=sys.stderr)
+        print(
+            f"did: warning: resuming with {world} processes instead of {saved['world_size']}: "
+            "the data order changes from here on",
+            file=sys.stderr,
+        )
 
 
-def run_config(cfg: TrainConfig, model: dict, sizes: list[int], weights: list[float], world: int, global_batch: int,
-               data_meta: dict, compiled: bool, init_info: dict) -> dict:
+def run_config(
+    cfg: TrainConfig,
+    model: dict,
+    sizes: list[int],
+    weights: list[float],
+    world: int,
+    global_batch: int,
+    data_meta: dict,
+    compiled: bool,
+    init_info: dict,
+) -> dict:
     """What RUN/config.json holds: the settings (`train`), the resolved command-line options
     (`options`: the file is a valid --config), the model, the block mix and the data."""
     train = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "options"}
-    out = {"train": train, "model": model, "block_sizes": sizes, "block_weights": weights, "world_size": world,
-           "global_batch": global_batch, "data": data_meta, "compiled": compiled, **init_info}
+    out = {
+        "train": train,
+        "model": model,
+        "block_sizes": sizes,
+        "block_weights": weights,
+        "world_size": world,
+        "global_batch": global_batch,
+        "data": data_meta,
+        "compiled": compiled,
+        **init_info,
+    }
     if cfg.options is not None:
         out["options"] = cfg.options
     return out
@@ -195,9 +252,11 @@ def run_config(cfg: TrainConfig, model: dict, sizes: list[int], weights: list[fl
 def check_warmup(cfg: TrainConfig) -> None:
     """A warm-up longer than the run never reaches the peak learning rate: say so."""
     if cfg.warmup > cfg.steps:
-        warn(f"--warmup {cfg.warmup} is longer than the run's {cfg.steps} steps: the learning rate stops at "
-             f"{cfg.lr * cfg.steps / cfg.warmup:.3g}, not --lr {cfg.lr:g}; scale --warmup with --steps "
-             f"(e.g. --warmup {max(1, cfg.steps // 10)})")
+        warn(
+            f"--warmup {cfg.warmup} is longer than the run's {cfg.steps} steps: the learning rate stops at "
+            f"{cfg.lr * cfg.steps / cfg.warmup:.3g}, not --lr {cfg.lr:g}; scale --warmup with --steps "
+            f"(e.g. --warmup {max(1, cfg.steps // 10)})"
+        )
 
 
 def truncate_metrics(path: Path, step: int) -> None:

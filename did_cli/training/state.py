@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from did_cli.errors import DidError
 from did_cli.core.dit import DiT
+from did_cli.errors import DidError
 from did_cli.util import save_json
 
 
@@ -54,7 +54,7 @@ class TrainState:
         save_json(dataclasses.asdict(self), path)
 
     @classmethod
-    def load(cls, path: Path) -> "TrainState":
+    def load(cls, path: Path) -> TrainState:
         try:
             raw = json.loads(Path(path).read_text())
             names = {f.name for f in dataclasses.fields(cls)}
@@ -110,8 +110,10 @@ class RowSchedule:
         self.n, self.batch, self.accum, self.world, self.seed = n_rows, batch, accum, world, seed
         self.rows_per_step = batch * accum * world
         if n_rows < self.rows_per_step:
-            raise DidError(f"the training split has {n_rows} rows, fewer than one step needs "
-                           f"({batch} x {accum} accumulation x {world} processes); use a smaller --batch-size")
+            raise DidError(
+                f"the training split has {n_rows} rows, fewer than one step needs "
+                f"({batch} x {accum} accumulation x {world} processes); use a smaller --batch-size"
+            )
         self.steps_per_epoch = n_rows // self.rows_per_step
         self._perm: tuple[int, np.ndarray] | None = None
         self._first = 0  # step 0 reads the stream from this step slot on
@@ -136,7 +138,7 @@ class RowSchedule:
     def indices(self, step: int, micro: int, process: int) -> np.ndarray:
         epoch, pos = self.position(step)
         start = pos + (micro * self.world + process) * self.batch
-        return np.sort(self.perm(epoch)[start:start + self.batch])
+        return np.sort(self.perm(epoch)[start : start + self.batch])
 
 
 # ----------------------------------------------------------------------------------------- EMA
@@ -171,8 +173,12 @@ def rng_state() -> dict:
     npst = np.random.get_state()
     out = {
         "python": [py[0], list(py[1]), py[2]],
-        "numpy": {"keys": torch.from_numpy(npst[1].astype(np.int64)), "pos": int(npst[2]),
-                  "has_gauss": int(npst[3]), "cached_gaussian": float(npst[4])},
+        "numpy": {
+            "keys": torch.from_numpy(npst[1].astype(np.int64)),
+            "pos": int(npst[2]),
+            "has_gauss": int(npst[3]),
+            "cached_gaussian": float(npst[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -183,7 +189,9 @@ def rng_state() -> dict:
 def set_rng_state(st: dict) -> None:
     random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
     n = st["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(st["cuda"])

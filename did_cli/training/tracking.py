@@ -16,8 +16,17 @@ from typing import Any
 from did_cli.errors import DidError, UsageError
 
 # --log-with name -> the package that provides it (the pyproject extra has the same name)
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio", "aim": "aim",
-            "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "trackio": "trackio",
+    "aim": "aim",
+    "comet_ml": "comet_ml",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+}
 PROJECT = "did"
 LOG_DIR = "logs"
 
@@ -37,7 +46,9 @@ def parse_log_with(text: str | None) -> list[str]:
     available = {str(t) for t in get_available_trackers()}
     for n in names:
         if n not in available:
-            raise DidError(f"--log-with {n}: the {TRACKERS[n]} package is not installed (pip install 'did-cli[{n}]')")
+            raise DidError(
+                f"--log-with {n}: the {TRACKERS[n]} package is not installed (pip install 'did-cli[{n}]')"
+            )
     return list(dict.fromkeys(names))
 
 
@@ -48,10 +59,15 @@ def accelerator_kwargs(log_with: str | None, run: Path) -> dict[str, Any]:
         return {}
     from accelerate.utils import ProjectConfiguration
 
-    return {"log_with": names, "project_config": ProjectConfiguration(project_dir=str(run), logging_dir=str(run / LOG_DIR))}
+    return {
+        "log_with": names,
+        "project_config": ProjectConfiguration(project_dir=str(run), logging_dir=str(run / LOG_DIR)),
+    }
 
 
-def hyperparameters(options: dict[str, Any] | None, fallback: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+def hyperparameters(
+    options: dict[str, Any] | None, fallback: dict[str, Any], model: dict[str, Any]
+) -> dict[str, Any]:
     """Flat hyper-parameters every tracker accepts (numbers, texts, booleans): the resolved
     options (or the TrainConfig of a Python run) and the model's dimensions under `model/`."""
     src = dict(options["values"]) if options else {k: v for k, v in fallback.items() if k != "options"}
@@ -73,9 +89,14 @@ def _scalar(v: Any) -> Any:
 def scalars(event: dict[str, Any]) -> dict[str, float]:
     """The numeric fields of a metrics.jsonl event, named `<event>/<field>`."""
     kind = event.get("event", "event")
-    return {f"{kind}/{k}": float(v) for k, v in event.items()
-            if k not in ("event", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(v)}
+    return {
+        f"{kind}/{k}": float(v)
+        for k, v in event.items()
+        if k not in ("event", "step", "time")
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+    }
 
 
 def start(accel: Any, run: Path, hparams: dict[str, Any]) -> None:
@@ -88,7 +109,9 @@ def start(accel: Any, run: Path, hparams: dict[str, Any]) -> None:
     except Exception as e:  # a tracker that cannot start (no login, no server): say which and why
         from did_cli.util import first_line
 
-        raise DidError(f"--log-with: the tracker could not start ({type(e).__name__}: {first_line(e)})") from None
+        raise DidError(
+            f"--log-with: the tracker could not start ({type(e).__name__}: {first_line(e)})"
+        ) from None
 
 
 def log(accel: Any, event: dict[str, Any]) -> None:
@@ -103,4 +126,13 @@ def end(accel: Any) -> None:
         accel.end_training()
 
 
-__all__ = ["TRACKERS", "parse_log_with", "accelerator_kwargs", "hyperparameters", "scalars", "start", "log", "end"]
+__all__ = [
+    "TRACKERS",
+    "parse_log_with",
+    "accelerator_kwargs",
+    "hyperparameters",
+    "scalars",
+    "start",
+    "log",
+    "end",
+]

@@ -129,12 +129,22 @@ class TrainConfig:
     --config); None for a run built in Python."""
 
 
-SIZE_FLAGS = {"layers": "n_layers", "hidden": "hidden_dim", "heads": "n_heads", "mlp_ratio": "mlp_ratio", "cond_dim": "cond_dim"}
+SIZE_FLAGS = {
+    "layers": "n_layers",
+    "hidden": "hidden_dim",
+    "heads": "n_heads",
+    "mlp_ratio": "mlp_ratio",
+    "cond_dim": "cond_dim",
+}
 
 
 def model_overrides(cfg: TrainConfig) -> dict[str, int]:
     """The ModelConfig fields the size options set (only those given)."""
-    return {field_name: getattr(cfg, opt) for opt, field_name in SIZE_FLAGS.items() if getattr(cfg, opt) is not None}
+    return {
+        field_name: getattr(cfg, opt)
+        for opt, field_name in SIZE_FLAGS.items()
+        if getattr(cfg, opt) is not None
+    }
 
 
 def check_model_size(cfg: TrainConfig) -> None:
@@ -146,7 +156,10 @@ def check_model_size(cfg: TrainConfig) -> None:
         if v < 1:
             raise UsageError(f"--{opt.replace('_', '-')} {v}: must be >= 1")
     if given and cfg.init:
-        raise UsageError(f"--{next(iter(given)).replace('_', '-')}: the model comes from --init; size options are for a fresh model")
+        raise UsageError(
+            f"--{next(iter(given)).replace('_', '-')}: the model comes from --init; size options are for "
+            "a fresh model"
+        )
     if cfg.preset not in PRESETS:
         raise UsageError(f"unknown --preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
     hidden = cfg.hidden or PRESETS[cfg.preset]["hidden_dim"]
@@ -154,7 +167,10 @@ def check_model_size(cfg: TrainConfig) -> None:
     if hidden % heads:
         raise UsageError(f"--hidden {hidden} is not divisible by --heads {heads}")
     if (hidden // heads) % 2:
-        raise UsageError(f"--hidden {hidden} / --heads {heads} = {hidden // heads}: the head width must be even (rotary embeddings)")
+        raise UsageError(
+            f"--hidden {hidden} / --heads {heads} = {hidden // heads}: the head width must be even "
+            "(rotary embeddings)"
+        )
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -196,8 +212,16 @@ def normalise_weights(weights: list[float] | None, n: int) -> list[float]:
 
 def check_train_config(cfg: TrainConfig) -> None:
     """Eager checks of the settings alone (the data and the model are checked later)."""
-    positive = dict(steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, eval_batches=cfg.eval_batches,
-                    log_every=cfg.log_every, clip_batches=cfg.clip_batches, tokens=cfg.tokens or 1, val_draws=cfg.val_draws or 1)
+    positive = dict(
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        eval_batches=cfg.eval_batches,
+        log_every=cfg.log_every,
+        clip_batches=cfg.clip_batches,
+        tokens=cfg.tokens or 1,
+        val_draws=cfg.val_draws or 1,
+    )
     for name, v in positive.items():
         if v < 1:
             raise UsageError(f"--{name.replace('_', '-')} {v}: must be >= 1")
@@ -226,8 +250,10 @@ def check_train_config(cfg: TrainConfig) -> None:
         try:
             clip_grid(cfg.clip_widths, cfg.clip_delta)
         except ValueError:
-            raise UsageError(f"--clip-widths {','.join(map(str, cfg.clip_widths))} / --clip-delta {cfg.clip_delta}: "
-                             "widths must be in (0, 1] and delta > 0") from None
+            raise UsageError(
+                f"--clip-widths {','.join(map(str, cfg.clip_widths))} / --clip-delta {cfg.clip_delta}: "
+                "widths must be in (0, 1] and delta > 0"
+            ) from None
     check_model_size(cfg)
     if not cfg.data:
         raise UsageError("--data is required")
@@ -264,7 +290,14 @@ class MixScaleConfig:
         tokens = None
         if steps is None:
             if not self.budget_fraction > 0 or self.baseline_steps < 1 or self.baseline_batch_tokens < 1:
-                raise UsageError("--budget-fraction must be > 0, --baseline-steps and --baseline-batch-tokens >= 1")
+                raise UsageError(
+                    "--budget-fraction must be > 0, --baseline-steps and --baseline-batch-tokens >= 1"
+                )
             tokens = self.budget_tokens()
-        return dataclasses.replace(cfg, block_sizes=[self.draft_block, "L"], steps=steps or cfg.steps, tokens=tokens,
-                                   block_weights=[1.0 - self.global_weight, self.global_weight])
+        return dataclasses.replace(
+            cfg,
+            block_sizes=[self.draft_block, "L"],
+            steps=steps or cfg.steps,
+            tokens=tokens,
+            block_weights=[1.0 - self.global_weight, self.global_weight],
+        )

@@ -30,18 +30,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from did_cli.io import checkpoint as ck
-from did_cli.core.model_config import DiffusionConfig
-from did_cli.io.data import PreparedData
 from did_cli.core.diffusion import nelbo
+from did_cli.core.model_config import DiffusionConfig
 from did_cli.errors import DidError
+from did_cli.io import checkpoint as ck
+from did_cli.io.data import PreparedData
+from did_cli.io.outputs import describe_folder, is_empty_folder
 from did_cli.training import setup, tracking
 from did_cli.training.clip_search import clip_grid, search_clip
-from did_cli.training.train_config import TrainConfig, check_train_config, normalise_weights, resolve_block_sizes
 from did_cli.training.console import Interrupt, LogWindow, TrainProgress, fmt_rate
-from did_cli.training.state import EMA, BlockSizeSampler, RowSchedule, TrainState, rng_state, set_rng_state, step_seed
+from did_cli.training.state import (
+    EMA,
+    BlockSizeSampler,
+    RowSchedule,
+    TrainState,
+    rng_state,
+    set_rng_state,
+    step_seed,
+)
+from did_cli.training.train_config import (
+    TrainConfig,
+    check_train_config,
+    normalise_weights,
+    resolve_block_sizes,
+)
 from did_cli.training.val_nelbo import validation_figures
-from did_cli.io.outputs import describe_folder, is_empty_folder
 from did_cli.util import save_json
 
 
@@ -65,7 +78,10 @@ class Trainer:
         self.data = PreparedData(cfg.data)
         self.length = self.data.seq_len
         if cfg.model_length is not None and cfg.model_length != self.length:
-            raise DidError(f"--model-length {cfg.model_length} differs from the data's seq_len {self.length} in {cfg.data}")
+            raise DidError(
+                f"--model-length {cfg.model_length} differs from the data's seq_len {self.length} in "
+                f"{cfg.data}"
+            )
         self.sizes = resolve_block_sizes(list(cfg.block_sizes), self.length)
         self.weights = normalise_weights(cfg.block_weights, len(self.sizes))
         self.run = Path(cfg.out)
@@ -77,40 +93,70 @@ class Trainer:
             if self.resume_ckpt is None:
                 raise DidError(f"--resume: no complete checkpoint in {self.run}")
         elif ck.list_checkpoints(self.run):
-            raise DidError(f"{self.run} already holds checkpoints; pass --resume to continue it or choose another --out")
+            raise DidError(
+                f"{self.run} already holds checkpoints; pass --resume to continue it or choose another --out"
+            )
         elif not is_empty_folder(self.run):  # never write config.json over someone's files
-            raise DidError(f"--out {self.run} is not empty ({describe_folder(self.run)}) and holds no checkpoint to --resume")
-        self.state = TrainState(seed=cfg.seed, block_sizes=self.sizes, block_weights=self.weights,
-                                clip_mode=_clip_mode(cfg.clip), data_hash=self.data.meta.get("content_hash"))
+            raise DidError(
+                f"--out {self.run} is not empty ({describe_folder(self.run)}) and holds no checkpoint to "
+                "--resume"
+            )
+        self.state = TrainState(
+            seed=cfg.seed,
+            block_sizes=self.sizes,
+            block_weights=self.weights,
+            clip_mode=_clip_mode(cfg.clip),
+            data_hash=self.data.meta.get("content_hash"),
+        )
         self.last_ckpt: Path | None = None
         self.last_eval: dict = {}
         self.pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------------------- setup
 
-    def setup(self) -> "Trainer":
+    def setup(self) -> Trainer:
         cfg, data = self.cfg, self.data
         self.accel = accel = setup.make_accelerator(cfg)
-        self.device, self.rank, self.world, self.main = accel.device, accel.process_index, accel.num_processes, accel.is_main_process
+        self.device, self.rank, self.world, self.main = (
+            accel.device,
+            accel.process_index,
+            accel.num_processes,
+            accel.is_main_process,
+        )
         if self.resume_ckpt is not None:
             saved = json.loads((self.run / "config.json").read_text())
-            sm = saved.get("model", {})  # data from another tokenizer / length: say so, not "--block-sizes differ"
-            data.check_compatible(tokenizer=sm.get("tokenizer", "gpt2"), vocab_size=sm.get("vocab_size", data.vocab_size),
-                                  seq_len=sm.get("model_length"))
+            sm = saved.get(
+                "model", {}
+            )  # data from another tokenizer / length: say so, not "--block-sizes differ"
+            data.check_compatible(
+                tokenizer=sm.get("tokenizer", "gpt2"),
+                vocab_size=sm.get("vocab_size", data.vocab_size),
+                seq_len=sm.get("model_length"),
+            )
             setup.check_resume(cfg, saved, self.sizes, self.weights, self.world)
-        model, clip_from_init, self.state.init_info = setup.build_model(cfg, data, self.run, self.resume_ckpt, accel)
+        model, clip_from_init, self.state.init_info = setup.build_model(
+            cfg, data, self.run, self.resume_ckpt, accel
+        )
         setup.check_model_fits_data(model.config, data)
         self.mask_id = model.config.mask_id
 
         self.train_rows = data.rows("train")
-        val_rows = data.rows("validation") if "validation" in data.meta["splits"] else np.empty((0, self.length))
-        self.schedule = RowSchedule(len(self.train_rows), cfg.batch_size, cfg.grad_accum, self.world, cfg.seed)
+        val_rows = (
+            data.rows("validation") if "validation" in data.meta["splits"] else np.empty((0, self.length))
+        )
+        self.schedule = RowSchedule(
+            len(self.train_rows), cfg.batch_size, cfg.grad_accum, self.world, cfg.seed
+        )
         if cfg.tokens:  # a token budget: the steps follow from the global batch
-            self.cfg = cfg = dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.tokens / (self.schedule.rows_per_step * self.length))))
+            self.cfg = cfg = dataclasses.replace(
+                cfg, steps=max(1, math.ceil(cfg.tokens / (self.schedule.rows_per_step * self.length)))
+            )
         if self.main:
             setup.check_warmup(cfg)
         if cfg.clip == "auto" and len(val_rows) < 2:
-            raise DidError(f"--clip auto needs a validation split with at least 2 rows; {cfg.data} has {len(val_rows)}")
+            raise DidError(
+                f"--clip auto needs a validation split with at least 2 rows; {cfg.data} has {len(val_rows)}"
+            )
         self.clip_ranges, self.searched = setup.clip_ranges(cfg, self.sizes, self.length, clip_from_init)
 
         model.to(self.device).train()
@@ -150,12 +196,25 @@ class Trainer:
     def _write_run_config(self) -> None:
         if self.main:
             self.run.mkdir(parents=True, exist_ok=True)
-            save_json(setup.run_config(self.cfg, self.unwrapped.config.to_dict(), self.sizes, self.weights, self.world,
-                                       self.schedule.rows_per_step, self.data.meta, self.compiled, self.state.init_info),
-                      self.run / "config.json")
+            save_json(
+                setup.run_config(
+                    self.cfg,
+                    self.unwrapped.config.to_dict(),
+                    self.sizes,
+                    self.weights,
+                    self.world,
+                    self.schedule.rows_per_step,
+                    self.data.meta,
+                    self.compiled,
+                    self.state.init_info,
+                ),
+                self.run / "config.json",
+            )
             if self.resume_ckpt is not None:
                 setup.truncate_metrics(self.metrics_path, self.state.step)
-        hp = tracking.hyperparameters(self.cfg.options, dataclasses.asdict(self.cfg), self.unwrapped.config.to_dict())
+        hp = tracking.hyperparameters(
+            self.cfg.options, dataclasses.asdict(self.cfg), self.unwrapped.config.to_dict()
+        )
         tracking.start(self.accel, self.run, hp)
 
     @property
@@ -203,12 +262,16 @@ class Trainer:
             g = torch.Generator(device=self.device).manual_seed(step_seed(cfg.seed, step, 0, m, 2))
             with accel.accumulate(self.model):
                 with accel.autocast():
-                    loss = nelbo(self.model, x0, block, dcfg, self.mask_id, g, world=self.world, rank=self.rank).loss
+                    loss = nelbo(
+                        self.model, x0, block, dcfg, self.mask_id, g, world=self.world, rank=self.rank
+                    ).loss
                 accel.backward(loss)
             loss_sum += loss.detach().double()
         # one small all-reduce: loss, non-finite flag, Ctrl-C and the time limit agree on every rank
         out_of_time = bool(cfg.time_limit) and time.perf_counter() - t_start > cfg.time_limit
-        flags = torch.tensor([0.0, 0.0, float(intr.flag), float(out_of_time)], device=self.device, dtype=torch.float64)
+        flags = torch.tensor(
+            [0.0, 0.0, float(intr.flag), float(out_of_time)], device=self.device, dtype=torch.float64
+        )
         flags[0], flags[1] = loss_sum / cfg.grad_accum, (~torch.isfinite(loss_sum)).double()
         if self.world > 1:
             flags = accel.reduce(flags, reduction="sum")
@@ -237,13 +300,26 @@ class Trainer:
             return ev
         cfg = self.cfg
         with self.accel.autocast():
-            vals = validation_figures(self.ema.model, self.val_batches, self.sizes, self.mask_id, cfg.seed + 1_000_003,
-                                      cfg.val_draws, cfg.val_weight)
+            vals = validation_figures(
+                self.ema.model,
+                self.val_batches,
+                self.sizes,
+                self.mask_id,
+                cfg.seed + 1_000_003,
+                cfg.val_draws,
+                cfg.val_weight,
+            )
             chosen = {}
             for b in self.searched:
-                chosen[b], ev[f"clip_scores_b{b}"] = search_clip(self.ema.model, self.clip_batches, b, self.mask_id,
-                                                                 cfg.seed + 2_000_003, clip_grid(cfg.clip_widths, cfg.clip_delta),
-                                                                 cfg.resample)
+                chosen[b], ev[f"clip_scores_b{b}"] = search_clip(
+                    self.ema.model,
+                    self.clip_batches,
+                    b,
+                    self.mask_id,
+                    cfg.seed + 2_000_003,
+                    clip_grid(cfg.clip_widths, cfg.clip_delta),
+                    cfg.resample,
+                )
             self.clip_ranges.update(setup.broadcast(self.accel, chosen))
         ev.update(setup.broadcast(self.accel, vals))
         ev["clip_ranges"] = {str(b): list(r) for b, r in self.clip_ranges.items()}
@@ -258,14 +334,26 @@ class Trainer:
         if self.main:
             st = self.state
             st.step, (st.epoch, st.position) = step, self.schedule.position(step)
-            st.rows_per_step, st.world_size, st.ema_updates = self.schedule.rows_per_step, self.world, self.ema.num_updates
+            st.rows_per_step, st.world_size, st.ema_updates = (
+                self.schedule.rows_per_step,
+                self.world,
+                self.ema.num_updates,
+            )
             st.block_sampler = self.sampler.state_dict()
-            st.seed, st.data_hash, st.block_sizes, st.block_weights = (self.cfg.seed, self.data.meta.get("content_hash"),
-                                                                       self.sizes, self.weights)
+            st.seed, st.data_hash, st.block_sizes, st.block_weights = (
+                self.cfg.seed,
+                self.data.meta.get("content_hash"),
+                self.sizes,
+                self.weights,
+            )
             st.clip_ranges = {str(b): list(r) for b, r in self.clip_ranges.items()}
             path = ck.save_checkpoint(self.run, step, lambda folder: self._write_checkpoint(folder, raw_sd))
             if is_best:
-                ck.write_best(self.run, path, {"step": step, **{k: v for k, v in (st.best or {}).items() if k != "checkpoint"}})
+                ck.write_best(
+                    self.run,
+                    path,
+                    {"step": step, **{k: v for k, v in (st.best or {}).items() if k != "checkpoint"}},
+                )
             ck.prune_checkpoints(self.run, self.cfg.keep_last)
         self.accel.wait_for_everyone()
         return path
@@ -273,8 +361,12 @@ class Trainer:
     def _write_checkpoint(self, folder: Path, raw_sd: dict) -> None:
         from safetensors.torch import save_file
 
-        extra = {"block_sizes": self.sizes, "block_size": self.sizes[0], "clip_ranges": self.state.clip_ranges,
-                 "step": self.state.step}
+        extra = {
+            "block_sizes": self.sizes,
+            "block_size": self.sizes[0],
+            "clip_ranges": self.state.clip_ranges,
+            "step": self.state.step,
+        }
         ck.save_model(self.ema.model, folder, extra_config=extra, clip=self.clip_ranges[self.sizes[0]])
         sd = folder / ck.STATE_DIR
         sd.mkdir()
@@ -291,10 +383,15 @@ class Trainer:
         """Train from the current step to `cfg.steps` (or the time limit, or Ctrl-C); evaluate,
         checkpoint and log on the way. Returns the final metrics."""
         cfg = self.cfg
-        self.progress = TrainProgress(cfg.progress and self.main, cfg.steps, self.state.step, "finetune" if cfg.init else "train")
+        self.progress = TrainProgress(
+            cfg.progress and self.main, cfg.steps, self.state.step, "finetune" if cfg.init else "train"
+        )
         start = self.state.init_info.get("data_start")
         if start and self.state.step == 0:
-            self.progress.note(f"same data and seed as the --init run: reading on from epoch {start[0]}, row {start[1]} of its order")
+            self.progress.note(
+                f"same data and seed as the --init run: reading on from epoch {start[0]}, row {start[1]} "
+                "of its order"
+            )
         if self.state.step == 0 and cfg.eval_every > 0 and self.val_batches:
             self.last_eval = self.evaluate(0)
             self.log(self.last_eval)
@@ -315,7 +412,12 @@ class Trainer:
                     last = step == cfg.steps or res.out_of_time
                     self._account(step, res, window, last)
                     is_best = self._maybe_evaluate(step, last)
-                    if is_best or (cfg.save_every > 0 and step % cfg.save_every == 0) or last or res.interrupted:
+                    if (
+                        is_best
+                        or (cfg.save_every > 0 and step % cfg.save_every == 0)
+                        or last
+                        or res.interrupted
+                    ):
                         self.last_ckpt = self.save(step, is_best) or self.last_ckpt
                     if res.interrupted:
                         interrupted = True
@@ -340,7 +442,15 @@ class Trainer:
             if cfg.on_nonfinite == "stop":
                 where = f"; the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else ""
                 raise DidError(f"non-finite loss at step {step} (block size {res.block}){where}")
-            self.log({"event": "skip", "step": step, "block_size": res.block, "reason": "non-finite loss", "time": time.time()})
+            self.log(
+                {
+                    "event": "skip",
+                    "step": step,
+                    "block_size": res.block,
+                    "reason": "non-finite loss",
+                    "time": time.time(),
+                }
+            )
             self.progress.note(f"step {step}: non-finite loss at block size {res.block}, step skipped")
         else:
             window.loss += res.loss
@@ -349,11 +459,27 @@ class Trainer:
         if step % cfg.log_every == 0 or last:
             window.close()
             lr = self.scheduler.get_last_lr()[0]
-            self.log({"event": "train", "step": step, "loss": window.last_loss, "block_size": res.block,
-                      "tokens_per_s": window.rate, "lr": lr, "time": time.time()})
-            self.progress.update(step, f"loss {window.last_loss:.4f} | {fmt_rate(window.rate)} tok/s | block {res.block} | lr {lr:.2e}", True)
+            self.log(
+                {
+                    "event": "train",
+                    "step": step,
+                    "loss": window.last_loss,
+                    "block_size": res.block,
+                    "tokens_per_s": window.rate,
+                    "lr": lr,
+                    "time": time.time(),
+                }
+            )
+            self.progress.update(
+                step,
+                f"loss {window.last_loss:.4f} | {fmt_rate(window.rate)} tok/s | block {res.block} | lr "
+                f"{lr:.2e}",
+                True,
+            )
         else:
-            self.progress.update(step, f"loss {res.loss:.4f} | {fmt_rate(window.rate)} tok/s | block {res.block}", False)
+            self.progress.update(
+                step, f"loss {res.loss:.4f} | {fmt_rate(window.rate)} tok/s | block {res.block}", False
+            )
 
     def _maybe_evaluate(self, step: int, last: bool) -> bool:
         """Evaluate when due; True when this step's EMA weights are the best so far."""
@@ -364,11 +490,16 @@ class Trainer:
         if "val_nelbo" in ev:
             best = self.state.best
             if best is None or ev["val_nelbo"] < best["val_nelbo"]:
-                self.state.best = {"step": step, **{k: v for k, v in ev.items() if k.startswith(("val_nelbo", "val_rows"))}}
+                self.state.best = {
+                    "step": step,
+                    **{k: v for k, v in ev.items() if k.startswith(("val_nelbo", "val_rows"))},
+                }
                 is_best = True
             ev["best_step"] = self.state.best["step"]
             per_block = ", ".join(f"b{b} {ev['val_nelbo_b' + str(b)]:.4f}" for b in self.sizes)
-            self.progress.note(f"step {step}: val NELBO {ev['val_nelbo']:.4f} ({per_block})" + self._clip_note())
+            self.progress.note(
+                f"step {step}: val NELBO {ev['val_nelbo']:.4f} ({per_block})" + self._clip_note()
+            )
         self.log(ev)
         return is_best
 
@@ -378,9 +509,15 @@ class Trainer:
         return " | clip " + ", ".join(f"b{b} [{r[0]:g}, {r[1]:g}]" for b, r in self.clip_ranges.items())
 
     def _result(self, step: int, window: LogWindow) -> dict:
-        result = {"step": step, "loss": window.last_loss, "tokens_per_s": window.rate,
-                  "checkpoint": str(self.last_ckpt) if self.last_ckpt else None, "best": self.state.best,
-                  "clip_ranges": {str(b): list(r) for b, r in self.clip_ranges.items()}, "block_sizes": self.sizes}
+        result = {
+            "step": step,
+            "loss": window.last_loss,
+            "tokens_per_s": window.rate,
+            "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+            "best": self.state.best,
+            "clip_ranges": {str(b): list(r) for b, r in self.clip_ranges.items()},
+            "block_sizes": self.sizes,
+        }
         result.update({k: v for k, v in self.last_eval.items() if k.startswith("val_")})
         if self.main:
             msg = f"did: done at step {step}"
