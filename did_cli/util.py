@@ -75,6 +75,48 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def finite(v: Any) -> float | None:
+    """`v` as a float when it is a finite number, else None (strict JSON has no NaN or inf)."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else None
+
+
+def finite_tree(obj: Any) -> Any:
+    """`obj` with every non-finite float inside dicts and lists replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_tree(v) for v in obj]
+    return obj
+
+
+def fmt(v: Any, digits: int = 2) -> str:
+    """A number for a table: '-' when missing or not finite, integers as they are, tiny floats in
+    scientific notation (so a confidence of 3e-5 does not read 0.000)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "-" if v is None or isinstance(v, (int, float)) else str(v)
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.2e}" if 0 < abs(v) < 10**-digits else f"{v:.{digits}f}"
+
+
+def fmt_pct(v: float | None, missing: str = "-") -> str:
+    """A relative change as a signed percentage ('+4.2%')."""
+    return missing if v is None else f"{v * 100:+.1f}%"
+
+
+def fmt_ci(ci: Any) -> str:
+    """A 95% interval of a relative change (' [-6.6%, +4.7%]'), from a {"lo", "hi"} dict or a
+    (lo, hi) pair; '' when there is none."""
+    if isinstance(ci, dict):
+        ci = (ci.get("lo"), ci.get("hi"))
+    if not ci or finite(ci[0]) is None or finite(ci[1]) is None:
+        return ""
+    return f" [{ci[0] * 100:+.1f}%, {ci[1] * 100:+.1f}%]"
+
+
 def resolve_device(name: Any, flag: str = "--device") -> Any:
     """'auto' (or None) -> cuda when available, else cpu; otherwise the named torch device,
     checked to exist here. Raises UsageError naming `flag`."""

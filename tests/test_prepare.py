@@ -171,9 +171,9 @@ def test_errors(tmp_path):
         _run(tmp_path, [tmp_path / "short.txt"], seq_len=64, val_docs=0)
     with pytest.raises(UsageError, match="leaving none to train"):
         _run(tmp_path, [tmp_path / "short.txt"], val_docs=1)
-    with pytest.raises(DidError, match=r"bad.jsonl:2"):
+    with pytest.raises(DidError, match=r"line 2 of .*bad.jsonl"):
         _run(tmp_path, [tmp_path / "bad.jsonl"])
-    with pytest.raises(DidError, match=r"notjson.jsonl:2: not valid JSON"):
+    with pytest.raises(DidError, match=r"line 2 of .*notjson.jsonl: not JSON"):
         _run(tmp_path, [tmp_path / "notjson.jsonl"])
     with pytest.raises(UsageError, match="unsupported file type"):
         _run(tmp_path, [tmp_path / "a.csv"])

@@ -13,18 +13,7 @@ import typer
 from did_cli.commands.options import Opt, command, fields_of
 from did_cli.errors import UsageError
 from did_cli.evaluation.eval_config import EvalConfig
-
-
-def _fmt(v: float | None, digits: int = 2) -> str:
-    return "-" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
-
-
-def _pct(v: float | None) -> str:
-    return "" if v is None else f"{v * 100:+.1f}%"
-
-
-def _ci(ci: list | None) -> str:
-    return "" if not ci else f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
+from did_cli.util import fmt, fmt_ci, fmt_pct
 
 
 def _check_json_target(path: str | None, flag: str = "--json") -> None:
@@ -169,15 +158,15 @@ def _table(rows: list[dict]) -> Any:
         cells = [
             Text(r["input"]),
             str(r["n"]),
-            _fmt(r["mean_ppl"]),
-            _fmt(r["pooled_ppl"]),
-            _fmt(r["median_ppl"]),
-            _fmt(r["mean_entropy"], 3),
+            fmt(r["mean_ppl"]),
+            fmt(r["pooled_ppl"]),
+            fmt(r["median_ppl"]),
+            fmt(r["mean_entropy"], 3),
         ]
         if multi:
             cells += [
-                _pct(r["rel_mean_ppl"]) + _ci(r.get("rel_mean_ppl_ci")),
-                _pct(r["rel_entropy"]) + _ci(r.get("rel_entropy_ci")),
+                fmt_pct(r["rel_mean_ppl"], "") + fmt_ci(r.get("rel_mean_ppl_ci")),
+                fmt_pct(r["rel_entropy"], "") + fmt_ci(r.get("rel_entropy_ci")),
                 r.get("verdict") or ("" if r is rows[0] else "unpaired"),
             ]
         table.add_row(*cells)

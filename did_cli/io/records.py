@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from did_cli.errors import DidError
+from did_cli.io.jsonl import at, decode
 
 SCHEMA = "did.sample/1"
 REQUIRED = ("schema", "id", "tokens", "confidence", "text")
@@ -38,17 +39,6 @@ _OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _where(line_no: int | None, source: str | None) -> str:
-    if line_no is None and source is None:
-        return ""
-    parts = []
-    if line_no is not None:
-        parts.append(f"line {line_no}")
-    if source is not None:
-        parts.append(f"of {source}" if line_no is not None else source)
-    return " ".join(parts) + ": "
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -67,10 +57,10 @@ def validate(
     are present are type-checked whether needed or not. Token ids are checked against
     `vocab_size`, or when that is None against the record's own ``model.vocab_size``.
     """
-    at = _where(line_no, source)
+    where = at(line_no, source)
 
     def bad(msg: str) -> DidError:
-        return DidError(f"{at}{msg}")
+        return DidError(f"{where}{msg}")
 
     if not isinstance(rec, dict):
         raise bad(f"not a JSON object (got {type(rec).__name__})")
@@ -136,12 +126,7 @@ def parse_line(
     source: str | None = None,
 ) -> dict:
     """Decode one JSONL line and validate it."""
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DidError(f"{_where(line_no, source)}not JSON ({e.msg} at column {e.colno})") from None
-    except RecursionError:
-        raise DidError(f"{_where(line_no, source)}JSON nested too deeply to be a record") from None
+    rec = decode(line, at(line_no, source))
     return validate(rec, line_no, vocab_size, need=need, source=source)
 
 

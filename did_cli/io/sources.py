@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from did_cli.errors import DidError, UsageError
+from did_cli.io.jsonl import objects
 from did_cli.util import first_line, hub_unreachable, warn
 
 BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "assets" / "corpus" / "corpus.jsonl.xz"
@@ -140,15 +141,8 @@ def _text_of(obj: Any, where: str) -> str:
 
 
 def _jsonl_docs(text: str, label: str) -> Iterator[str]:
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DidError(f"{label}:{n}: not valid JSON ({e.msg})") from None
-            except RecursionError:
-                raise DidError(f"{label}:{n}: JSON nested too deeply") from None
-            yield _text_of(obj, f"{label}:{n}")
+    for n, obj in objects(text.splitlines(), label, "a document"):
+        yield _text_of(obj, f"line {n} of {label}")
 
 
 def documents(src: Source) -> Iterator[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from did_cli.errors import DidError
+from did_cli.util import finite_tree
 
 
 @dataclass
@@ -192,7 +192,7 @@ def run(cfg: QuickstartConfig) -> dict:
     )
     _view(out, drafts, refined, res, tok)
     report.write_report(out, results, out / "run", drafts, refined)
-    atomic_write(out / "results.json", json.dumps(_finite(results), indent=2) + "\n")
+    atomic_write(out / "results.json", json.dumps(finite_tree(results), indent=2) + "\n")
     d, r = results["draft"], results["refined"]
     _say(
         f"draft gen PPL {d['mean_ppl']:.2f} (entropy {d['mean_entropy']:.3f}) -> refined {r['mean_ppl']:.2f} "
@@ -366,14 +366,3 @@ def _save(path: Path, records: Any) -> list[dict]:
             w.write(rec)
             kept.append(rec)
     return kept
-
-
-def _finite(obj: Any) -> Any:
-    """JSON has no NaN/inf: store them as null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj

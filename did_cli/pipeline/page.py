@@ -24,7 +24,7 @@ from did_cli.errors import DidError
 from did_cli.evaluation.gen_ppl import sample_tokens
 from did_cli.io.outputs import target, write_bytes, write_stdout
 from did_cli.pipeline.page_html import Pieces, column, css, esc, legend
-from did_cli.util import unigram_entropy
+from did_cli.util import finite, fmt, unigram_entropy
 
 DOT = " \u00b7 "
 OUTCOMES = ("remasked", "changed", "nfe", "seconds")  # per-stage results, not settings
@@ -101,11 +101,6 @@ def pair(drafts: Sequence[dict] | None, refined: Sequence[dict] | None) -> list[
     return samples
 
 
-def _finite(v: Any) -> float | None:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    return float(v) if ok else None
-
-
 def _mean(vals) -> float | None:
     vals = [v for v in vals if v is not None]
     return statistics.fmean(vals) if vals else None
@@ -124,7 +119,7 @@ def apply_scores(samples: list[Sample], scores: dict | None, names: dict[str, st
     neither."""
     for s in samples:
         for side in ("draft", "refined"):
-            v = _finite((getattr(s, side) or {}).get("gen_ppl"))
+            v = finite((getattr(s, side) or {}).get("gen_ppl"))
             if v is not None:
                 s.ppl[side] = v
     if scores is None:
@@ -146,7 +141,7 @@ def apply_scores(samples: list[Sample], scores: dict | None, names: dict[str, st
         if not sides:
             notes.append(f"scores of {name} match neither shown file (by name or by entropy); not used")
         for row in rows:
-            v = _finite(row.get("ppl"))
+            v = finite(row.get("ppl"))
             for s in by_id.get(str(row.get("id")), []) if v is not None else []:
                 for side in sides:
                     s.ppl[side] = v
@@ -163,19 +158,13 @@ def _sides(
             return hits
     count = {"draft": 0, "refined": 0}
     for row in rows:
-        e = _finite(row.get("entropy"))
+        e = finite(row.get("entropy"))
         for s in by_id.get(str(row.get("id")), []) if e is not None else []:
             for side in count:
                 mine = s.entropy(side) if (side == "draft" or s.refined) else None
                 count[side] += mine is not None and abs(mine - e) < 1e-9
     best = max(count.values())
     return [side for side, c in count.items() if c == best] if best else []
-
-
-def _fmt(v: float | None, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.2e}" if 0 < abs(v) < 10**-digits else f"{v:.{digits}f}"
 
 
 def _settings(s: Sample) -> dict[str, str]:
@@ -218,7 +207,7 @@ def _summary(samples: list[Sample], shown: int, notes: list[str]) -> str:
         rows.append(("mean gen PPL", [_mean(p) for p in ppl], 2))
     head = "<tr><th></th><th>draft</th>" + ("<th>refined</th>" if has_r else "") + "</tr>"
     body = "".join(
-        f"<tr><th>{esc(label)}</th>" + "".join(f"<td>{_fmt(v, d)}</td>" for v in vals[: 1 + has_r]) + "</tr>"
+        f"<tr><th>{esc(label)}</th>" + "".join(f"<td>{fmt(v, d)}</td>" for v in vals[: 1 + has_r]) + "</tr>"
         for label, vals, d in rows
     )
     if ppl[0] or ppl[1]:
@@ -257,7 +246,7 @@ def _stages_table(rec: dict) -> str:
     rows = "".join(
         f"<tr><td>{k}</td><td>{esc(st.get('block_size', '-'))}</td><td>{esc(st.get('ratio', '-'))}</td>"
         f"<td>{len(st.get('remasked') or [])}</td><td>{esc(st.get('changed', '-'))}</td>"
-        f"<td>{esc(st.get('nfe', '-'))}</td><td>{_fmt(_finite(st.get('seconds')), 2)}</td></tr>"
+        f"<td>{esc(st.get('nfe', '-'))}</td><td>{fmt(finite(st.get('seconds')), 2)}</td></tr>"
         for k, st in enumerate(stages, 1)
     )
     return f"<table class=stages>{head}{rows}</table>"
@@ -266,7 +255,7 @@ def _stages_table(rec: dict) -> str:
 def _cost(rec: dict | None) -> str:
     if not rec:
         return "-"
-    sec = _finite(rec.get("seconds"))
+    sec = finite(rec.get("seconds"))
     return f"{rec.get('nfe', '-')} NFE, {'-' if sec is None else f'{sec:.2f}'} s"  # escaped by the caller
 
 
@@ -314,10 +303,10 @@ def _sample(k: int, s: Sample, pieces: Pieces, common: dict[str, str]) -> str:
             )
         )
     figs = [f"{len(base['tokens'])} tokens"]
-    ent = [_fmt(s.entropy(side)) for side, _ in cols]
+    ent = [fmt(s.entropy(side), 3) for side, _ in cols]
     figs.append("entropy " + " \u2192 ".join(ent) + " nats")
     if s.ppl:
-        figs.append("gen PPL " + " \u2192 ".join(_fmt(s.ppl.get(side), 2) for side, _ in cols))
+        figs.append("gen PPL " + " \u2192 ".join(fmt(s.ppl.get(side), 2) for side, _ in cols))
     if s.refined is not None:
         stages = [st for st in s.refined.get("stages") or [] if isinstance(st, dict)]
         total = sum(len(st.get("remasked") or []) for st in stages)

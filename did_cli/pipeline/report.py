@@ -9,6 +9,7 @@ from typing import Any
 
 from did_cli.io.outputs import write_bytes
 from did_cli.pipeline.plots import plot_confidence, plot_ppl_pairs, plot_training
+from did_cli.util import fmt, fmt_ci, fmt_pct
 
 
 def ngram_copy_rate(
@@ -91,22 +92,6 @@ def comparison_intervals(draft: list[dict], refined: list[dict], control: list[d
     return out
 
 
-def _fmt(v: Any, digits: int = 2) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v * 100:+.1f}%"
-
-
-def _ci(ci: dict | None) -> str:
-    return "" if not ci else f" [{ci['lo'] * 100:+.1f}%, {ci['hi'] * 100:+.1f}%]"
-
-
 def _verdict(results: dict, r: dict, matched: float | None) -> str:
     """The report's reading of the comparisons; each claim follows its interval."""
     vs_draft = results.get("refinement_vs_draft")
@@ -127,7 +112,7 @@ def _verdict(results: dict, r: dict, matched: float | None) -> str:
         verdict += (
             f" Entropy control: drafts sampled with a lower nucleus down to the refined entropy would score "
             f"about {matched:.1f} (read off the two draft settings) against the refined {r['mean_ppl']:.1f}"
-            f"{' (gap ' + _pct(gap['estimate']) + _ci(gap) + ')' if gap else ''}, "
+            f"{' (gap ' + fmt_pct(gap['estimate']) + fmt_ci(gap) + ')' if gap else ''}, "
             + (
                 "so refinement also beats simply sampling more conservatively."
                 if vs == "beats"
@@ -196,16 +181,16 @@ def write_report(out: Path, results: dict, run_dir: Path, drafts: list[dict], re
     named = [("draft", d), ("refined", r)] + ([(f"control draft, top-p {c['top_p']}", c)] if c else [])
     for name, s in named:
         lines.append(
-            f"| {name} | {s['n']} | {_fmt(s['mean_ppl'])} | {_fmt(s['median_ppl'])} | "
-            f"{_fmt(s['pooled_ppl'])} | "
-            f"{_fmt(s['mean_entropy'], 3)} | {_fmt(s.get('copy_rate_8gram'), 3)} |"
+            f"| {name} | {s['n']} | {fmt(s['mean_ppl'])} | {fmt(s['median_ppl'])} | "
+            f"{fmt(s['pooled_ppl'])} | "
+            f"{fmt(s['mean_entropy'], 3)} | {fmt(s.get('copy_rate_8gram'), 3)} |"
         )
     lines += [
         "",
         f"Change from draft to refined (paired by sample, 95% bootstrap intervals): gen PPL "
-        f"{_pct(results['relative_change_gen_ppl'])}{_ci(results.get('relative_change_gen_ppl_ci'))}, "
-        f"entropy {_pct(results['relative_change_entropy'])}"
-        f"{_ci(results.get('relative_change_entropy_ci'))}. {verdict}",
+        f"{fmt_pct(results['relative_change_gen_ppl'])}{fmt_ci(results.get('relative_change_gen_ppl_ci'))}, "
+        f"entropy {fmt_pct(results['relative_change_entropy'])}"
+        f"{fmt_ci(results.get('relative_change_entropy_ci'))}. {verdict}",
         "",
         *_validation_lines(results.get("training") or {}),
         "",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from did_cli.errors import DidError, UsageError
+from did_cli.io.jsonl import at, decode, numbered
 
 if TYPE_CHECKING:
     from did_cli.sampling.sampler_config import DraftConfig
@@ -17,8 +18,6 @@ def read_prompts(source: str | Any) -> tuple[list[str], list[str]]:
     """Read a prompts file (JSONL, `-` = stdin, or an open text stream): one object per line,
     `{"id": "q1", "prompt": "text"}`; `id` is optional (default p<k>, k counting prompts from 0).
     Blank lines are skipped. Returns (ids, prompts); a bad line raises DidError naming it."""
-    import json
-
     if isinstance(source, str):
         name = "stdin" if source == "-" else source
         if source == "-":
@@ -35,32 +34,27 @@ def read_prompts(source: str | Any) -> tuple[list[str], list[str]]:
         name, lines = getattr(source, "name", "<stream>"), source.read().splitlines()
     ids: list[str] = []
     texts: list[str] = []
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        at = f"line {no} of {name}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DidError(f"{at}: not JSON ({e.msg} at column {e.colno})") from None
-        except RecursionError:
-            raise DidError(f"{at}: JSON nested too deeply to be a prompt") from None
+    for no, line in numbered(lines):
+        where = at(no, name)
+        obj = decode(line, where, "a prompt")
         if not isinstance(obj, dict):
-            raise DidError(f'{at}: expected an object {{"id": ..., "prompt": ...}}, got {type(obj).__name__}')
+            raise DidError(
+                f'{where}expected an object {{"id": ..., "prompt": ...}}, got {type(obj).__name__}'
+            )
         extra = sorted(set(obj) - {"id", "prompt"})
         if extra:
-            raise DidError(f"{at}: unknown key {extra[0]!r} (a line holds 'id' and 'prompt')")
+            raise DidError(f"{where}unknown key {extra[0]!r} (a line holds 'id' and 'prompt')")
         if not isinstance(obj.get("prompt"), str):
             raise DidError(
-                f"{at}: 'prompt' must be a string" if "prompt" in obj else f"{at}: missing 'prompt'"
+                f"{where}'prompt' must be a string" if "prompt" in obj else f"{where}missing 'prompt'"
             )
         if not obj["prompt"]:
-            raise DidError(f"{at}: empty prompt")
+            raise DidError(f"{where}empty prompt")
         pid = obj.get("id", f"p{len(texts)}")
         if not isinstance(pid, str) or not pid:
-            raise DidError(f"{at}: 'id' must be a non-empty string")
+            raise DidError(f"{where}'id' must be a non-empty string")
         if pid in ids:
-            raise DidError(f"{at}: duplicate id {pid!r}")
+            raise DidError(f"{where}duplicate id {pid!r}")
         ids.append(pid)
         texts.append(obj["prompt"])
     if not texts:

@@ -12,6 +12,7 @@ import math
 import torch
 
 from did_cli.core.diffusion import EVAL_T_RANGE, estimate_nelbo
+from did_cli.util import finite
 
 __all__ = ["EVAL_T_RANGE", "val_nelbo", "validation_figures"]
 
@@ -48,7 +49,7 @@ def validation_figures(
     for b in sizes:
         est = estimate_nelbo(model, batches, b, mask_id, seed, draws, weight=weight)
         out[f"val_nelbo_b{b}"] = est.nelbo
-        out[f"val_nelbo_se_b{b}"] = _finite(est.se)
+        out[f"val_nelbo_se_b{b}"] = finite(est.se)
         out[f"val_ppl_b{b}"] = math.exp(min(est.nelbo, 700.0))
         out[f"val_draws_b{b}"] = est.draws
         rows.append(est.per_row)
@@ -60,7 +61,3 @@ def validation_figures(
     out["val_ppl"] = math.exp(min(out["val_nelbo"], 700.0))
     out["val_rows"] = len(mean_rows)
     return out
-
-
-def _finite(v: float) -> float | None:
-    return v if math.isfinite(v) else None  # metrics.jsonl is strict JSON
