@@ -5,15 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
+from nelbo_reference import eval_nelbo, nelbo_loop_reference
 
-from did_cli.core.diffusion import (
-    corrupt,
-    eval_nelbo,
-    masked_token_loss,
-    nelbo,
-    nelbo_loop_reference,
-    sample_t,
-)
+from did_cli.core.diffusion import corrupt, masked_token_loss, nelbo, sample_t
 from did_cli.core.model_config import DiffusionConfig
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
+from nelbo_reference import eval_nelbo, nelbo_loop_reference
 
-from did_cli.core.diffusion import allowed_counts, corrupt, nelbo, nelbo_loop_reference, sample_t
+from did_cli.core.diffusion import allowed_counts, corrupt, nelbo, sample_t
 from did_cli.core.model_config import DiffusionConfig
 from did_cli.errors import DidError, UsageError
 from did_cli.evaluation import bootstrap as bs
@@ -158,7 +159,7 @@ def test_stratified_t_and_the_weights():
 def test_seed_to_seed_spread_at_the_global_block_shrinks():
     """Same 32 rows, 8 seeds: one plain-Monte-Carlo t per row (the old estimator) against t
     stratified over the set, the posterior weight and the default draws."""
-    from did_cli.core.diffusion import estimate_nelbo, eval_nelbo
+    from did_cli.core.diffusion import estimate_nelbo
 
     model = tiny_model(length=32, std=0.3)
     g = torch.Generator().manual_seed(0)

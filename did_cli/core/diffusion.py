@@ -147,6 +147,18 @@ def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask_id: int)
     return F.cross_entropy(logits, targets, reduction="none")
 
 
+def masked_nll(
+    model: torch.nn.Module, x0: torch.Tensor, masked: torch.Tensor, block_size: int, mask_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training pass over rows x0 [B, L] with `masked` [B, L] positions set to [MASK]:
+    (flat indices of the masked positions into [B * L], their -log p(x0), unweighted). One
+    nonzero (one host sync) serves the model's gather, the targets and the count."""
+    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    idx = masked.reshape(-1).nonzero().squeeze(1)
+    logits = model(xt, block_size, x0=x0, select=idx)
+    return idx, masked_token_loss(logits, x0.reshape(-1)[idx], mask_id)
+
+
 def nelbo(
     model: torch.nn.Module,
     x0: torch.Tensor,
@@ -179,13 +191,9 @@ def nelbo(
         cfg.clip if cfg.resample else None,
     )
     masked, t_tok = masked[rank * b : (rank + 1) * b], t_tok[rank * b : (rank + 1) * b]
-    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     n_tokens = b * (n - 1)
-    # one nonzero (one host sync) serves the model's gather, the targets and the count
-    idx = masked.reshape(-1).nonzero().squeeze(1)
-    logits = model(xt, block_size, x0=x0, select=idx)
-    per_tok = masked_token_loss(logits, x0.reshape(-1)[idx], mask_id) / t_tok.reshape(-1)[idx]
-    total = per_tok.sum()
+    idx, nll = masked_nll(model, x0, masked, block_size, mask_id)
+    total = (nll / t_tok.reshape(-1)[idx]).sum()
     return LossOut(total / n_tokens, total.detach(), n_tokens, idx.numel())
 
 
@@ -227,10 +235,7 @@ def block_nll(
     b, n = x0.shape
     nb = n // block_size
     _, masked, t_tok = corrupt(x0, t_blocks, block_size, mask_id, generator, resample)
-    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    idx = masked.reshape(-1).nonzero().squeeze(1)
-    logits = model(xt, block_size, x0=x0, select=idx)
-    per_tok = masked_token_loss(logits, x0.reshape(-1)[idx], mask_id)
+    idx, per_tok = masked_nll(model, x0, masked, block_size, mask_id)
     if posterior is None:
         per_tok = per_tok / t_tok.reshape(-1)[idx]
     flat = torch.zeros(b * n, dtype=torch.float32, device=x0.device).index_add_(0, idx, per_tok.float())
@@ -241,46 +246,6 @@ def block_nll(
         w[:, 0] = posterior_weights(block_size - 1, tuple(posterior))[k[:, 0]]
         sums = sums * w.to(sums.device, torch.float32)
     return sums
-
-
-def nelbo_loop_reference(
-    model: torch.nn.Module,
-    x0: torch.Tensor,
-    xt: torch.Tensor,
-    t_tok: torch.Tensor,
-    block_size: int,
-    mask_id: int,
-) -> torch.Tensor:
-    """The same loss computed block by block (each block denoised from its own noisy tokens and
-    the clean earlier blocks, through the sampling pass). Slow; for tests."""
-    b, n = x0.shape
-    total = torch.zeros((), dtype=torch.float32)
-    for start in range(0, n, block_size):
-        end = start + block_size
-        inp = torch.cat([x0[:, :start], xt[:, start:end]], dim=1)
-        logits = model(inp, block_size)[:, start:end]
-        m = xt[:, start:end] == mask_id
-        if m.any():
-            lt = masked_token_loss(logits[m], x0[:, start:end][m], mask_id)
-            total = total + (lt / t_tok[:, start:end][m]).sum()
-    return total / (b * (n - 1))
-
-
-@torch.no_grad()
-def eval_nelbo(
-    model: torch.nn.Module,
-    rows: torch.Tensor,
-    block_size: int,
-    mask_id: int,
-    t_range: tuple[float, float] = (1e-3, 1.0),
-    generator: torch.Generator | None = None,
-) -> tuple[float, int]:
-    """NELBO of clean rows [B, L] with one plain Monte Carlo t ~ U[t_range] per block: (sum of
-    nats, number of non-BOS tokens). One draw, no standard error: `estimate_nelbo` is the
-    estimator the commands report."""
-    cfg = DiffusionConfig(clip=t_range, antithetic=False, eps=t_range[0])
-    out = nelbo(model, rows, block_size, cfg, mask_id, generator)
-    return float(out.nll_sum), out.n_tokens
 
 
 # ----------------------------------------------------------------- the reported estimator

@@ -129,16 +129,6 @@ class DiffusionConfig:
             raise UsageError(f"--clip {lo},{hi}: need 0 <= beta < omega <= 1")
 
 
-def parse_int_list(text: str, flag: str) -> list[int]:
-    try:
-        vals = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: expected comma-separated integers") from None
-    if not vals:
-        raise UsageError(f"{flag}: empty list")
-    return vals
-
-
 def parse_float_list(text: str, flag: str) -> list[float]:
     try:
         vals = [float(v) for v in str(text).split(",") if v.strip()]
