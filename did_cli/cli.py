@@ -1,4 +1,4 @@
-"""The `did` command line: one explicit registry of subcommands.
+"""The `did` command line, built from the list of subcommands in `did_cli.commands.registry`.
 
 Each subcommand lives in `did_cli/commands/<name>.py` as a thin function that turns options into
 config objects and calls the library. Errors from the library become one-line messages:
@@ -7,6 +7,9 @@ usage errors exit 2, runtime failures exit 1, Ctrl-C exits 130.
     did prepare --out data/            # tokenise the bundled corpus
     did train --data data/ --out run/ --block-sizes 4,128
     did draft --model run/ -n 16 | did refine --model run/ - | did eval-ppl -
+
+From Python (tests do this): `build_app()` is the real app, every command behind the real error
+guard; `run(argv)` runs it as the console script does and returns the exit code.
 """
 
 from __future__ import annotations
@@ -14,45 +17,18 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
+from did_cli.commands.registry import COMMANDS
 from did_cli.errors import DidError
 
-app = typer.Typer(
-    name="did",
-    help="Diffusion in Diffusion: block-diffusion drafts refined by global diffusion.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-# name -> (module under did_cli.commands, function name, one-line help)
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "prepare": ("prepare", "prepare", "Tokenise text into memory-mapped training rows."),
-    "train": ("train", "train", "Train a block-diffusion model over one or several block sizes."),
-    "finetune-mixscale": (
-        "train",
-        "finetune_mixscale",
-        "Mix-scale fine-tune from a checkpoint (draft block + global block).",
-    ),
-    "draft": ("sample", "draft", "Draft samples with block diffusion and record snapshot confidence."),
-    "refine": ("sample", "refine", "Re-mask low-confidence tokens and regenerate them (global refine)."),
-    "eval-ppl": (
-        "evaluate",
-        "eval_ppl",
-        "Generative perplexity of samples, or test perplexity of a checkpoint.",
-    ),
-    "show": ("show", "show", "Write an HTML page showing drafts, refinements and confidences."),
-    "quickstart": (
-        "quickstart",
-        "quickstart",
-        "Run the whole pipeline on the bundled corpus and write a report.",
-    ),
-}
+HELP = "Diffusion in Diffusion: block-diffusion drafts refined by global diffusion."
 
 
-def _help_only(name: str):
+def _help_only(name: str) -> Callable[[], None]:
     """A command that is listed (with its help line) but not imported: `main` imports only the
     command being run, so `did eval-ppl` does not pay for importing the training stack."""
 
@@ -62,8 +38,8 @@ def _help_only(name: str):
     return cmd
 
 
-def _guarded(fn):
-    """Turn library errors into one-line messages with the documented exit codes."""
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` with library errors turned into one-line messages and the documented exit codes."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -83,23 +59,19 @@ def _guarded(fn):
     return wrapper
 
 
-def _register(only: str | None = None) -> None:
-    """Register the subcommands. With `only`, just that one is imported (the others are listed
-    for --help only); None imports all of them."""
+def build_app(only: str | None = None) -> typer.Typer:
+    """The Typer app with every subcommand of the registry. With `only`, just that command is
+    imported (the others are listed for --help only); None imports all of them."""
+    app = typer.Typer(
+        name="did", help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+    )
     for name, (module, func, help_text) in COMMANDS.items():
         if only is None or name == only:
-            fn = _guarded(getattr(importlib.import_module(f"did_cli.commands.{module}"), func))
+            fn = guarded(getattr(importlib.import_module(f"did_cli.commands.{module}"), func))
         else:
             fn = _help_only(name)
         app.command(name=name, help=help_text)(fn)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    argv = sys.argv[1:] if argv is None else argv
-    wanted = next((a for a in argv if not a.startswith("-")), None)
-    _register(wanted if wanted in COMMANDS else "")
-    sys.exit(_run(argv))
+    return app
 
 
 def _click_class(name: str) -> type:
@@ -108,9 +80,13 @@ def _click_class(name: str) -> type:
     return next(k for k in typer.BadParameter.__mro__ if k.__name__ == name)
 
 
-def _run(argv: list[str]) -> int:
-    """Run the app; errors of the command-line parser itself (an unknown option or command, a
-    value of the wrong type, a missing option) are one `did: error:` line and exit 2, like ours."""
+def run(argv: list[str], app: typer.Typer | None = None) -> int:
+    """Run `did` with `argv` and return its exit code. Errors of the command-line parser itself
+    (an unknown option or command, a value of the wrong type, a missing option) are one
+    `did: error:` line and exit 2, like ours."""
+    if app is None:
+        wanted = next((a for a in argv if not a.startswith("-")), None)
+        app = build_app(wanted if wanted in COMMANDS else "")
     try:
         rc = app(args=argv, prog_name="did", standalone_mode=False)
     except _click_class("UsageError") as e:
@@ -129,6 +105,11 @@ def _run(argv: list[str]) -> int:
         typer.echo("did: interrupted", err=True)
         return 130
     return rc if isinstance(rc, int) else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    sys.exit(run(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

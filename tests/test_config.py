@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 import yaml
 from safetensors.torch import load_file
 from test_train import corpus_slice
@@ -21,14 +20,7 @@ from did_cli.commands import evaluate, sample, train
 from did_cli.io.data import prepare
 
 L = 32
-APP = typer.Typer(pretty_exceptions_enable=False)
-for _name, _fn in (
-    ("train", train.train),
-    ("finetune-mixscale", train.finetune_mixscale),
-    ("draft", sample.draft),
-    ("eval-ppl", evaluate.eval_ppl),
-):
-    APP.command(_name)(cli._guarded(_fn))
+APP = cli.build_app()
 
 # a few steps of the tiny model; warm-up inside the run
 FAST = dict(

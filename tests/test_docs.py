@@ -62,7 +62,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _subcommands() -> list[str]:
-    from did_cli.cli import COMMANDS
+    from did_cli.commands.registry import COMMANDS
 
     return list(COMMANDS)
 

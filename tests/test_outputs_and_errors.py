@@ -19,15 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
 from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 from test_train import corpus_slice
 from typer.testing import CliRunner
 
 from did_cli import cli
-from did_cli.commands import evaluate, quickstart, sample, show, train
-from did_cli.commands import prepare as prepare_cmd
 from did_cli.io.checkpoint import save_model
 from did_cli.io.data import prepare
 
@@ -36,18 +33,7 @@ FAST = ["--sampler", "parallel", "--tokens-per-step", "4"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 # the real subcommands behind the real error guard, in-process (a subprocess costs seconds)
-APP = typer.Typer(pretty_exceptions_enable=False)
-for _name, _fn in [
-    ("draft", sample.draft),
-    ("refine", sample.refine),
-    ("eval-ppl", evaluate.eval_ppl),
-    ("show", show.show),
-    ("prepare", prepare_cmd.prepare),
-    ("train", train.train),
-    ("finetune-mixscale", train.finetune_mixscale),
-    ("quickstart", quickstart.quickstart),
-]:
-    APP.command(_name)(cli._guarded(_fn))
+APP = cli.build_app()
 
 
 def did(*args, input=None):

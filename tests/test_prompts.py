@@ -10,12 +10,10 @@ import subprocess
 import sys
 
 import pytest
-import typer
 from conftest import tiny_model
 from typer.testing import CliRunner
 
 from did_cli import cli
-from did_cli.commands import sample
 from did_cli.errors import UsageError
 from did_cli.io.checkpoint import save_model
 from did_cli.io.records import validate
@@ -172,9 +170,7 @@ def ckpt(tmp_path_factory, model):
     return folder
 
 
-APP = typer.Typer(pretty_exceptions_enable=False)
-APP.command("draft")(cli._guarded(sample.draft))
-APP.command("refine")(cli._guarded(sample.refine))
+APP = cli.build_app()
 
 
 def _cli(args, input=None):

@@ -11,12 +11,10 @@ import subprocess
 import sys
 
 import pytest
-import typer
 from conftest import tiny_model
 from typer.testing import CliRunner
 
 from did_cli import cli
-from did_cli.commands import sample
 from did_cli.errors import DidError
 from did_cli.io.checkpoint import save_model
 from did_cli.io.records import validate
@@ -205,9 +203,7 @@ def test_shell_pipe_draft_into_refine(ckpt, tmp_path):
 
 
 # the real subcommands behind the real error guard, in-process (a subprocess costs seconds)
-APP = typer.Typer(pretty_exceptions_enable=False)
-APP.command("draft")(cli._guarded(sample.draft))
-APP.command("refine")(cli._guarded(sample.refine))
+APP = cli.build_app()
 
 
 def _cli(args, input=None):

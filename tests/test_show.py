@@ -14,12 +14,10 @@ import sys
 import tempfile
 
 import pytest
-import typer
 from conftest import REPO, tiny_model
 from typer.testing import CliRunner
 
 from did_cli import cli
-from did_cli.commands import evaluate, show
 from did_cli.evaluation.gen_ppl import sample_tokens
 from did_cli.io.records import RecordWriter
 from did_cli.pipeline.page import render_page
@@ -43,9 +41,7 @@ FLAGS = [
 ]
 
 # the real subcommands behind the real error guard, in-process (a subprocess costs seconds)
-APP = typer.Typer(pretty_exceptions_enable=False)
-APP.command("show")(cli._guarded(show.show))
-APP.command("eval-ppl")(cli._guarded(evaluate.eval_ppl))
+APP = cli.build_app()
 
 
 def _cli(args):

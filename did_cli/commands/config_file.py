@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from did_cli.commands.options import Opt, explicit
+from did_cli.commands.registry import COMMANDS
 from did_cli.errors import UsageError
 
-COMMANDS = ("prepare", "train", "finetune-mixscale", "draft", "refine", "eval-ppl", "show", "quickstart")
 RUN_CONFIG = "config.json"
 
 CONFIG_HELP = (

@@ -10,7 +10,8 @@ from typing import Any
 
 import typer
 
-from did_cli.commands.options import Opt, command, fields_of
+from did_cli.commands.builder import command
+from did_cli.commands.options import Opt, fields_of
 from did_cli.errors import UsageError
 from did_cli.evaluation.eval_config import EvalConfig
 from did_cli.util import fmt, fmt_ci, fmt_pct

@@ -5,46 +5,34 @@ An option is an `Opt`: the parameter it fills, its flags, and where its default 
 from (a dataclass field: its default and the docstring under it), so a command, the library
 and the docs cannot drift apart. Commands that share settings share the `Opt` lists (the
 training options of `train` and `finetune-mixscale`, the sampler options of `draft` and
-`refine`). `command(body, options)` gives `body(**values)` the signature Typer reads, so a
-command function holds its logic only, not a list of 30 option declarations.
+`refine`). `did_cli.commands.builder.command(body, options)` turns such a list into the
+signature Typer reads.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
 import inspect
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
+from did_cli.commands.help_texts import HELP_TEXTS
+
 _FROM_FIELD = object()
-CONTEXT = "did_context"  # the parameter that receives Typer's context in commands with --config
+CONTEXT = "did_context"
+"""The parameter that receives Typer's context in commands with --config."""
 
 
-@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (the string literal under each field) of a dataclass and its bases."""
+    """Field docstrings (the string literal under each field) of a settings dataclass and its
+    bases, as `tests/field_help.py` stored them in `help_texts`."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            body = ast.parse(inspect.getsource(klass)).body[0].body
-        except (OSError, TypeError, SyntaxError):  # no source (frozen installs): no help texts
-            continue
-        for a, b in zip(body, body[1:]):
-            if (
-                isinstance(a, ast.AnnAssign)
-                and isinstance(b, ast.Expr)
-                and isinstance(getattr(b, "value", None), ast.Constant)
-            ):
-                docs[a.target.id] = " ".join(str(b.value.value).split())
+        docs.update(HELP_TEXTS.get(f"{klass.__module__}.{klass.__qualname__}", {}))
     return docs
 
 
@@ -70,6 +58,8 @@ class Opt:
     argument: bool = False
     kw: dict = field(default_factory=dict, hash=False)
     """More typer.Option keywords (min=..., rich_help_panel=...)."""
+    to_text: Callable[[Any], str] | None = None
+    """How the field's default is written on the command line (default: a list joined by commas)."""
 
     def resolve(self) -> tuple[Any, Any, str]:
         """(annotation, default value, help text)."""
@@ -77,7 +67,9 @@ class Opt:
         default = self.default
         if default is _FROM_FIELD:
             default = _field_default(self.source, fname)
-        if isinstance(default, (list, tuple)):  # typed as text on the command line: 4,L and 0.9,0.999
+        if self.to_text is not None and default is not None and default is not ...:
+            default = self.to_text(default)
+        elif isinstance(default, (list, tuple)):  # typed as text on the command line: 4,L and 0.9,0.999
             default = ",".join(map(str, default))
         docs = field_docs(self.source) if dataclasses.is_dataclass(self.source) else {}
         help_text = self.help if self.help is not None else docs.get(fname, "")
@@ -141,51 +133,6 @@ def fields_of(cls: type, *names: str, **kw: Any) -> list[Opt]:
     return [Opt(n, source=cls, **kw) for n in names]
 
 
-def command(
-    body: Callable[..., Any],
-    options: list[Opt],
-    name: str | None = None,
-    config: bool = False,
-    implicit: Callable[[dict[str, Any]], Any] | None = None,
-) -> Callable[..., Any]:
-    """A function with `options` as its signature that calls `body(**values)`; Typer reads
-    the signature (and the annotations) to build the command. The body's docstring is the
-    command's help. `config`: the command also takes --config FILE (did_cli.commands.config_file),
-    whose values fill the options not given on the command line; `implicit(values)` may name
-    one more file read under it (a resumed run's config.json)."""
-    names = [o.name for o in options]
-    if len(set(names)) != len(names):
-        raise TypeError(
-            f"duplicate option in {body.__name__}: {sorted(n for n in names if names.count(n) > 1)}"
-        )
-    cmd_name = name or body.__name__
-
-    def cmd(**values: Any) -> Any:
-        if config:
-            from did_cli.commands import config_file
-
-            ctx = values.pop(CONTEXT)
-            values = config_file.apply(values, options, cmd_name, implicit, given=lambda n: explicit(n, ctx))
-        return body(**values)
-
-    params = [o.parameter(optional=config) for o in options]
-    if config:
-        from did_cli.commands.config_file import CONFIG_HELP
-
-        if "config" in names:
-            raise TypeError(f"{body.__name__} declares its own --config")
-        params.append(
-            Opt("config", type=Path, default=None, help=CONFIG_HELP, flags=("--config", "-c")).parameter()
-        )
-        params.append(inspect.Parameter(CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
-    cmd.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    cmd.__annotations__ = {p.name: p.annotation for p in params}
-    cmd.__name__ = cmd.__qualname__ = cmd_name
-    cmd.__doc__, cmd.__module__ = body.__doc__, body.__module__
-    cmd.options = list(options)  # type: ignore[attr-defined]  # what --config files are checked against
-    return cmd
-
-
 def explicit(name: str, ctx: Any = None) -> bool:
     """Whether option `name` was given on the command line (not left at its default), in the
     command's context `ctx` (default: the current one)."""
@@ -199,4 +146,4 @@ def explicit(name: str, ctx: Any = None) -> bool:
     return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-__all__ = ["Opt", "fields_of", "command", "field_docs", "explicit"]
+__all__ = ["CONTEXT", "Opt", "fields_of", "field_docs", "explicit"]

@@ -7,7 +7,8 @@ from typing import Any
 
 import typer
 
-from did_cli.commands.options import Opt, command
+from did_cli.commands.builder import command
+from did_cli.commands.options import Opt
 from did_cli.io.data import prepare as run_prepare
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from did_cli.commands.options import Opt, command
+from did_cli.commands.builder import command
+from did_cli.commands.options import Opt
 from did_cli.pipeline.end_to_end import QuickstartConfig
 
 

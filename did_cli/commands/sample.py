@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from did_cli.commands.options import Opt, command, fields_of
+from did_cli.commands.builder import command
+from did_cli.commands.options import Opt, fields_of
 from did_cli.errors import DidError, UsageError
-from did_cli.sampling.sampler_config import DraftConfig, RefineConfig, SamplerConfig
+from did_cli.sampling.sampler_config import DraftConfig, RefineConfig, SamplerConfig, format_stages
 
 MODEL_HELP = "Checkpoint folder, or a run folder (its latest complete checkpoint)."
 
@@ -166,7 +167,7 @@ refine = command(
             "stages",
             RefineConfig,
             type=str,
-            default="L:0.25",
+            to_text=format_stages,
             extra="As text: BLOCK:RATIO,... in order; BLOCK 'L' (or >= the length) = global pass. E.g. "
             "1024:0.25 or 64:0.3,L:0.2.",
         ),

@@ -6,7 +6,8 @@ import json
 
 import typer
 
-from did_cli.commands.options import Opt, command
+from did_cli.commands.builder import command
+from did_cli.commands.options import Opt
 from did_cli.errors import DidError, UsageError
 from did_cli.pipeline.page import render_page
 

@@ -10,11 +10,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
+from did_cli.commands.builder import command
 from did_cli.commands.config_file import record
-from did_cli.commands.options import Opt, command, fields_of
-from did_cli.core.model_config import parse_clip, parse_float_list
+from did_cli.commands.options import Opt, fields_of
+from did_cli.core.model_config import parse_block_sizes, parse_clip, parse_float_list
 from did_cli.errors import DidError, UsageError
-from did_cli.training.train_config import LENGTH_WORDS, MixScaleConfig, TrainConfig
+from did_cli.training.train_config import MixScaleConfig, TrainConfig
 
 LOOP = fields_of(
     TrainConfig,
@@ -49,9 +50,7 @@ CLIP_SEARCH = [
     Opt("clip_widths", TrainConfig, type=str, extra="Comma-separated."),
     *fields_of(TrainConfig, "clip_delta", "clip_batches", "clip_global"),
 ]
-MIXED_PRECISION = Opt(
-    "mixed_precision", default="auto", help="no, bf16, fp16, or auto (bf16 on CUDA, else no)."
-)
+MIXED_PRECISION = Opt("mixed_precision", TrainConfig)
 RUNTIME = fields_of(TrainConfig, "dropout", "num_workers", "on_nonfinite") + [
     Opt("compile", TrainConfig, flags=("--compile/--no-compile",), type=bool),
     Opt("time_limit", TrainConfig, extra="In seconds.", kw={"min": 0}),
@@ -79,24 +78,6 @@ def _saved_run_options(values: dict[str, Any]) -> Optional[Path]:
     return None
 
 
-def _block_sizes(text: str) -> list[Any]:
-    out: list[Any] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if part in LENGTH_WORDS:
-            out.append("L")
-            continue
-        try:
-            out.append(int(part))
-        except ValueError:
-            raise UsageError(f"--block-sizes {text!r}: expected integers or L, comma-separated") from None
-    if not out:
-        raise UsageError("--block-sizes: empty list")
-    return out
-
-
 def _clip(text: Optional[str]) -> Any:
     """None (not given) -> None; 'auto'; 'none' -> (0, 1); 'BETA,OMEGA' -> tuple."""
     if text is None:
@@ -120,8 +101,6 @@ def _config(kw: dict[str, Any]) -> TrainConfig:
     kw["clip"] = _clip(kw["clip"])
     kw["clip_widths"] = parse_float_list(kw["clip_widths"], "--clip-widths")
     kw["betas"] = _betas(kw["betas"])
-    if kw.get("mixed_precision") == "auto":
-        kw["mixed_precision"] = None
     kw["data"], kw["out"] = str(kw["data"]), str(kw["out"])
     if kw.get("init") is not None:
         kw["init"] = str(kw["init"])
@@ -145,17 +124,9 @@ def _run(cfg: TrainConfig) -> None:
 def _train(**kw: Any) -> None:
     """Train a block-diffusion model on prepared data over one or several block sizes."""
     kw["options"] = record("train", kw)
-    sizes = _block_sizes(kw.pop("block_sizes"))
+    sizes = parse_block_sizes(kw.pop("block_sizes"))
     bw = kw.pop("block_weights")
-    defaults = TrainConfig()
-    if bw is not None:
-        weights = parse_float_list(bw, "--block-weights")
-    elif sizes == defaults.block_sizes:
-        weights = list(
-            defaults.block_weights
-        )  # the DiD mix: drafting block most of the time, the global block 10%
-    else:
-        weights = None
+    weights = None if bw is None else parse_float_list(bw, "--block-weights")
     _run(_config(dict(kw, block_sizes=sizes, block_weights=weights)))
 
 
@@ -166,13 +137,7 @@ train = command(
         OUT,
         Opt("preset", TrainConfig),
         Opt("block_sizes", TrainConfig, extra="Comma-separated, e.g. 4,L or 4,1024."),
-        Opt(
-            "block_weights",
-            TrainConfig,
-            type=str,
-            default=None,
-            extra="Default: 0.9,0.1 for the default 4,L; equal otherwise.",
-        ),
+        Opt("block_weights", TrainConfig, type=str),
         Opt("steps", TrainConfig),
         Opt("tokens", TrainConfig),
         *LOOP,

@@ -52,10 +52,7 @@ class ModelConfig:
     """Tokenizer name or folder the model's ids refer to (checked against prepared data)."""
 
     def __post_init__(self) -> None:
-        if self.hidden_dim % self.n_heads:
-            raise UsageError(f"hidden_dim {self.hidden_dim} is not divisible by n_heads {self.n_heads}")
-        if (self.hidden_dim // self.n_heads) % 2:
-            raise UsageError("head dim must be even for rotary embeddings")
+        check_head_split(self.hidden_dim, self.n_heads, "hidden_dim", "n_heads")
         if not 0 <= self.mask_id < self.vocab_size:
             raise UsageError(f"mask_id {self.mask_id} outside vocab_size {self.vocab_size}")
 
@@ -85,6 +82,18 @@ class ModelConfig:
         sigma = 256 * c + c + c * c + c
         out = d + (V * d + V) + (2 * d * c + 2 * d)
         return V * d + sigma + self.n_layers * per_block + out
+
+
+def check_head_split(hidden: int, heads: int, hidden_name: str, heads_name: str) -> None:
+    """The width must split into heads of an even width (rotary embeddings rotate pairs);
+    UsageError naming the two settings (fields or flags) otherwise."""
+    if hidden % heads:
+        raise UsageError(f"{hidden_name} {hidden} is not divisible by {heads_name} {heads}")
+    if (hidden // heads) % 2:
+        raise UsageError(
+            f"{hidden_name} {hidden} / {heads_name} {heads} = {hidden // heads}: the head width must be even "
+            "(rotary embeddings)"
+        )
 
 
 # attribute -> config.json key where BD3-LM's name would mislead here ("blocks" are diffusion blocks)
@@ -150,6 +159,38 @@ def parse_clip(text: str | None, flag: str = "--clip") -> tuple[float, float] | 
     if not (0.0 <= lo < hi <= 1.0) or hi <= 0.0:
         raise UsageError(f"{flag} {text!r}: need 0 <= beta < omega <= 1 (a range inside (0, 1])")
     return lo, hi
+
+
+FULL_LENGTH = "L"
+"""The block size that means the whole sequence (the global block), as options write it."""
+LENGTH_WORDS = ("l", "length")
+"""Spellings of `FULL_LENGTH` (any case) that every block-size option accepts."""
+
+
+def parse_block_size(text: str | int, flag: str) -> int | str:
+    """One block size as the options write it: an integer, or L / length (any case) for the
+    whole sequence, returned as `FULL_LENGTH`. UsageError naming `flag` otherwise."""
+    word = str(text).strip()
+    if word.lower() in LENGTH_WORDS:
+        return FULL_LENGTH
+    try:
+        return int(word)
+    except ValueError:
+        raise UsageError(f"{flag} {word!r}: a block size is an integer or L (the sequence length)") from None
+
+
+def parse_block_sizes(text: str | list, flag: str = "--block-sizes") -> list[int | str]:
+    """'4,L' (or a list of such items) -> [4, 'L']; see `parse_block_size`."""
+    parts = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    out = [parse_block_size(p, flag) for p in parts if str(p).strip()]
+    if not out:
+        raise UsageError(f"{flag}: empty list")
+    return out
+
+
+def resolve_block_size(size: int | str, length: int) -> int:
+    """`FULL_LENGTH` -> the sequence length; integers unchanged."""
+    return length if size == FULL_LENGTH else int(size)
 
 
 def check_block_sizes(block_sizes: list[int], length: int, flag: str = "--block-sizes") -> None:

@@ -266,7 +266,7 @@ def _train(cfg: QuickstartConfig, out: Path, device: str, timer: _Timer) -> dict
         log_every=20,
         seed=cfg.seed,
         time_limit=limit,
-        mixed_precision=None,
+        mixed_precision="auto",
         progress=True,
         resume=(run_dir / "checkpoints").is_dir(),  # a re-run continues the same model for another budget
     )

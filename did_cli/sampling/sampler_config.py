@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from did_cli.core.model_config import FULL_LENGTH, parse_block_size
 from did_cli.errors import UsageError
 
 SAMPLERS = ("first-hitting", "parallel")
@@ -176,8 +177,14 @@ class RefineConfig(SamplerConfig):
                     )
 
 
+def format_stages(stages: list[tuple[int | None, float]]) -> str:
+    """[(None, 0.25)] -> 'L:0.25': stages as --stages writes them (the inverse of parse_stages)."""
+    return ",".join(f"{FULL_LENGTH if b is None else b}:{r:g}" for b, r in stages)
+
+
 def parse_stages(text: str, flag: str = "--stages") -> list[tuple[int | None, float]]:
-    """'64:0.3,L:0.2' -> [(64, 0.3), (None, 0.2)]; a block of 'L' means the full length."""
+    """'64:0.3,L:0.2' -> [(64, 0.3), (None, 0.2)]; a block of L (or length, any case) means the
+    full length, as in --block-sizes."""
     stages: list[tuple[int | None, float]] = []
     for part in str(text).split(","):
         part = part.strip()
@@ -186,12 +193,14 @@ def parse_stages(text: str, flag: str = "--stages") -> list[tuple[int | None, fl
         b, sep, r = part.partition(":")
         if not sep:
             raise UsageError(f"{flag} {part!r}: expected BLOCK:RATIO (e.g. 1024:0.25 or L:0.25)")
+        if not b.strip():
+            raise UsageError(f"{flag} {part!r}: expected BLOCK:RATIO (e.g. 1024:0.25 or L:0.25)")
+        block = parse_block_size(b, flag)
         try:
-            block = None if b.strip().upper() == "L" else int(b)
             ratio = float(r)
         except ValueError:
             raise UsageError(f"{flag} {part!r}: expected BLOCK:RATIO (e.g. 1024:0.25 or L:0.25)") from None
-        stages.append((block, ratio))
+        stages.append((None if block == FULL_LENGTH else block, ratio))
     if not stages:
         raise UsageError(f"{flag}: empty list")
     return stages

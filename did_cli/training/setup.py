@@ -38,7 +38,9 @@ def make_accelerator(cfg: TrainConfig):
     # keeping the process group
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    mp = cfg.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
+    mp = cfg.mixed_precision
+    if mp in (None, "auto"):
+        mp = "bf16" if torch.cuda.is_available() else "no"
     # Accelerate only sets up a CPU process group (gloo) when told to use the CPU; a launcher's
     # environment (torchrun / `accelerate launch --multi_gpu`) on a machine without CUDA means that
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1

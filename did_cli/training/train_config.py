@@ -10,11 +10,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from did_cli.core.model_config import DiffusionConfig, check_block_sizes
+from did_cli.core.model_config import (
+    FULL_LENGTH,
+    PRESETS,
+    DiffusionConfig,
+    check_block_sizes,
+    check_head_split,
+    parse_block_sizes,
+    resolve_block_size,
+)
 from did_cli.errors import UsageError
 
 FULL_RANGE = (0.0, 1.0)
-LENGTH_WORDS = ("L", "l", "length")
+DEFAULT_BLOCK_SIZES = [4, FULL_LENGTH]
+DEFAULT_BLOCK_WEIGHTS = (0.9, 0.1)
 
 BlockSize = Union[int, str]
 
@@ -29,10 +38,11 @@ class TrainConfig:
     """Run folder: config.json, metrics.jsonl, checkpoints/."""
     preset: str = "tiny"
     """Model preset when training from scratch: tiny, quick, small, medium."""
-    block_sizes: list[BlockSize] = field(default_factory=lambda: [4, "L"])
+    block_sizes: list[BlockSize] = field(default_factory=lambda: list(DEFAULT_BLOCK_SIZES))
     """Block sizes to train on; 'L' (or 'length') is the full sequence length."""
-    block_weights: list[float] | None = field(default_factory=lambda: [0.9, 0.1])
-    """Probability of each block size per step (normalised); None = equal weights."""
+    block_weights: list[float] | None = None
+    """Probability of each block size per step (normalised). Default: 0.9,0.1 for the default 4,L;
+    equal otherwise."""
     steps: int = 1000
     """Total optimiser steps (a resumed run continues up to this number)."""
     tokens: int | None = None
@@ -92,8 +102,8 @@ class TrainConfig:
     on (BD3-LM: at most 100)."""
     clip_global: bool = False
     """--clip auto also searches the global block L (BD3-LM and the paper never clip it)."""
-    mixed_precision: str | None = None
-    """'no', 'bf16' or 'fp16'; None = bf16 on CUDA, else no."""
+    mixed_precision: str = "auto"
+    """no, bf16, fp16, or auto (bf16 on CUDA, else no)."""
     dropout: float | None = None
     """Override the model's residual dropout."""
     model_length: int | None = None
@@ -149,7 +159,6 @@ def model_overrides(cfg: TrainConfig) -> dict[str, int]:
 
 def check_model_size(cfg: TrainConfig) -> None:
     """The size options against each other and the preset, before any data is read."""
-    from did_cli.core.model_config import PRESETS
 
     given = {opt: getattr(cfg, opt) for opt in SIZE_FLAGS if getattr(cfg, opt) is not None}
     for opt, v in given.items():
@@ -163,37 +172,27 @@ def check_model_size(cfg: TrainConfig) -> None:
     if cfg.preset not in PRESETS:
         raise UsageError(f"unknown --preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
     hidden = cfg.hidden or PRESETS[cfg.preset]["hidden_dim"]
-    heads = cfg.heads or PRESETS[cfg.preset]["n_heads"]
-    if hidden % heads:
-        raise UsageError(f"--hidden {hidden} is not divisible by --heads {heads}")
-    if (hidden // heads) % 2:
-        raise UsageError(
-            f"--hidden {hidden} / --heads {heads} = {hidden // heads}: the head width must be even "
-            "(rotary embeddings)"
-        )
+    check_head_split(hidden, cfg.heads or PRESETS[cfg.preset]["n_heads"], "--hidden", "--heads")
 
 
 # ------------------------------------------------------------------------------------ checks
 
 
 def resolve_block_sizes(sizes: list[BlockSize], length: int) -> list[int]:
-    out = []
-    for b in sizes:
-        if isinstance(b, str):
-            if b.strip() in LENGTH_WORDS:
-                out.append(length)
-                continue
-            try:
-                b = int(b)
-            except ValueError:
-                raise UsageError(f"--block-sizes: {b!r} is not an integer or 'L'") from None
-        out.append(int(b))
-    if not out:
-        raise UsageError("--block-sizes: empty list")
+    """Block sizes as given (integers, 'L', or text of either) -> integers dividing `length`."""
+    out = [resolve_block_size(b, length) for b in parse_block_sizes(list(sizes))]
     check_block_sizes(out, length, "--block-sizes")
     if len(set(out)) != len(out):
         raise UsageError(f"--block-sizes {','.join(map(str, out))}: a block size appears twice")
     return out
+
+
+def default_block_weights(sizes: list[BlockSize]) -> list[float] | None:
+    """The weights when none are given: the DiD mix (drafting block most of the time, the global
+    block 10%) for the default sizes, equal weights (None) otherwise."""
+    if parse_block_sizes(list(sizes)) == DEFAULT_BLOCK_SIZES:
+        return list(DEFAULT_BLOCK_WEIGHTS)
+    return None
 
 
 def normalise_weights(weights: list[float] | None, n: int) -> list[float]:
@@ -236,8 +235,8 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--val-weight {cfg.val_weight!r}: choose posterior or inverse-t")
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise UsageError(f"--on-nonfinite {cfg.on_nonfinite!r}: choose stop or skip")
-    if cfg.mixed_precision not in (None, "no", "bf16", "fp16"):
-        raise UsageError(f"--mixed-precision {cfg.mixed_precision!r}: choose no, bf16 or fp16")
+    if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        raise UsageError(f"--mixed-precision {cfg.mixed_precision!r}: choose auto, no, bf16 or fp16")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         raise UsageError(f"--dropout {cfg.dropout}: must be in [0, 1)")
     if isinstance(cfg.clip, str) and cfg.clip != "auto":

@@ -51,6 +51,7 @@ from did_cli.training.state import (
 from did_cli.training.train_config import (
     TrainConfig,
     check_train_config,
+    default_block_weights,
     normalise_weights,
     resolve_block_sizes,
 )
@@ -83,7 +84,10 @@ class Trainer:
                 f"{cfg.data}"
             )
         self.sizes = resolve_block_sizes(list(cfg.block_sizes), self.length)
-        self.weights = normalise_weights(cfg.block_weights, len(self.sizes))
+        weights = cfg.block_weights
+        if weights is None:
+            weights = default_block_weights(cfg.block_sizes)
+        self.weights = normalise_weights(weights, len(self.sizes))
         self.run = Path(cfg.out)
         if self.run.exists() and not self.run.is_dir():
             raise DidError(f"--out {self.run}: exists and is not a folder")
