@@ -1,7 +1,10 @@
 """The DiT backbone of BD3-LM, weight-compatible with its public checkpoints.
 
-Read top to bottom: rotary embeddings, norms, one transformer block, the model, then its three
-forward passes. Loading and saving weights is `did_cli.io.checkpoint`.
+Read top to bottom: the time embedder, one transformer block, the model, then its passes (the
+shared rotary embeddings, norm and KV cache are in `did_cli.core.layers`). Loading and saving
+weights is `did_cli.io.checkpoint`. Every pass runs the same layer loop, `DiT.layers`, calling each
+block through its `forward` (what DDP and FSDP wrappers hook); passes differ only in the attention
+each layer does.
 
 - `forward(xt, block_size, x0=x0, select=mask)`: the vectorised `[x_t ; x_0]` training pass,
   logits of the noisy half only, and only at `select`ed positions (the 50258-wide output layer is
@@ -17,7 +20,9 @@ constant, computed once per forward as a [1, ...] tensor that broadcasts over th
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -25,80 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from did_cli.core.attention import MaskSpec, attend, attend_kind, mask_for, mask_spec
+from did_cli.core.layers import KVCache, LayerNorm, Rotary, apply_rotary
 from did_cli.core.model_config import ModelConfig
 from did_cli.errors import DidError
-
-# ---------------------------------------------------------------------------------------------
-# Building blocks
-# ---------------------------------------------------------------------------------------------
-
-
-ROPE_CHUNK = 256  # table positions computed per piece (see Rotary.table)
-
-
-class Rotary(nn.Module):
-    """Rotary position embedding, base 10000, full head dim, rotate-half layout.
-
-    Tables hold the first half of cos/sin ([positions, head_dim / 2]): the two halves of the
-    rotate-half layout use the same frequencies. One table per device, grown by doubling; the
-    passes read slices of it. A caller that must keep a table alive on its own (a CUDA graph
-    replays raw addresses) takes a copy: `Rotary.table`."""
-
-    def __init__(self, head_dim: int, base: float = 10000.0):
-        super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        # persistent: BD3-LM checkpoints carry it, and strict loading expects it
-        self.register_buffer("inv_freq", inv_freq)
-        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """A new float32 (cos, sin) table [length, head_dim / 2] for positions 0..length-1. Built
-        in pieces of ROPE_CHUNK positions, so that a position's value does not depend on the
-        table's length (vectorised CPU kernels treat a tensor's tail elements differently)."""
-        inv = self.inv_freq.to(device=device, dtype=torch.float32)
-        cos, sin = [], []
-        for s in range(0, length, ROPE_CHUNK):
-            t = torch.arange(s, s + ROPE_CHUNK, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, inv)
-            cos.append(freqs.cos())
-            sin.append(freqs.sin())
-        return torch.cat(cos)[:length].contiguous(), torch.cat(sin)[:length].contiguous()
-
-    def cos_sin(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [length, head_dim / 2] for positions start..start+length-1 (float32 views of
-        the shared table)."""
-        key, end = str(device), start + length
-        tab = self._tables.get(key)
-        if tab is None or tab[0].shape[0] < end:
-            size = max(end, 2 * tab[0].shape[0] if tab is not None else 0)
-            tab = self._tables[key] = self.table(-(-size // ROPE_CHUNK) * ROPE_CHUNK, torch.device(device))
-        return tab[0][start:end], tab[1][start:end]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, S, D]; cos/sin: [S, D/2] (one half of the table). Computed in float32, returned
-    in x's dtype. Rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), on half-width
-    temporaries (the same arithmetic as rotating the full width)."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    lo = x1 * cos
-    lo -= x2 * sin
-    hi = x2 * cos
-    hi += x1 * sin
-    return torch.cat([lo, hi], dim=-1).to(x.dtype)
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm with weight and no bias, computed in float32 (as BD3-LM)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.dim = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.layer_norm(x.float(), [self.dim]) * self.weight.float()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -135,6 +69,10 @@ class EmbeddingLayer(nn.Module):
         return F.embedding(x, self.embedding)
 
 
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(q, k, v) [B, H, S, Dh], rotated -> attention output [B, H, S, Dh]: what a pass does in a layer."""
+
+
 class DiTBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -152,22 +90,33 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def qkv(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Normed, modulated input -> q, k, v each [B, H, S, Dh] (not yet rotated)."""
+    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The six adaLN outputs for the time embedding `cond` [1, cond_dim], each [1, 1, D]."""
+        return self.adaLN_modulation(cond)[:, None].chunk(6, dim=2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention: Attention,
+        cond: torch.Tensor | None = None,
+        mod: tuple[torch.Tensor, ...] | None = None,
+    ) -> torch.Tensor:
+        """One layer: x [B, S, D] -> [B, S, D]. `attention` does this pass's attention on the
+        rotated q, k, v; the modulation comes from `cond` (computed here, so a sharded block
+        uses its own weights inside its forward) or precomputed as `mod`."""
+        mod = self.modulation(cond) if mod is None else mod
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         b, s, _ = x.shape
-        h = modulate(self.norm1(x), shift, scale)
-        qkv = self.attn_qkv(h).view(b, s, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        q, k, v = self.attn_qkv(h).view(b, s, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        att = attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)
+        x = self.residual(x, gate_msa, self.attn_out(att.transpose(1, 2).reshape(b, s, -1)))
+        return self.residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
     def residual(self, x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         return x + gate * F.dropout(branch, p=self.dropout, training=self.training)
-
-    def finish(self, x: torch.Tensor, attn: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Attention output [B, H, S, Dh] -> both residual branches."""
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        b, _, s, _ = attn.shape
-        x = self.residual(x, gate_msa, self.attn_out(attn.transpose(1, 2).reshape(b, s, -1)))
-        return self.residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):
@@ -190,32 +139,6 @@ class FinalLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class KVCache:
-    """Keys (already rotated) and values of committed clean tokens, per layer.
-
-    Buffers are [B, H, capacity, Dh]; `length` tokens are committed. A step writes its block's
-    K/V after the committed ones; `commit` only advances `length`, so an uncommitted write is
-    simply overwritten by the next step.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, device: torch.device, dtype: torch.dtype):
-        shape = (batch, cfg.n_heads, capacity, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.length = 0
-        self.capacity = capacity
-        # the committed length as a device scalar too, for the static-shape step (CUDA graphs)
-        self.start = torch.zeros((), dtype=torch.long, device=device)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (e.g. after finished samples leave the batch)."""
-        self.k = [t[rows] for t in self.k]
-        self.v = [t[rows] for t in self.v]
-
-
 class StepConstants(NamedTuple):
     """Inputs of `DiT.step_static` that do not change between calls (`DiT.step_constants`)."""
 
@@ -228,6 +151,10 @@ class StepConstants(NamedTuple):
     """Shift and scale of the output layer."""
 
 
+def _masked(kind: str | None, mask: Any) -> Attention:
+    return functools.partial(attend_kind, kind=kind, mask=mask)
+
+
 class DiT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -237,6 +164,7 @@ class DiT(nn.Module):
         self.rotary_emb = Rotary(cfg.head_dim)
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.n_layers)])
         self.output_layer = FinalLayer(cfg)
+        self._compiled: Callable[..., torch.Tensor] | None = None
 
     # -- conditioning -------------------------------------------------------------------------
 
@@ -244,16 +172,28 @@ class DiT(nn.Module):
         """The time embedding at sigma = 0, [1, cond_dim] (followed by SiLU, as BD3-LM)."""
         return F.silu(self.sigma_map(torch.zeros(1, device=self.vocab_embed.embedding.device)))
 
-    def _modulations(self) -> list[tuple[torch.Tensor, ...]]:
-        """adaLN outputs for sigma = 0: per block six [1, 1, D] tensors (broadcast over batch)."""
-        c = self._cond()
-        return [blk.adaLN_modulation(c)[:, None].chunk(6, dim=2) for blk in self.blocks]
+    # -- the layer loop and the passes ----------------------------------------------------------
 
-    # -- passes ---------------------------------------------------------------------------------
+    def layers(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention: Callable[[int], Attention],
+        mods: list[tuple[torch.Tensor, ...]] | None = None,
+    ) -> torch.Tensor:
+        """All transformer layers on hidden states h [B, S, D]; `attention(i)` is layer i's
+        attention (a mask, or a KV-cache write and read). `mods`: precomputed modulations per
+        layer (the static step), else each block computes its own from sigma = 0."""
+        cond = self._cond() if mods is None else None
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, cos, sin, attention(i), cond=cond, mod=None if mods is None else mods[i])
+        return h
 
     def _backbone(self, x: torch.Tensor, spec: MaskSpec | None, halves: int, run: Any = None) -> torch.Tensor:
         """Run all blocks on token ids x [B, S]; `halves` = 2 for `[x_t ; x_0]` (each half 0..n-1).
-        `run`: a callable with the signature of `_blocks` to use instead (a compiled copy)."""
+        `run`: a callable with the signature of `blocks_pass` to use instead (a compiled copy);
+        default: the copy `compile_blocks` made, else `blocks_pass` itself."""
         n = x.shape[1] // halves
         cos, sin = self.rotary_emb.cos_sin(0, n, x.device)
         if halves == 2:
@@ -261,33 +201,30 @@ class DiT(nn.Module):
         # cached tables and masks are looked up here, outside the region torch.compile may wrap;
         # only the mask kind and object go in (no block size: one graph serves every one)
         kind = None if spec is None else spec.kind
-        return (run or self._blocks)(x, cos, sin, kind, mask_for(spec, x.device))
+        return (run or self._compiled or self.blocks_pass)(x, cos, sin, kind, mask_for(spec, x.device))
 
-    def _blocks(
+    def blocks_pass(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kind: str | None, mask: Any
     ) -> torch.Tensor:
-        """Embedding and all transformer blocks: the region `compile_blocks` compiles."""
-        h = self.vocab_embed(x)
-        for blk, mod in zip(self.blocks, self._modulations()):
-            q, k, v = blk.qkv(h, mod[0], mod[1])
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            h = blk.finish(h, attend_kind(q, k, v, kind, mask), mod)
-        return h
+        """Embedding and all transformer layers under one mask: the region `compile_blocks`
+        compiles."""
+        attention = _masked(kind, mask)
+        return self.layers(self.vocab_embed(x), cos, sin, lambda i: attention)
 
     def compiled_blocks(self, **kwargs: Any) -> Any:
-        """`_blocks` under torch.compile (static shapes by default), not installed: one graph per
-        (shape, grad mode), whatever the block size, since masks come in as inputs."""
+        """`blocks_pass` under torch.compile (static shapes by default), not installed: one graph
+        per (shape, grad mode), whatever the block size, since masks come in as inputs."""
         kwargs.setdefault("dynamic", False)
-        return torch.compile(self._blocks, **kwargs)
+        return torch.compile(self.blocks_pass, **kwargs)
 
     def compile_blocks(self, **kwargs: Any) -> DiT:
-        """Wrap the embedding and transformer blocks with torch.compile (in place; returns self).
+        """Run the embedding and transformer layers under torch.compile from now on (returns self).
 
         Static shapes: one graph per (sequence shape, grad mode), built once and then reused;
         switching block sizes recompiles nothing (the mask is an input, see `attention`). The
         boolean `select` gather and the output layer stay outside: the gather has a
         data-dependent size."""
-        self._blocks = self.compiled_blocks(**kwargs)  # instance attribute shadows the method
+        self._compiled = self.compiled_blocks(**kwargs)
         return self
 
     def hidden(self, x: torch.Tensor, block_size: int | None = None, run: Any = None) -> torch.Tensor:
@@ -350,15 +287,18 @@ class DiT(nn.Module):
         if start + n > cache.capacity:
             raise DidError(f"KV cache full: {start} + {n} tokens > capacity {cache.capacity}")
         cos, sin = self.rotary_emb.cos_sin(start, n, x.device)
-        h = self.vocab_embed(x)
         end = start + n
-        for i, (blk, mod) in enumerate(zip(self.blocks, self._modulations())):
-            q, k, v = blk.qkv(h, mod[0], mod[1])
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            cache.k[i][:, :, start:end] = k.to(cache.k[i].dtype)
-            cache.v[i][:, :, start:end] = v.to(cache.v[i].dtype)
-            kk, vv = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
-            h = blk.finish(h, attend(q, kk.to(q.dtype), vv.to(q.dtype), None), mod)
+
+        def cached(i: int) -> Attention:
+            def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                cache.k[i][:, :, start:end] = k.to(cache.k[i].dtype)
+                cache.v[i][:, :, start:end] = v.to(cache.v[i].dtype)
+                kk, vv = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
+                return attend(q, kk.to(q.dtype), vv.to(q.dtype), None)
+
+            return attention
+
+        h = self.layers(self.vocab_embed(x), cos, sin, cached)
         if commit:
             cache.length = end
             cache.start.fill_(end)
@@ -372,8 +312,9 @@ class DiT(nn.Module):
         CUDA graph reads memory nothing else can free."""
         device = device or self.vocab_embed.embedding.device
         cos, sin = (t.clone() for t in self.rotary_emb.cos_sin(0, capacity, device))
-        mods = [tuple(m) for m in self._modulations()]
-        shift, scale = self.output_layer.adaLN_modulation(self._cond())[0].chunk(2, dim=-1)
+        c = self._cond()
+        mods = [tuple(blk.modulation(c)) for blk in self.blocks]
+        shift, scale = self.output_layer.adaLN_modulation(c)[0].chunk(2, dim=-1)
         return StepConstants(cos, sin, mods, (shift, scale))
 
     def step_static(
@@ -390,15 +331,16 @@ class DiT(nn.Module):
         pos = cache.start + torch.arange(n, device=x.device)
         cos, sin = c.cos.index_select(0, pos), c.sin.index_select(0, pos)
         visible = (torch.arange(cap, device=x.device) < cache.start + n)[None, None, None, :]
-        h = self.vocab_embed(x)
-        for i, (blk, mod) in enumerate(zip(self.blocks, c.mods)):
-            q, k, v = blk.qkv(h, mod[0], mod[1])
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            cache.k[i].index_copy_(2, pos, k.to(cache.k[i].dtype))
-            cache.v[i].index_copy_(2, pos, v.to(cache.v[i].dtype))
-            att = F.scaled_dot_product_attention(
-                q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), attn_mask=visible
-            )
-            h = blk.finish(h, att, mod)
+
+        def static(i: int) -> Attention:
+            def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                cache.k[i].index_copy_(2, pos, k.to(cache.k[i].dtype))
+                cache.v[i].index_copy_(2, pos, v.to(cache.v[i].dtype))
+                kk, vv = cache.k[i].to(q.dtype), cache.v[i].to(q.dtype)
+                return F.scaled_dot_product_attention(q, kk, vv, attn_mask=visible)
+
+            return attention
+
+        h = self.layers(self.vocab_embed(x), cos, sin, static, mods=c.mods)
         shift, scale = c.final
         return self.output_layer.linear(modulate(self.output_layer.norm_final(h), shift, scale))
