@@ -154,7 +154,7 @@ def measure(
     # row (the public API shares one suffix across prompts)
     from did_cli.sampling import DraftConfig
     from did_cli.sampling.core import make_generator, mix_seed
-    from did_cli.sampling.drafting import draft_batch
+    from did_cli.sampling.drafting_batch import draft_batch
     from did_cli.sampling.prompts import Prompt
 
     cfg = DraftConfig(n=1, length=L, block_size=block, seed=seed)
@@ -167,18 +167,16 @@ def measure(
             for k, r in enumerate(part)
         ]
         gens = [make_generator(mix_seed(seed, p.id), "cpu") for p in prs]
-        for p, (toks, conf, nfe, _secs, _notes) in zip(
-            prs, draft_batch(model, cfg, sp, L, prs, gens, torch.device("cpu"))
-        ):
+        for p, res in zip(prs, draft_batch(model, cfg, sp, L, prs, gens, torch.device("cpu"))):
             drafts.append(
                 make_record(
-                    toks,
-                    conf,
+                    res.tokens,
+                    res.confidence,
                     id=p.id,
                     tokenizer=tok,
                     prompt_len=1 + prompt_tokens,
                     suffix_len=suffix_tokens,
-                    nfe=nfe,
+                    nfe=res.nfe,
                 )
             )
     print(f"drafted {len(drafts)} in {time.time() - t0:.0f} s", file=sys.stderr)

@@ -46,7 +46,7 @@ def main() -> None:
     from did_cli.evaluation import gen_ppl as evaluate
     from did_cli.evaluation.scorer import load_scorer
     from did_cli.io.checkpoint import load_model, read_best, resolve_checkpoint
-    from did_cli.io.records import RecordWriter
+    from did_cli.io.record_writer import RecordWriter
     from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
     from did_cli.training import TrainConfig, train
 

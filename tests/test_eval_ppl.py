@@ -19,7 +19,8 @@ from did_cli import util  # noqa: E402
 from did_cli.errors import DidError  # noqa: E402
 from did_cli.evaluation import gen_ppl as evaluate  # noqa: E402
 from did_cli.evaluation.scorer import default_gguf_path, load_scorer  # noqa: E402
-from did_cli.io.records import RecordWriter, make_record  # noqa: E402
+from did_cli.io.record_writer import RecordWriter  # noqa: E402
+from did_cli.io.records import make_record  # noqa: E402
 
 CTX = 64
 EOT = 50256

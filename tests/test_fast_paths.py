@@ -302,7 +302,8 @@ def test_parallel_refine_peak_memory(tmp_path, tok):
     """`did refine --sampler parallel` at batch 32, L = 64, ratio 0.5 (1000 masked rows per call,
     a [1000, V] float64 tensor is 400 MB): the process peaks well below 1.5 GB."""
     from did_cli.io.checkpoint import save_model
-    from did_cli.io.records import dumps, make_record
+    from did_cli.io.record_writer import dumps
+    from did_cli.io.records import make_record
 
     torch.manual_seed(0)
     model = DiT(preset("tiny", model_length=64, dropout=0.0))

@@ -17,7 +17,7 @@ from did_cli.errors import DidError, UsageError
 from did_cli.evaluation import bootstrap as bs
 from did_cli.evaluation.scorer import CLEANUP, Scorer, clean_up
 from did_cli.sampling import DraftConfig, draft
-from did_cli.sampling.drafting import window_entropy
+from did_cli.sampling.stopping import window_entropy
 from did_cli.training.clip_search import batch_statistic, clip_grid, pick, search_clip
 
 MASK = 50257

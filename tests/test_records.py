@@ -12,7 +12,8 @@ import textwrap
 import pytest
 
 from did_cli.errors import DidError
-from did_cli.io.records import SCHEMA, RecordWriter, make_record, read_records, validate
+from did_cli.io.record_writer import RecordWriter
+from did_cli.io.records import SCHEMA, make_record, read_records, validate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -148,7 +149,8 @@ def test_failed_write_never_leaves_half_a_line(tmp_path):
         f"""
         import resource, signal, json
         from did_cli.errors import DidError
-        from did_cli.io.records import RecordWriter, SCHEMA
+        from did_cli.io.records import SCHEMA
+        from did_cli.io.record_writer import RecordWriter
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         rec = {{"schema": SCHEMA, "id": "0", "tokens": list(range(1000)),
                "confidence": [0.5] * 1000, "text": "x"}}

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from did_cli import cli
 from did_cli.evaluation.gen_ppl import sample_tokens
-from did_cli.io.records import RecordWriter
+from did_cli.io.record_writer import RecordWriter
 from did_cli.pipeline.page import render_page
 from did_cli.pipeline.page_html import Pieces, palette
 from did_cli.sampling import DraftConfig, RefineConfig, draft, refine

@@ -54,7 +54,7 @@ def _draft(**kw: Any) -> None:
     """Draft samples with block diffusion; records (with snapshot confidence) as JSONL."""
     from did_cli import sampling
     from did_cli.io.checkpoint import load_model, read_config
-    from did_cli.io.records import RecordWriter
+    from did_cli.io.record_writer import RecordWriter
     from did_cli.io.tokenizer import load_tokenizer
     from did_cli.sampling.prompts import resolve_prompts
     from did_cli.util import resolve_device
@@ -120,7 +120,8 @@ def _refine(**kw: Any) -> None:
     """Re-mask the least confident tokens of drafts and regenerate them (global refine)."""
     from did_cli import sampling
     from did_cli.io.checkpoint import load_model, read_config
-    from did_cli.io.records import RecordWriter, read_records, unique_ids
+    from did_cli.io.record_writer import RecordWriter
+    from did_cli.io.records import read_records, unique_ids
     from did_cli.io.tokenizer import load_tokenizer
     from did_cli.util import resolve_device
 

@@ -8,9 +8,7 @@ with the line number and file name instead of deep inside a model call.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -193,110 +191,6 @@ def unique_ids(records: Iterable[dict], source: str = "the input") -> Iterator[d
         yield rec
 
 
-def dumps(rec: dict) -> str:
-    """One record as one JSON line (no trailing newline). NaN/inf are refused, not written."""
-    try:
-        return json.dumps(rec, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except ValueError as e:
-        raise DidError(f"record {rec.get('id', '?')!r} is not valid JSON: {e}") from None
-
-
-class RecordWriter:
-    """Write records as JSONL to a file or stdout, one whole line at a time.
-
-    ``RecordWriter(None)`` or ``RecordWriter("-")`` writes to stdout. A file path is checked
-    and locked at construction (did_cli.io.outputs), so an unwritable destination, or one that
-    another process is writing, fails before any work. Records go to ``<path>.partial``, which
-    is renamed to ``<path>`` when the writer closes without an error; after a crash or Ctrl-C
-    the final path is untouched and ``<path>.partial`` holds every record written so far, each
-    on a complete line (a write that fails midway is truncated back to the previous line end).
-    A symlink is followed (its target is replaced); a device, named pipe or socket is written
-    straight through and never replaced.
-    """
-
-    def __init__(self, dest: str | Path | None):
-        from did_cli.io.outputs import Lock, special_mode, target
-
-        self.dest = None if dest is None or str(dest) == "-" else Path(dest)
-        self.count = 0
-        self._good = 0
-        self._fh: IO[bytes] | None = None
-        self._lock = None
-        self.partial: Path | None = None
-        if self.dest is None:
-            self.name = "stdout"
-            return
-        self.name = str(self.dest)
-        self._target = target(self.dest)
-        if self._target.special:
-            where = self.dest
-        else:
-            self._lock = Lock(self._target)
-            self.partial = where = self._target.real.with_name(self._target.real.name + ".partial")
-        try:
-            self._fh = open(where, special_mode() if self.partial is None else "wb", buffering=0)
-        except BaseException as e:
-            if self._lock is not None:
-                self._lock.release()
-            if isinstance(e, OSError):
-                raise DidError(f"cannot write {self.dest}: {e.strerror or e}") from None
-            raise
-
-    def write(self, rec: dict) -> None:
-        line = dumps(rec) + "\n"
-        if self._fh is None:
-            if self.dest is not None:
-                raise DidError(f"{self.name}: writer is closed")
-            from did_cli.io.outputs import write_stdout
-
-            write_stdout(line)
-        else:
-            data = memoryview(line.encode("utf-8"))
-            try:
-                # unbuffered: loop over short writes so nothing sits in a hidden buffer
-                while data:
-                    data = data[self._fh.write(data) or 0 :]
-            except BaseException as e:
-                # drop a half-written line so the file never ends mid-record
-                if self.partial is not None:  # a pipe or device cannot be truncated
-                    try:
-                        self._fh.truncate(self._good)
-                        self._fh.seek(self._good)
-                    except (OSError, ValueError):
-                        pass
-                if isinstance(e, OSError):
-                    raise DidError(f"cannot write {self.name}: {e.strerror or e}") from None
-                raise
-            if self.partial is not None:
-                self._good = self._fh.tell()
-        self.count += 1
-
-    def close(self, ok: bool = True) -> None:
-        """Finish the file: rename `.partial` to the final name when `ok`, else leave it when it
-        holds a record (removed when empty); the lock goes either way."""
-        if self._fh is None:
-            return
-        fh, self._fh = self._fh, None
-        try:
-            fh.close()
-            if ok and self.partial is not None:
-                os.replace(self.partial, self._target.real)
-            elif self.partial is not None and self._good == 0:  # nothing to recover: no leftover
-                self.partial.unlink(missing_ok=True)
-        except OSError as e:
-            if ok:
-                raise DidError(f"cannot write {self.name}: {e.strerror or e}") from None
-        finally:
-            if self._lock is not None:
-                self._lock.release()
-
-    def __enter__(self) -> RecordWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(ok=exc_type is None)
-
-
 def _clean_conf(c: Any) -> float | None:
     if c is None:
         return None
@@ -349,14 +243,74 @@ def make_record(
     return validate(rec)
 
 
+def free_span(rec: dict) -> tuple[int, int]:
+    """[lo, hi): the generated positions of a record, between its fixed prefix (BOS and a
+    prompt, `prompt_len`) and its fixed suffix (`suffix_len`)."""
+    n = len(rec["tokens"])
+    return int(rec.get("prompt_len", 1) or 0), n - int(rec.get("suffix_len", 0) or 0)
+
+
+def stage_record(
+    block_size: int,
+    ratio: float,
+    remasked: list[int],
+    changed: int,
+    counts: dict,
+    seconds: float,
+    path: str,
+    settings: dict,
+) -> dict:
+    """One entry of a refined record's `stages`: what a refinement stage did to the record.
+    `counts`: {"nfe", "forward_passes"}; `settings`: the sampler settings worth recording (None
+    values left out)."""
+    entry = {"block_size": block_size, "ratio": ratio, "remasked": list(remasked), "changed": int(changed)}
+    entry.update(counts)
+    entry.update({"seconds": round(seconds, 4), "path": path})
+    entry.update({k: v for k, v in settings.items() if v is not None})
+    return entry
+
+
+def refined_record(
+    draft: dict,
+    tokens: list[int],
+    confidence: list[float | None],
+    stages: list[dict],
+    counts: dict,
+    seconds: float,
+    tokenizer: Any,
+) -> dict:
+    """The record of a refined draft: its new tokens, the confidences of the generated span
+    (fixed positions keep the draft's), the draft's tokens, the stages appended to any earlier
+    ones, and the counts and time added to the draft's. Unchanged tokens keep the draft's text
+    byte for byte."""
+    n = len(tokens)
+    lo, hi = free_span(draft)
+    old = draft.get("confidence") or [None] * n
+    conf = [confidence[p] if lo <= p < hi else old[p] for p in range(n)]
+    skip = ("schema", "id", "tokens", "confidence", "text", "prompt_len")
+    extra = {k: v for k, v in draft.items() if k not in skip}
+    extra["draft_tokens"] = draft.get("draft_tokens") or list(draft["tokens"])
+    extra["stages"] = list(draft.get("stages") or []) + stages
+    extra["nfe"] = int(draft.get("nfe") or 0) + counts["nfe"]
+    extra["forward_passes"] = (
+        int(draft.get("forward_passes", draft.get("nfe")) or 0) + counts["forward_passes"]
+    )
+    extra["seconds"] = round(float(draft.get("seconds") or 0.0) + seconds, 4)
+    rec = make_record(tokens, conf, id=draft["id"], tokenizer=tokenizer, prompt_len=lo, **extra)
+    if tokens == draft["tokens"] and "text" in draft:
+        rec["text"] = draft["text"]
+    return rec
+
+
 __all__ = [
     "SCHEMA",
     "REQUIRED",
     "validate",
     "parse_line",
     "read_records",
-    "dumps",
     "unique_ids",
-    "RecordWriter",
     "make_record",
+    "free_span",
+    "stage_record",
+    "refined_record",
 ]

@@ -358,7 +358,7 @@ ENTROPY_BAND = 0.03
 
 def _save(path: Path, records: Any) -> list[dict]:
     """Write records to `path` as they come (a crash keeps the finished ones) and return them."""
-    from did_cli.io.records import RecordWriter
+    from did_cli.io.record_writer import RecordWriter
 
     kept = []
     with RecordWriter(path) as w:

@@ -5,9 +5,10 @@ global bidirectional pass of Diffusion in Diffusion.
     from did_cli.sampling import RefineConfig, refine
     refined = list(refine(model, drafts, RefineConfig(stages=[(None, 0.25)])))
 
-Records in and out are `did.sample/1` (records.py). The sampler of each stage is drafting's
-(`did_cli.sampling.core.fill`): same nucleus, Gumbel-max and per-record generators, seeded from
-(seed, record id), so a record's result does not depend on the batch it ran in.
+Records in and out are `did.sample/1` (did_cli.io.records makes and checks them). Which tokens a
+stage re-masks is `did_cli.sampling.remask.remask_positions`. The sampler of each stage is
+drafting's (`did_cli.sampling.core.fill`): same nucleus, Gumbel-max and per-record generators,
+seeded from (seed, record id), so a record's result does not depend on the batch it ran in.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from did_cli.errors import DidError
+from did_cli.io.records import free_span, refined_record, stage_record, validate
 from did_cli.sampling.core import (
     EvalMode,
     Progress,
@@ -34,6 +37,7 @@ from did_cli.sampling.core import (
 )
 from did_cli.sampling.passes import RefinePasses
 from did_cli.sampling.posthoc import posthoc_confidence
+from did_cli.sampling.remask import remask_positions
 from did_cli.sampling.sampler_config import RefineConfig
 
 
@@ -41,8 +45,6 @@ def check_record(rec: dict, where: str, mc: Any, tokenizer: Any, cfg: RefineConf
     """Raise DidError when a record cannot be refined by a model of config `mc` (a
     ModelConfig; `where` names the record in messages). Needs no weights, so the CLI runs it
     on a whole input file before loading the model."""
-    from did_cli.io.records import validate
-
     validate(rec, vocab_size=mc.vocab_size, need=("id", "tokens"), source=where)
     minfo = rec.get("model")
     if isinstance(minfo, dict):
@@ -68,7 +70,7 @@ def check_record(rec: dict, where: str, mc: Any, tokenizer: Any, cfg: RefineConf
         raise DidError(
             f"{where}: holds [MASK] at position {tokens.index(mc.mask_id)} (not a finished sample)"
         )
-    lo, hi = _gen_range(rec)
+    lo, hi = free_span(rec)
     if lo > hi:
         raise DidError(f"{where}: prompt_len + suffix_len exceed the length {n}")
     if cfg.confidence == "snapshot" and any(r > 0 for _, r in cfg.stages):
@@ -79,11 +81,6 @@ def check_record(rec: dict, where: str, mc: Any, tokenizer: Any, cfg: RefineConf
             c = conf[p]
             if c is None or not math.isfinite(c):
                 raise DidError(f"{where}: no confidence at position {p} (use --confidence posthoc or random)")
-
-
-def _gen_range(rec: dict) -> tuple[int, int]:
-    n = len(rec["tokens"])
-    return int(rec.get("prompt_len", 1) or 0), n - int(rec.get("suffix_len", 0) or 0)
 
 
 def refine(
@@ -109,9 +106,12 @@ def refine(
 
     passes = RefinePasses(model, cfg, device)
 
+    settings = cfg.record_settings(model_path)
+
     def flush() -> Iterator[dict]:
         nonlocal batch, done
-        out, batch = _refine_batch(model, batch, cfg, sp, tok, device, model_path, passes), []
+        res = refine_batch(model, batch, cfg, sp, device, passes)
+        out, batch = [_record(rec, i, res, settings, tok) for i, rec in enumerate(batch)], []
         done += len(out)
         bar.advance(len(out), f"refine: {done} records")
         yield from out
@@ -142,31 +142,70 @@ def refine(
         bar.close()
 
 
-def _remask_positions(
-    conf_row: list[float], lo: int, hi: int, k: int, mode: str, gen: torch.Generator | None
-) -> list[int]:
-    """The k generated positions to re-mask: lowest confidence first, ties by lower position."""
-    if k <= 0:
-        return []
-    if mode == "random":
-        perm = torch.randperm(hi - lo, generator=gen)[:k]
-        return sorted(int(p) + lo for p in perm)
-    order = sorted(range(lo, hi), key=lambda p: (conf_row[p], p))
-    return sorted(order[:k])
+@dataclass
+class StageResult:
+    """What one refinement stage did to a batch."""
+
+    block_size: int
+    ratio: float
+    remasked: list[list[int]]
+    """Per row, the positions re-masked and regenerated."""
+    changed: list[int]
+    """Per row, how many tokens differ after the stage."""
+    nfe: int
+    """Denoising calls of the stage (the batch's, shared by its rows)."""
+    forward_passes: int
+    """Every model call of the stage: denoising, cache commits, re-scoring."""
+    seconds: float
+    path: str
+    """Which implementation ran: 'eager', 'graph', 'compiled', ..."""
 
 
-def _refine_batch(
-    model,
+@dataclass
+class BatchResult:
+    """A refined batch: tokens and confidences per row, and each stage's figures."""
+
+    tokens: list[list[int]]
+    confidence: list[list[float]]
+    stages: list[StageResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "nfe": sum(s.nfe for s in self.stages),
+            "forward_passes": sum(s.forward_passes for s in self.stages),
+        }
+
+
+def _record(rec: dict, i: int, res: BatchResult, settings: dict, tok: Any) -> dict:
+    stages = [
+        stage_record(
+            s.block_size,
+            s.ratio,
+            s.remasked[i],
+            s.changed[i],
+            {"nfe": s.nfe, "forward_passes": s.forward_passes},
+            s.seconds,
+            s.path,
+            settings,
+        )
+        for s in res.stages
+    ]
+    return refined_record(rec, res.tokens[i], res.confidence[i], stages, res.counts(), res.seconds, tok)
+
+
+def refine_batch(
+    model: Any,
     recs: list[dict],
     cfg: RefineConfig,
     sp: SamplerSettings,
-    tok,
-    device,
-    model_path: str | None,
+    device: torch.device,
     passes: RefinePasses,
-) -> list[dict]:
-    b, n = len(recs), len(recs[0]["tokens"])
-    ranges = [_gen_range(r) for r in recs]
+) -> BatchResult:
+    """Refine records of one length together: every stage of `cfg` on their tokens and
+    confidences as tensors; returns the new tokens and confidences and each stage's figures."""
+    n = len(recs[0]["tokens"])
+    spans = [free_span(r) for r in recs]
     gens = [make_generator(mix_seed(cfg.seed, r["id"]), device) for r in recs]
     x = torch.tensor([r["tokens"] for r in recs], dtype=torch.long, device=device)
     conf = torch.tensor(
@@ -174,84 +213,54 @@ def _refine_batch(
         dtype=torch.float64,
         device=device,
     )
-    stages_out: list[list[dict]] = [[] for _ in recs]
-    nfe_total = fwd_total = 0
     t_start = time.perf_counter()
+    stages = []
     with torch.inference_mode(), EvalMode(model), autocast(device, cfg.dtype, cache=passes.autocast_cache):
         scoring = 0  # re-scoring passes: forward passes, not denoising NFEs
         if cfg.confidence in ("posthoc", "posthoc-loo"):
             conf, scoring = posthoc_confidence(
-                model, x, ranges, cfg.confidence == "posthoc-loo", cfg.batch_size, passes
+                model, x, spans, cfg.confidence == "posthoc-loo", cfg.batch_size, passes
             )
         for si, (block, ratio) in enumerate(cfg.stages):
-            t0 = time.perf_counter()
-            before = x.clone()
-            remask = _remask(x, conf, ranges, recs, ratio, si, cfg, model.config.mask_id)
-            calls, commits = 0, scoring if si == 0 else 0
-            B = n if block is None or block >= n else block
-            path = "eager"
-            if any(remask):
-                if B >= n:
-                    # global bidirectional pass: full attention over the whole sequence
-                    def logits_fn(s_, f_):
-                        h, logits_fn.path = passes.global_hidden(x)
-                        return RowLogits(h[s_], passes.head, model.config.vocab_size)
-
-                    calls += fill(x, conf, 0, n, [len(p) for p in remask], logits_fn, gens, sp)
-                    path = logits_fn.path
-                else:
-                    step = passes.block_step(b, n, B)
-                    denoise, commit = _refine_blocks(step, x, conf, B, remask, gens, sp)
-                    calls, commits = calls + denoise, commits + commit
-                    path = step.path
-            nfe_total, fwd_total = nfe_total + calls, fwd_total + calls + commits
-            _check_remasked(conf, remask, recs, si, B)
-            changed = (x != before).sum(dim=1).tolist()
-            secs = time.perf_counter() - t0
-            for i in range(b):
-                entry = {
-                    "block_size": B,
-                    "ratio": ratio,
-                    "confidence": cfg.confidence,
-                    "remasked": remask[i],
-                    "changed": int(changed[i]),
-                    "nfe": calls,
-                    "forward_passes": calls + commits,
-                    "seconds": round(secs, 4),
-                    "sampler": cfg.sampler,
-                    "top_p": cfg.top_p,
-                    "seed": cfg.seed,
-                    "path": path,
-                }
-                if cfg.tokens_per_step is not None:
-                    entry["tokens_per_step"] = cfg.tokens_per_step
-                if cfg.threshold is not None:
-                    entry["threshold"] = cfg.threshold
-                if model_path is not None:
-                    entry["model"] = str(model_path)
-                stages_out[i].append(entry)
-        xs, cs = x.tolist(), conf.tolist()
-    total_secs = time.perf_counter() - t_start
-    out = []
-    for i, rec in enumerate(recs):
-        lo, hi = ranges[i]
-        old = rec.get("confidence") or [None] * n
-        new_conf = [cs[i][p] if lo <= p < hi else old[p] for p in range(n)]
-        extra = {
-            k: v
-            for k, v in rec.items()
-            if k not in ("schema", "id", "tokens", "confidence", "text", "prompt_len")
-        }
-        extra["draft_tokens"] = rec.get("draft_tokens") or list(rec["tokens"])
-        extra["stages"] = list(rec.get("stages") or []) + stages_out[i]
-        extra["nfe"] = int(rec.get("nfe") or 0) + nfe_total
-        extra["forward_passes"] = int(rec.get("forward_passes", rec.get("nfe")) or 0) + fwd_total
-        extra["seconds"] = round(float(rec.get("seconds") or 0.0) + total_secs, 4)
-        out.append(_record_keep(tok, rec, xs[i], new_conf, lo, extra))
-    return out
+            ids = [r["id"] for r in recs]
+            stage = _stage(model, x, conf, spans, ids, si, block, ratio, cfg, sp, gens, passes)
+            stage.forward_passes += scoring if si == 0 else 0
+            stages.append(stage)
+        tokens, confidence = x.tolist(), conf.tolist()
+    return BatchResult(tokens, confidence, stages, time.perf_counter() - t_start)
 
 
-def _check_remasked(conf: torch.Tensor, remask: list[list[int]], recs: list[dict], si: int, B: int) -> None:
+def _stage(model, x, conf, spans, ids, si: int, block, ratio: float, cfg: RefineConfig, sp, gens, passes):
+    """Stage `si`: re-mask each row's least confident tokens (in place) and regenerate them."""
+    b, n = x.shape
+    t0 = time.perf_counter()
+    before = x.clone()
+    remask = _remask(x, conf, spans, ids, ratio, si, cfg, model.config.mask_id)
+    calls = commits = 0
+    B = n if block is None or block >= n else block
+    path = "eager"
+    if any(remask):
+        if B >= n:
+            # global bidirectional pass: full attention over the whole sequence
+            ran = []
+
+            def logits_fn(sel, flat):
+                h, how = passes.global_hidden(x)
+                ran.append(how)
+                return RowLogits(h[sel], passes.head, model.config.vocab_size)
+
+            calls = fill(x, conf, 0, n, [len(p) for p in remask], logits_fn, gens, sp)
+            path = ran[-1] if ran else path
+        else:
+            step = passes.block_step(b, n, B)
+            calls, commits = _refine_blocks(step, x, conf, B, remask, gens, sp)
+            path = step.path
+    _check_remasked(conf, remask, ids, si, B)
+    changed = (x != before).sum(dim=1).tolist()
+    return StageResult(B, ratio, remask, changed, calls, calls + commits, time.perf_counter() - t0, path)
+
+
+def _check_remasked(conf: torch.Tensor, remask: list[list[int]], ids: list[str], si: int, B: int) -> None:
     """Every regenerated position must have a finite probability (else the logits were not)."""
     rows = [(i, p) for i, ps in enumerate(remask) for p in ps]
     if not rows:
@@ -261,24 +270,23 @@ def _check_remasked(conf: torch.Tensor, remask: list[list[int]], recs: list[dict
     if len(bad):
         i, p = rows[int(bad[0])]
         raise DidError(
-            f"record {recs[i]['id']!r}: the model gave non-finite logits at position {p} in refine stage "
+            f"record {ids[i]!r}: the model gave non-finite logits at position {p} in refine stage "
             f"{si + 1} (block size {B}); the weights or the precision (--dtype) are at fault"
         )
 
 
-def _remask(x, conf, ranges, recs, ratio: float, si: int, cfg: RefineConfig, mask_id: int) -> list[list[int]]:
-    """Choose each record's positions to re-mask in stage `si` and mask them (in place)."""
+def _remask(x, conf, spans, ids, ratio: float, si: int, cfg: RefineConfig, mask_id: int) -> list[list[int]]:
+    """Choose each row's positions to re-mask in stage `si` (`remask_positions`) and mask them in
+    place (token [MASK], confidence NaN)."""
     b, n = x.shape
     conf_h = conf.tolist()
     remask: list[list[int]] = []
-    for i, (lo, hi) in enumerate(ranges):
-        k = math.ceil(ratio * (hi - lo) - 1e-9)
-        rg = (
-            make_generator(mix_seed(cfg.seed, recs[i]["id"], "remask", si), "cpu")
-            if cfg.confidence == "random"
-            else None
-        )
-        remask.append(_remask_positions(conf_h[i], lo, hi, k, cfg.confidence, rg))
+    for i, (lo, hi) in enumerate(spans):
+        fixed = [not lo <= p < hi for p in range(n)]
+        rg = None
+        if cfg.confidence == "random":
+            rg = make_generator(mix_seed(cfg.seed, ids[i], "remask", si), "cpu")
+        remask.append(remask_positions(conf_h[i], ratio, fixed, cfg.confidence, rg))
     sel = torch.zeros((b, n), dtype=torch.bool)
     for i, ps in enumerate(remask):
         sel[i, ps] = True
@@ -286,15 +294,6 @@ def _remask(x, conf, ranges, recs, ratio: float, si: int, cfg: RefineConfig, mas
     x[sel] = mask_id
     conf[sel] = math.nan
     return remask
-
-
-def _record_keep(tok, rec: dict, tokens: list[int], conf: list, lo: int, extra: dict) -> dict:
-    from did_cli.io.records import make_record
-
-    r = make_record(tokens, conf, id=rec["id"], tokenizer=tok, prompt_len=lo, **extra)
-    if tokens == rec["tokens"] and "text" in rec:
-        r["text"] = rec["text"]  # unchanged tokens: keep the text byte for byte
-    return r
 
 
 def _refine_blocks(

@@ -160,6 +160,11 @@ class RefineConfig(SamplerConfig):
     (uniform, seeded)."""
 
     def check(self, model_length: int) -> None:
+        """UsageError naming the option at fault, for a model of length `model_length`. Checked
+        once per length: the CLI checks before loading the weights, so the check `refine` makes
+        again for a Python caller costs nothing."""
+        if getattr(self, "_checked_for", None) == model_length:
+            return
         self.check_sampling()
         if self.confidence not in CONFIDENCES:
             raise UsageError(f"--confidence {self.confidence!r}: choose from {', '.join(CONFIDENCES)}")
@@ -175,6 +180,19 @@ class RefineConfig(SamplerConfig):
                     raise UsageError(
                         f"--stages: block size {b} does not divide the sequence length {model_length}"
                     )
+        self._checked_for = model_length
+
+    def record_settings(self, model_path: str | None = None) -> dict[str, Any]:
+        """The settings each refined record's stages carry (None values are left out)."""
+        return {
+            "confidence": self.confidence,
+            "sampler": self.sampler,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "tokens_per_step": self.tokens_per_step,
+            "threshold": self.threshold,
+            "model": None if model_path is None else str(model_path),
+        }
 
 
 def format_stages(stages: list[tuple[int | None, float]]) -> str:
