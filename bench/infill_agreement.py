@@ -37,7 +37,7 @@ from did_cli.io.sources import BUNDLED_CORPUS
 
 def prepare_and_train(work: Path, steps: int, chars: int) -> Path:
     from did_cli.io.checkpoint import latest_checkpoint
-    from did_cli.io.data import prepare
+    from did_cli.io.packing import prepare
     from did_cli.training import TrainConfig, train
 
     run = work / "run"

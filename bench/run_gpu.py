@@ -493,7 +493,8 @@ def run_sections(a, device, fig: dict, save) -> None:
     if "draft" in sections or "refine" in sections:
         try:
             if a.model:
-                from did_cli.io.checkpoint import load_model, resolve_checkpoint
+                from did_cli.io.checkpoint import resolve_checkpoint
+                from did_cli.io.model_folder import load_model
 
                 model, _ = load_model(resolve_checkpoint(a.model), device=device)
                 a.length = min(a.length, model.config.model_length)

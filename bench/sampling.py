@@ -33,7 +33,7 @@ from devinfo import peak_bytes, peaks, reset_peak  # noqa: E402
 
 from did_cli.core.dit import DiT  # noqa: E402
 from did_cli.core.model_config import PRESETS, preset  # noqa: E402
-from did_cli.io.checkpoint import load_model  # noqa: E402
+from did_cli.io.model_folder import load_model  # noqa: E402
 from did_cli.io.tokenizer import load_tokenizer  # noqa: E402
 from did_cli.sampling import DraftConfig, RefineConfig, draft, refine  # noqa: E402  # noqa: E402
 from did_cli.sampling.fast import FastFirstHitting, weight_bytes  # noqa: E402

@@ -277,7 +277,7 @@ def bench_data(folder: Path, seq_len: int, rows: int) -> Path:
     import json
     import lzma
 
-    from did_cli.io.data import prepare
+    from did_cli.io.packing import prepare
     from did_cli.io.sources import BUNDLED_CORPUS
 
     folder.mkdir(parents=True, exist_ok=True)

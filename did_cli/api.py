@@ -38,7 +38,7 @@ def load_model(path: str | Path, device: str = "auto") -> tuple[DiT, Tokenizer]:
     config. The model maps token ids [batch, length] (int64) to logits [batch, length, vocab].
     """
     from did_cli.errors import DidError
-    from did_cli.io import checkpoint
+    from did_cli.io import model_folder
     from did_cli.io.tokenizer import load_tokenizer
     from did_cli.util import resolve_device
 
@@ -46,7 +46,7 @@ def load_model(path: str | Path, device: str = "auto") -> tuple[DiT, Tokenizer]:
     if not p.exists() and p.name not in ("best", "latest"):
         raise DidError(f"{path}: no such folder")
     dev = resolve_device(device)
-    model, info = checkpoint.load_model(p, device=dev)
+    model, info = model_folder.load_model(p, device=dev)
     tok = load_tokenizer(model.config.tokenizer)
     model.checkpoint_path = str(info["folder"])  # written into records as model.path, as the CLI does
     return model, tok

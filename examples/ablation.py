@@ -45,7 +45,8 @@ def main() -> None:
 
     from did_cli.evaluation import gen_ppl as evaluate
     from did_cli.evaluation.scorer import load_scorer
-    from did_cli.io.checkpoint import load_model, read_best, resolve_checkpoint
+    from did_cli.io.checkpoint import read_best, resolve_checkpoint
+    from did_cli.io.model_folder import load_model
     from did_cli.io.record_writer import RecordWriter
     from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
     from did_cli.training import TrainConfig, train

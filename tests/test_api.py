@@ -13,7 +13,7 @@ from conftest import REPO, tiny_model
 
 import did_cli
 from did_cli.errors import UsageError
-from did_cli.io.checkpoint import save_model
+from did_cli.io.model_folder import save_model
 from did_cli.sampling import DraftConfig, draft
 
 L = 32

@@ -13,8 +13,8 @@ from test_train import corpus_slice
 
 from did_cli.errors import DidError
 from did_cli.io import checkpoint as ck
-from did_cli.io.checkpoint import load_model
-from did_cli.io.data import prepare
+from did_cli.io.model_folder import load_model
+from did_cli.io.packing import prepare
 from did_cli.training import TrainConfig, train
 
 

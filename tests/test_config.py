@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from did_cli import cli
 from did_cli.commands import evaluate, sample, train
-from did_cli.io.data import prepare
+from did_cli.io.packing import prepare
 
 L = 32
 APP = cli.build_app()

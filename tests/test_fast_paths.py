@@ -253,7 +253,7 @@ def test_mixed_block_training_compiles_one_graph_per_shape(tmp_path):
     from test_train import corpus_slice
     from torch._dynamo.utils import counters
 
-    from did_cli.io.data import prepare
+    from did_cli.io.packing import prepare
     from did_cli.training import TrainConfig, train
 
     prepare([str(corpus_slice(tmp_path / "slice.jsonl"))], tmp_path / "data", seq_len=32, progress=False)
@@ -301,7 +301,7 @@ def _peak_rss_of(cmd: list[str]) -> tuple[int, int]:
 def test_parallel_refine_peak_memory(tmp_path, tok):
     """`did refine --sampler parallel` at batch 32, L = 64, ratio 0.5 (1000 masked rows per call,
     a [1000, V] float64 tensor is 400 MB): the process peaks well below 1.5 GB."""
-    from did_cli.io.checkpoint import save_model
+    from did_cli.io.model_folder import save_model
     from did_cli.io.record_writer import dumps
     from did_cli.io.records import make_record
 

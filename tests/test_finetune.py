@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from test_train import corpus_slice, events
 
-from did_cli.io.data import prepare
+from did_cli.io.packing import prepare
 from did_cli.training import TrainConfig, train
 from did_cli.training.state import BlockSizeSampler, RowSchedule
 

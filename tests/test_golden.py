@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from did_cli.core import attention
-from did_cli.io.checkpoint import load_model
+from did_cli.io.model_folder import load_model
 
 TOL = 1e-4
 

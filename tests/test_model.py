@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from did_cli.core.dit import DiT
 from did_cli.core.model_config import ModelConfig, preset
 from did_cli.errors import DidError
-from did_cli.io.checkpoint import export_state_dict, load_model, load_state_dict_strict, save_model
+from did_cli.io.model_folder import export_state_dict, load_model, load_state_dict_strict, save_model
 
 
 def bd3lm_state_dict(d: int, n_blocks: int, cond: int, vocab: int) -> dict[str, torch.Tensor]:

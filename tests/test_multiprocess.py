@@ -19,7 +19,7 @@ import torch
 from test_train import corpus_slice
 
 from did_cli.io import checkpoint as ck
-from did_cli.io.data import prepare
+from did_cli.io.packing import prepare
 
 L = 32
 STEPS = 6
@@ -151,8 +151,8 @@ def test_two_cpu_processes_split_the_data_and_follow_one_process(tmp_path):
         assert abs(a["loss"] - b["loss"]) < 0.05 * b["loss"], (a, b)
     # the final (EMA) models, scored on the same rows with the same t draws (the logged val NELBO
     # is not comparable: eval batches are per process, so their shapes and t draws differ)
-    from did_cli.io.checkpoint import load_model
     from did_cli.io.data import PreparedData
+    from did_cli.io.model_folder import load_model
     from did_cli.training.val_nelbo import val_nelbo
 
     rows = torch.from_numpy(

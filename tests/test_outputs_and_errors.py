@@ -25,8 +25,8 @@ from test_train import corpus_slice
 from typer.testing import CliRunner
 
 from did_cli import cli
-from did_cli.io.checkpoint import save_model
-from did_cli.io.data import prepare
+from did_cli.io.model_folder import save_model
+from did_cli.io.packing import prepare
 
 L = 32
 FAST = ["--sampler", "parallel", "--tokens-per-step", "4"]

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from did_cli.errors import DidError, UsageError
-from did_cli.io.data import PreparedData, prepare
+from did_cli.io.data import PreparedData
+from did_cli.io.packing import prepare
 from did_cli.io.tokenizer import load_tokenizer
 
 BOS = EOS = 50256

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from did_cli import cli
 from did_cli.errors import UsageError
-from did_cli.io.checkpoint import save_model
+from did_cli.io.model_folder import save_model
 from did_cli.io.records import validate
 from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
 

@@ -371,7 +371,8 @@ def test_compare_carries_intervals():
 def test_raw_row_layout(tmp_path, tok):
     import json
 
-    from did_cli.io.data import PreparedData, prepare
+    from did_cli.io.data import PreparedData
+    from did_cli.io.packing import prepare
 
     docs = ["one two three four five six seven", "eight nine ten", "eleven twelve thirteen fourteen"]
     src = tmp_path / "docs.jsonl"

@@ -23,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from test_train import corpus_slice
 
 from did_cli.io import checkpoint as ck
-from did_cli.io.checkpoint import export_state_dict, load_model, save_model
-from did_cli.io.data import PreparedData, prepare
+from did_cli.io.data import PreparedData
+from did_cli.io.model_folder import export_state_dict, load_model, save_model
+from did_cli.io.packing import prepare
 from did_cli.io.records import make_record
 from did_cli.io.tokenizer import load_tokenizer
 from did_cli.training.state import RowSchedule

@@ -12,8 +12,8 @@ from test_train import corpus_slice
 
 from did_cli.core.dit import DiT
 from did_cli.core.model_config import preset
-from did_cli.io.checkpoint import save_model
-from did_cli.io.data import prepare
+from did_cli.io.model_folder import save_model
+from did_cli.io.packing import prepare
 from did_cli.training import TrainConfig, train
 
 L = 32

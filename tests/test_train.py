@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from did_cli.errors import DidError
 from did_cli.io import checkpoint as ck
-from did_cli.io.checkpoint import load_model
-from did_cli.io.data import prepare
+from did_cli.io.model_folder import load_model
+from did_cli.io.packing import prepare
 from did_cli.io.sources import BUNDLED_CORPUS
 from did_cli.training import TrainConfig, train
 
@@ -219,7 +219,7 @@ def test_cli_bad_input_is_one_line(case, data_dir, tmp_path):
     else:
         from did_cli.core.dit import DiT
         from did_cli.core.model_config import preset
-        from did_cli.io.checkpoint import save_model
+        from did_cli.io.model_folder import save_model
 
         save_model(DiT(preset("tiny", model_length=L, tokenizer="bert-base-uncased")), tmp_path / "bert")
         args += ["--init", str(tmp_path / "bert")]

@@ -1,4 +1,4 @@
-"""`did prepare`: options -> did_cli.io.data.prepare (whose keyword defaults are the options')."""
+"""`did prepare`: options -> did_cli.io.packing.prepare (whose keyword defaults are the options')."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 
 from did_cli.commands.builder import command
 from did_cli.commands.options import Opt
-from did_cli.io.data import prepare as run_prepare
+from did_cli.io.packing import prepare as run_prepare
 
 
 def _prepare(sources: list[str] | None, out: Path, **kw: Any) -> None:

@@ -53,7 +53,7 @@ PLACEMENT = fields_of(SamplerConfig, "device", "dtype", "allow_longer", "fast_pa
 def _draft(**kw: Any) -> None:
     """Draft samples with block diffusion; records (with snapshot confidence) as JSONL."""
     from did_cli import sampling
-    from did_cli.io.checkpoint import load_model, read_config
+    from did_cli.io.model_folder import load_model, read_config
     from did_cli.io.record_writer import RecordWriter
     from did_cli.io.tokenizer import load_tokenizer
     from did_cli.sampling.prompts import resolve_prompts
@@ -119,7 +119,7 @@ draft = command(
 def _refine(**kw: Any) -> None:
     """Re-mask the least confident tokens of drafts and regenerate them (global refine)."""
     from did_cli import sampling
-    from did_cli.io.checkpoint import load_model, read_config
+    from did_cli.io.model_folder import load_model, read_config
     from did_cli.io.record_writer import RecordWriter
     from did_cli.io.records import read_records, unique_ids
     from did_cli.io.tokenizer import load_tokenizer

@@ -8,8 +8,9 @@ import torch
 
 from did_cli.core.diffusion import estimate_nelbo
 from did_cli.errors import DidError, UsageError
-from did_cli.io.checkpoint import load_model, resolve_checkpoint
+from did_cli.io.checkpoint import resolve_checkpoint
 from did_cli.io.data import PreparedData, check_token_ids
+from did_cli.io.model_folder import load_model
 from did_cli.util import resolve_device
 
 

@@ -1,10 +1,5 @@
-"""Checkpoint folders: the model's weights and config, and a training run's numbered checkpoints.
-
-Model folder (ours, or a public BD3-LM / MDLM one)
-    config.json              model config (BD3-LM keys), + block sizes and clip ranges of ours
-    model.safetensors        tensors under BD3-LM's names (`backbone.` prefix), float32;
-                             `sampling_eps_min/max` scalars hold the learned clip range
-    Loading is strict: a missing, unexpected or mis-shaped tensor stops it with its name.
+"""A training run's folder and its numbered checkpoints (a model folder alone, config.json +
+model.safetensors, is did_cli.io.model_folder).
 
 Run folder
     RUN/config.json          resolved TrainConfig ("train") and ModelConfig ("model")
@@ -12,7 +7,7 @@ Run folder
     RUN/best.json            the checkpoint with the best validation NELBO (never pruned)
     RUN/checkpoints/step-00000100/
         config.json          model config (+ block sizes, clip ranges)
-        model.safetensors    EMA weights: `did_cli.core.dit.load_model(folder)` loads them alone
+        model.safetensors    EMA weights: `did_cli.io.model_folder.load_model(folder)`
         train_state/
             raw_model.safetensors   the optimised (non-EMA) weights
             optimizer.pt, scheduler.pt, rng.pt   torch.save; read with weights_only=True
@@ -32,17 +27,13 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from did_cli import util
-from did_cli.core.model_config import ModelConfig
 from did_cli.errors import DidError
-from did_cli.util import atomic_write, first_line, os_reason, save_json
-
-if TYPE_CHECKING:
-    from did_cli.core.dit import DiT
+from did_cli.util import first_line, os_reason, save_json
 
 CKPT_DIR = "checkpoints"
 STATE_DIR = "train_state"
@@ -254,182 +245,3 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
     for tmp in (run / CKPT_DIR).glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
     return deleted
-
-
-# ---------------------------------------------------------------------------------- model folders
-
-PREFIX = "backbone."
-CLIP_KEYS = ("sampling_eps_min", "sampling_eps_max")
-
-
-def export_state_dict(model: DiT) -> dict[str, torch.Tensor]:
-    """The model's tensors under BD3-LM's public names (with the `backbone.` prefix)."""
-    return {PREFIX + k: v.detach().contiguous() for k, v in model.state_dict().items()}
-
-
-def load_state_dict_strict(
-    model: DiT, tensors: dict[str, torch.Tensor], source: str = "checkpoint", finite: bool = False
-) -> dict[str, float]:
-    """Load BD3-LM-named tensors strictly: any missing, unexpected or mis-shaped tensor raises a
-    DidError naming it. Returns extra scalars found (the learned clip range), e.g.
-    {"sampling_eps_min": 0.45, "sampling_eps_max": 0.95}. `finite`: a tensor holding NaN or inf
-    raises DidError naming it (and the first bad element)."""
-    extras = {k: float(tensors[k].float().reshape(-1)[0]) for k in CLIP_KEYS if k in tensors}
-    ours = {
-        k[len(PREFIX) :] if k.startswith(PREFIX) else k: v for k, v in tensors.items() if k not in CLIP_KEYS
-    }
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(ours))
-    unexpected = sorted(set(ours) - set(expected))
-    if missing:
-        raise DidError(
-            f"{source}: missing tensor {PREFIX}{missing[0]}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
-    if unexpected:
-        raise DidError(
-            f"{source}: unexpected tensor {unexpected[0]}"
-            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-        )
-    for k, v in ours.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise DidError(
-                f"{source}: tensor {PREFIX}{k} has shape {list(v.shape)}, expected {list(expected[k].shape)}"
-            )
-        if not v.is_floating_point():
-            raise DidError(
-                f"{source}: tensor {PREFIX}{k} has dtype {v.dtype}, expected a floating-point dtype"
-            )
-        if finite:
-            check_finite(v, f"{source}: tensor {PREFIX}{k}")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in ours.items()}, strict=True)
-    return extras
-
-
-def check_finite(t: torch.Tensor, what: str) -> None:
-    """Raise DidError when `t` holds NaN or inf, naming `what`, the count and the first index."""
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
-        first = [int(i) for i in torch.nonzero(bad)[0]]
-        raise DidError(
-            f"{what} holds {int(bad.sum())} non-finite value(s) (first at index {first}: "
-            f"{float(t[tuple(first)])}); the weights are damaged"
-        )
-
-
-def read_config(folder: str | Path) -> ModelConfig:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise DidError(f"{folder}: no config.json (not a checkpoint folder)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DidError(f"{path}: not valid JSON ({e.msg})") from None
-    except (OSError, UnicodeDecodeError, RecursionError) as e:
-        raise DidError(f"cannot read {path}: {util.first_line(e)}") from None
-    body = raw.get("model", raw) if isinstance(raw, dict) else raw
-    if not isinstance(body, dict):
-        raise DidError(f"{path}: expected a JSON object of model settings, got a JSON {_json_type(body)}")
-    missing = [k for k in CONFIG_KEYS if k not in body]
-    if missing:
-        raise DidError(f"{path}: missing {', '.join(repr(k) for k in missing)} (a damaged or foreign config)")
-    for key, value in body.items():
-        want = CONFIG_TYPES.get(key)
-        if (
-            want is not None
-            and value is not None
-            and not (isinstance(value, want) and not isinstance(value, bool))
-        ):
-            raise DidError(
-                f"{path}: {key!r} must be {_WANT_NAMES.get(want, 'a ' + str(want))}, "
-                f"got {_json_type(value)} {json.dumps(value)[:40]}"
-            )
-    for key in ("vocab_size", "hidden_dim", "n_blocks", "n_heads", "cond_dim", "model_length"):
-        if body[key] < 1:
-            raise DidError(f"{path}: {key!r} is {body[key]}, must be at least 1")
-    try:
-        return ModelConfig.from_dict(body)
-    except (ValueError, TypeError) as e:  # UsageError from the config's own checks: a fault of the file
-        raise DidError(f"{path}: {util.first_line(e)}") from None
-
-
-CONFIG_KEYS = ("vocab_size", "hidden_dim", "n_blocks", "n_heads", "cond_dim", "model_length")
-"""Keys a checkpoint's config.json must hold (BD3-LM's names); the others have defaults."""
-CONFIG_TYPES: dict[str, type] = {
-    **{k: int for k in CONFIG_KEYS},
-    "mlp_ratio": int,
-    "mask_id": int,
-    "bos_id": int,
-    "eos_id": int,
-    "tokenizer": str,
-    "dropout": (int, float),
-}  # type: ignore[dict-item]
-_WANT_NAMES = {int: "an integer", str: "a string", (int, float): "a number"}
-
-
-def _json_type(v: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(v), "number" if isinstance(v, (int, float)) else type(v).__name__
-    )
-
-
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu", finite: bool = True
-) -> tuple[DiT, dict[str, Any]]:
-    """Load a model for use: `path` is what `resolve_checkpoint` takes (a checkpoint folder,
-    ours or a public BD3-LM/MDLM one, a run folder, RUN/best or RUN/latest). Remote-code Python
-    files in the folder are ignored. Returns the model in eval mode and an info dict (the
-    checkpoint folder, the clip range when stored, the raw config). `finite`: refuse weights
-    holding NaN or inf (DidError naming the tensor); training turns it off, as it has its own
-    non-finite guard."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from did_cli.core.dit import DiT
-
-    folder = resolve_checkpoint(path)
-    cfg = read_config(folder)
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise DidError(f"{folder}: missing model.safetensors")
-    try:
-        tensors = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError) as e:
-        raise DidError(f"{weights}: unreadable safetensors file ({e})") from None
-    model = DiT(cfg)
-    extras = load_state_dict_strict(model, tensors, source=str(weights), finite=finite)
-    model.to(device).eval()
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    info: dict[str, Any] = {"raw_config": raw, "folder": folder}
-    if len(extras) == 2:
-        info["clip"] = (extras["sampling_eps_min"], extras["sampling_eps_max"])
-    return model, info
-
-
-def save_model(
-    model: DiT,
-    folder: str | Path,
-    extra_config: dict[str, Any] | None = None,
-    clip: tuple[float, float] | None = None,
-) -> None:
-    """Write `config.json` + `model.safetensors` into `folder` (created). Each file is written to
-    a temporary name and renamed, so a crash never leaves a half-written file under the real name."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.float().cpu() for k, v in export_state_dict(model).items()}
-    if clip is not None:
-        tensors["sampling_eps_min"] = torch.tensor(float(clip[0]))
-        tensors["sampling_eps_max"] = torch.tensor(float(clip[1]))
-    tmp = folder / "model.safetensors.tmp"
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.replace(folder / "model.safetensors")
-    except BaseException:  # e.g. a full disk: no half-written file is left behind
-        tmp.unlink(missing_ok=True)
-        raise
-    cfg = model.config.to_dict()
-    cfg.update({"model_type": "did", "architectures": ["DiT"]})
-    cfg.update(extra_config or {})
-    atomic_write(folder / "config.json", json.dumps(cfg, indent=2) + "\n")

@@ -138,8 +138,9 @@ class _Timer:
 
 def run(cfg: QuickstartConfig) -> dict:
     """Run the pipeline; returns the results dict also written to OUT/results.json."""
-    from did_cli.io.checkpoint import load_model
-    from did_cli.io.data import PreparedData, prepare
+    from did_cli.io.data import PreparedData
+    from did_cli.io.model_folder import load_model
+    from did_cli.io.packing import prepare
     from did_cli.io.tokenizer import load_tokenizer
     from did_cli.pipeline import report
     from did_cli.util import atomic_write, resolve_device

@@ -18,8 +18,8 @@ from did_cli.core.diffusion import check_resample
 from did_cli.core.dit import DiT
 from did_cli.core.model_config import JSON_KEYS, ModelConfig, preset
 from did_cli.errors import DidError, UsageError
-from did_cli.io.checkpoint import load_model
 from did_cli.io.data import check_token_ids
+from did_cli.io.model_folder import load_model
 from did_cli.training import tracking  # noqa: E402
 from did_cli.training.init_source import fetch_init, init_clip_ranges, init_data_start
 from did_cli.training.state import step_seed

@@ -34,6 +34,7 @@ from did_cli.core.diffusion import nelbo
 from did_cli.core.model_config import DiffusionConfig
 from did_cli.errors import DidError
 from did_cli.io import checkpoint as ck
+from did_cli.io import model_folder as mf
 from did_cli.io.data import PreparedData
 from did_cli.io.outputs import describe_folder, is_empty_folder
 from did_cli.training import setup, tracking
@@ -186,8 +187,8 @@ class Trainer:
 
         st_dir = folder / ck.STATE_DIR
         raw = load_file(str(st_dir / "raw_model.safetensors"))
-        ck.load_state_dict_strict(self.model, raw, source=str(st_dir / "raw_model.safetensors"))
-        ema_model, _ = ck.load_model(folder, device=self.device)
+        mf.load_state_dict_strict(self.model, raw, source=str(st_dir / "raw_model.safetensors"))
+        ema_model, _ = mf.load_model(folder, device=self.device)
         self.ema.model.load_state_dict(ema_model.state_dict())
         self.optimizer.load_state_dict(ck.torch_load(st_dir / "optimizer.pt"))
         self.scheduler.load_state_dict(ck.torch_load(st_dir / "scheduler.pt"))
@@ -371,7 +372,7 @@ class Trainer:
             "clip_ranges": self.state.clip_ranges,
             "step": self.state.step,
         }
-        ck.save_model(self.ema.model, folder, extra_config=extra, clip=self.clip_ranges[self.sizes[0]])
+        mf.save_model(self.ema.model, folder, extra_config=extra, clip=self.clip_ranges[self.sizes[0]])
         sd = folder / ck.STATE_DIR
         sd.mkdir()
         tensors = {"backbone." + k: v.detach().float().cpu().contiguous() for k, v in raw_sd.items()}
