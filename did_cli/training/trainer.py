@@ -34,19 +34,17 @@ from did_cli.core.diffusion import nelbo
 from did_cli.core.model_config import DiffusionConfig
 from did_cli.errors import DidError
 from did_cli.io import checkpoint as ck
-from did_cli.io import model_folder as mf
 from did_cli.io.data import PreparedData
 from did_cli.io.outputs import describe_folder, is_empty_folder
 from did_cli.training import setup, tracking
 from did_cli.training.clip_search import clip_grid, search_clip
-from did_cli.training.console import Interrupt, LogWindow, TrainProgress, fmt_rate
+from did_cli.training.console import Interrupt, LogWindow, TrainProgress
+from did_cli.training.run_folder import RunFolder
 from did_cli.training.state import (
     EMA,
     BlockSizeSampler,
     RowSchedule,
     TrainState,
-    rng_state,
-    set_rng_state,
     step_seed,
 )
 from did_cli.training.train_config import (
@@ -57,7 +55,6 @@ from did_cli.training.train_config import (
     resolve_block_sizes,
 )
 from did_cli.training.val_nelbo import validation_figures
-from did_cli.util import save_json
 
 
 @dataclass
@@ -71,7 +68,7 @@ class StepResult:
     out_of_time: bool
 
 
-class Trainer:
+class Trainer(RunFolder):
     def __init__(self, cfg: TrainConfig):
         check_train_config(cfg)
         if not Path(cfg.data).exists():
@@ -175,66 +172,14 @@ class Trainer:
         if self.state.init_info.get("data_start"):
             self.schedule.start_at(*self.state.init_info["data_start"])
         self.model, self.optimizer = accel.prepare(self.model, self.optimizer)
-        self._write_run_config()
+        self.write_run_config()
         self.val_batches = setup.validation_batches(val_rows, cfg, self.device)
         self.clip_batches = setup.clip_search_batches(val_rows, cfg, self.device) if self.searched else []
         return self
 
-    def resume(self, folder: Path) -> None:
-        """Restore everything a checkpoint holds: raw and EMA weights, optimiser, scheduler, RNG
-        states and the bookkeeping of `TrainState`."""
-        from safetensors.torch import load_file
-
-        st_dir = folder / ck.STATE_DIR
-        raw = load_file(str(st_dir / "raw_model.safetensors"))
-        mf.load_state_dict_strict(self.model, raw, source=str(st_dir / "raw_model.safetensors"))
-        ema_model, _ = mf.load_model(folder, device=self.device)
-        self.ema.model.load_state_dict(ema_model.state_dict())
-        self.optimizer.load_state_dict(ck.torch_load(st_dir / "optimizer.pt"))
-        self.scheduler.load_state_dict(ck.torch_load(st_dir / "scheduler.pt"))
-        set_rng_state(ck.torch_load(st_dir / "rng.pt"))
-        self.state = TrainState.load(st_dir / "state.json")
-        self.ema.num_updates = self.state.ema_updates
-        self.sampler.load_state_dict(self.state.block_sampler)
-        self.clip_ranges = self.state.clip_ranges_by_size()
-
-    def _write_run_config(self) -> None:
-        if self.main:
-            self.run.mkdir(parents=True, exist_ok=True)
-            save_json(
-                setup.run_config(
-                    self.cfg,
-                    self.unwrapped.config.to_dict(),
-                    self.sizes,
-                    self.weights,
-                    self.world,
-                    self.schedule.rows_per_step,
-                    self.data.meta,
-                    self.compiled,
-                    self.state.init_info,
-                ),
-                self.run / "config.json",
-            )
-            if self.resume_ckpt is not None:
-                setup.truncate_metrics(self.metrics_path, self.state.step)
-        hp = tracking.hyperparameters(
-            self.cfg.options, dataclasses.asdict(self.cfg), self.unwrapped.config.to_dict()
-        )
-        tracking.start(self.accel, self.run, hp)
-
     @property
     def unwrapped(self):
         return self.accel.unwrap_model(self.model)
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.run / "metrics.jsonl"
-
-    def log(self, event: dict) -> None:
-        if self.main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(event) + "\n")
-        tracking.log(self.accel, event)
 
     # ---------------------------------------------------------------------------- one step
 
@@ -332,56 +277,6 @@ class Trainer:
             ev["clip_searched"] = self.searched
         return ev
 
-    def save(self, step: int, is_best: bool) -> Path | None:
-        """An atomic checkpoint of everything a resume needs; returns its folder (main process)."""
-        raw_sd = self.accel.get_state_dict(self.model)  # collective under FSDP: every rank calls it
-        path = None
-        if self.main:
-            st = self.state
-            st.step, (st.epoch, st.position) = step, self.schedule.position(step)
-            st.rows_per_step, st.world_size, st.ema_updates = (
-                self.schedule.rows_per_step,
-                self.world,
-                self.ema.num_updates,
-            )
-            st.block_sampler = self.sampler.state_dict()
-            st.seed, st.data_hash, st.block_sizes, st.block_weights = (
-                self.cfg.seed,
-                self.data.meta.get("content_hash"),
-                self.sizes,
-                self.weights,
-            )
-            st.clip_ranges = {str(b): list(r) for b, r in self.clip_ranges.items()}
-            path = ck.save_checkpoint(self.run, step, lambda folder: self._write_checkpoint(folder, raw_sd))
-            if is_best:
-                ck.write_best(
-                    self.run,
-                    path,
-                    {"step": step, **{k: v for k, v in (st.best or {}).items() if k != "checkpoint"}},
-                )
-            ck.prune_checkpoints(self.run, self.cfg.keep_last)
-        self.accel.wait_for_everyone()
-        return path
-
-    def _write_checkpoint(self, folder: Path, raw_sd: dict) -> None:
-        from safetensors.torch import save_file
-
-        extra = {
-            "block_sizes": self.sizes,
-            "block_size": self.sizes[0],
-            "clip_ranges": self.state.clip_ranges,
-            "step": self.state.step,
-        }
-        mf.save_model(self.ema.model, folder, extra_config=extra, clip=self.clip_ranges[self.sizes[0]])
-        sd = folder / ck.STATE_DIR
-        sd.mkdir()
-        tensors = {"backbone." + k: v.detach().float().cpu().contiguous() for k, v in raw_sd.items()}
-        save_file(tensors, str(sd / "raw_model.safetensors"), metadata={"format": "pt"})
-        ck.torch_save(self.optimizer.state_dict(), sd / "optimizer.pt")
-        ck.torch_save(self.scheduler.state_dict(), sd / "scheduler.pt")
-        ck.torch_save(rng_state(), sd / "rng.pt")
-        self.state.save(sd / "state.json")
-
     # --------------------------------------------------------------------------------- fit
 
     def fit(self) -> dict:
@@ -401,7 +296,7 @@ class Trainer:
             self.last_eval = self.evaluate(0)
             self.log(self.last_eval)
             if "val_nelbo" in self.last_eval:
-                self.progress.note(f"step 0: val NELBO {self.last_eval['val_nelbo']:.4f}" + self._clip_note())
+                self.progress.note(f"step 0: val NELBO {self.last_eval['val_nelbo']:.4f}" + self.clip_note())
         self.pool = ThreadPoolExecutor(max_workers=cfg.num_workers) if cfg.num_workers > 0 else None
         window = LogWindow()
         step = self.state.step
@@ -415,7 +310,7 @@ class Trainer:
                     res = self.train_step(step, futures, intr, t_start)
                     step += 1
                     last = step == cfg.steps or res.out_of_time
-                    self._account(step, res, window, last)
+                    self.account(step, res, window, last)
                     is_best = self._maybe_evaluate(step, last)
                     if (
                         is_best
@@ -438,53 +333,7 @@ class Trainer:
             if self.main:
                 print(f"did: interrupted at step {step}; saved {self.last_ckpt}", file=sys.stderr)
             raise KeyboardInterrupt
-        return self._result(step, window)
-
-    def _account(self, step: int, res: StepResult, window: LogWindow, last: bool) -> None:
-        """Non-finite handling, the metrics line and the progress display after a step."""
-        cfg = self.cfg
-        if res.nonfinite:
-            if cfg.on_nonfinite == "stop":
-                where = f"; the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else ""
-                raise DidError(f"non-finite loss at step {step} (block size {res.block}){where}")
-            self.log(
-                {
-                    "event": "skip",
-                    "step": step,
-                    "block_size": res.block,
-                    "reason": "non-finite loss",
-                    "time": time.time(),
-                }
-            )
-            self.progress.note(f"step {step}: non-finite loss at block size {res.block}, step skipped")
-        else:
-            window.loss += res.loss
-            window.n += 1
-        window.tokens += cfg.batch_size * self.length * cfg.grad_accum * self.world
-        if step % cfg.log_every == 0 or last:
-            window.close()
-            lr = self.scheduler.get_last_lr()[0]
-            self.log(
-                {
-                    "event": "train",
-                    "step": step,
-                    "loss": window.last_loss,
-                    "block_size": res.block,
-                    "tokens_per_s": window.rate,
-                    "lr": lr,
-                    "time": time.time(),
-                }
-            )
-            self.progress.update(
-                step,
-                f"loss {window.last_loss:.4f} | {fmt_rate(window.rate)} tok/s | block {res.block} | lr "
-                f"{lr:.2e}",
-                True,
-            )
-        else:
-            self.progress.update(
-                step, f"loss {res.loss:.4f} | {fmt_rate(window.rate)} tok/s | block {res.block}", False
-            )
+        return self.result(step, window)
 
     def _maybe_evaluate(self, step: int, last: bool) -> bool:
         """Evaluate when due; True when this step's EMA weights are the best so far."""
@@ -503,33 +352,10 @@ class Trainer:
             ev["best_step"] = self.state.best["step"]
             per_block = ", ".join(f"b{b} {ev['val_nelbo_b' + str(b)]:.4f}" for b in self.sizes)
             self.progress.note(
-                f"step {step}: val NELBO {ev['val_nelbo']:.4f} ({per_block})" + self._clip_note()
+                f"step {step}: val NELBO {ev['val_nelbo']:.4f} ({per_block})" + self.clip_note()
             )
         self.log(ev)
         return is_best
-
-    def _clip_note(self) -> str:
-        if self.cfg.clip != "auto":
-            return ""
-        return " | clip " + ", ".join(f"b{b} [{r[0]:g}, {r[1]:g}]" for b, r in self.clip_ranges.items())
-
-    def _result(self, step: int, window: LogWindow) -> dict:
-        result = {
-            "step": step,
-            "loss": window.last_loss,
-            "tokens_per_s": window.rate,
-            "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
-            "best": self.state.best,
-            "clip_ranges": {str(b): list(r) for b, r in self.clip_ranges.items()},
-            "block_sizes": self.sizes,
-        }
-        result.update({k: v for k, v in self.last_eval.items() if k.startswith("val_")})
-        if self.main:
-            msg = f"did: done at step {step}"
-            if "val_nelbo" in self.last_eval:
-                msg += f", val NELBO {self.last_eval['val_nelbo']:.4f}"
-            print(f"{msg}; checkpoint {self.last_ckpt}", file=sys.stderr)
-        return result
 
 
 def train(cfg: TrainConfig) -> dict:
