@@ -202,6 +202,20 @@ def write_report(out: Path, results: dict, run_dir: Path, drafts: list[dict], re
     for title, p in plots.items():
         if p is not None:
             lines += [f"## {title[0].upper() + title[1:]}", "", f"![{title}]({p.name})", ""]
+    lines += _sample_lines(out, drafts, refined)
+    lines += [
+        "Files: `draft.jsonl`, `refined.jsonl` (did.sample/1 records), `results.json`, `view.html`, "
+        "`run/` (checkpoints, metrics.jsonl).",
+        "",
+    ]
+    path = out / "report.md"
+    write_bytes(path, "\n".join(lines))
+    return path
+
+
+def _sample_lines(out: Path, drafts: list[dict], refined: list[dict]) -> list[str]:
+    """The report's samples section: a pointer to the HTML view and the first three pairs."""
+    lines: list[str] = []
     lines += ["## Samples (draft, then refined)", ""]
     if (out / "view.html").is_file():
         lines += [
@@ -223,11 +237,4 @@ def write_report(out: Path, results: dict, run_dir: Path, drafts: list[dict], re
             "```",
             "",
         ]
-    lines += [
-        "Files: `draft.jsonl`, `refined.jsonl` (did.sample/1 records), `results.json`, `view.html`, "
-        "`run/` (checkpoints, metrics.jsonl).",
-        "",
-    ]
-    path = out / "report.md"
-    write_bytes(path, "\n".join(lines))
-    return path
+    return lines
