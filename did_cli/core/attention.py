@@ -19,7 +19,9 @@ Mask kinds
   and every earlier one.
 - block size >= n means one block: no mask at all (full bidirectional attention, MDLM).
 
-Tensors are laid out [batch, heads, seq, head_dim] throughout.
+Tensors are laid out [batch, heads, seq, head_dim] throughout. Keys and values may have fewer
+heads than queries (grouped-query attention): each key/value head serves a contiguous group of
+query heads, and no back-end copies them out to the query count.
 """
 
 from __future__ import annotations
@@ -144,12 +146,12 @@ def get_backend() -> str:
     return _BACKEND
 
 
-def _flex_fixed(q, k, v, block_mask):
-    return flex_attention(q, k, v, block_mask=block_mask)
+def _flex_fixed(q, k, v, block_mask, enable_gqa=False):
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
-def _flex_any(q, k, v, block_mask):
-    return flex_attention(q, k, v, block_mask=block_mask)
+def _flex_any(q, k, v, block_mask, enable_gqa=False):
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 _FLEX_FAILED: set[str] = set()  # mask kinds whose compiled flex failed once (warned)
@@ -201,22 +203,23 @@ def attend_kind(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str | None, mask: BlockMask | torch.Tensor | None
 ) -> torch.Tensor:
     """`attend` given the mask kind and object only: what a compiled region calls, so that no
-    block size or length is among its arguments."""
+    block size or length is among its arguments. k and v may have fewer heads than q (GQA)."""
+    gqa = k.shape[1] != q.shape[1]
     if kind is None:
         if HAS_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            # flash-attn wants [B, S, H, D]
+            # flash-attn wants [B, S, H, D] (and takes fewer key/value heads as they are)
             out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             return out.transpose(1, 2)
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if HAS_FLEX and isinstance(mask, BlockMask):
         if (
             not q.is_cuda or torch.compiler.is_compiling() or kind in _FLEX_FAILED
         ):  # a compiled caller fuses it
-            return flex_attention(q, k, v, block_mask=mask)
+            return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
         try:
-            return _compiled_flex(kind == "train")(q, k, v, mask)
+            return _compiled_flex(kind == "train")(q, k, v, mask, gqa)
         except Exception as e:  # noqa: BLE001 - a compiler failure: the uncompiled kernel is correct
             _FLEX_FAILED.add(kind)
             warn(f"compiling flex_attention failed ({first_line(e)}); running it uncompiled (slow)")
-            return flex_attention(q, k, v, block_mask=mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
