@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import pprint
+import re
 import sys
 from pathlib import Path
 
@@ -32,17 +33,23 @@ def _is_dataclass(node: ast.ClassDef) -> bool:
     return False
 
 
+def _named_in_commands() -> set[str]:
+    """Class names the command modules mention: the dataclasses options are declared from."""
+    text = "\n".join(f.read_text() for f in (PKG / "commands").glob("*.py") if f != TARGET)
+    return set(re.findall(r"\b([A-Z]\w*Config)\b", text))
+
+
 def collect() -> dict[str, dict[str, str]]:
     """{"did_cli.x.y.Class": {field: docstring with whitespace collapsed}} for every settings
-    dataclass (a name ending in Config)."""
+    dataclass the commands declare options from (and its bases)."""
+    wanted = _named_in_commands()
     out: dict[str, dict[str, str]] = {}
     for f in sorted(PKG.rglob("*.py")):
         if f == TARGET:
             continue
         module = ".".join(f.relative_to(PKG.parent).with_suffix("").parts)
         for node in ast.walk(ast.parse(f.read_text())):
-            # settings classes only: the sources options are declared from
-            if not (isinstance(node, ast.ClassDef) and _is_dataclass(node) and node.name.endswith("Config")):
+            if not (isinstance(node, ast.ClassDef) and _is_dataclass(node) and node.name in wanted):
                 continue
             docs = {}
             for a, b in zip(node.body, node.body[1:]):

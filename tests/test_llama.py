@@ -9,10 +9,11 @@ import dataclasses
 import pytest
 import torch
 from llama_helpers import GPT2_VOCAB, tiny_llama
+from nelbo_reference import nelbo_loop_reference
 
 from did_cli.core import attention
 from did_cli.core.backbones import build_backbone, config_from_dict, family_of
-from did_cli.core.diffusion import corrupt, masked_token_loss, nelbo, nelbo_loop_reference, sample_t
+from did_cli.core.diffusion import corrupt, masked_token_loss, nelbo, sample_t
 from did_cli.core.llama import LlamaDiffusion, append_mask_row
 from did_cli.core.llama_config import LlamaConfig
 from did_cli.core.model_config import DiffusionConfig, ModelConfig

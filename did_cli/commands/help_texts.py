@@ -4,36 +4,7 @@ of the options declared from those fields (did_cli/commands/options.py). Written
 
 # fmt: off
 HELP_TEXTS = (
-{'did_cli.core.model_config.DiffusionConfig': {'antithetic': 'Low-discrepancy t: stratified over all '
-                                                             '(sequence, block) pairs of the batch.',
-                                               'clip': "t ~ U[beta, omega]; BD3-LM's clipped schedules "
-                                                       'narrow this per block size.',
-                                               'eps': 'Lower bound on t so that the 1/t weight stays '
-                                                      'finite.',
-                                               'resample': "Redraw a block's mask until its masked "
-                                                           "fraction lies inside `clip` (BD3-LM's "
-                                                           'resampling).'},
- 'did_cli.core.model_config.ModelConfig': {'bos_id': 'Id of BOS (= EOS for GPT-2); position 0 holds it and '
-                                                     'is never masked.',
-                                           'cond_dim': 'Width of the (constant, sigma = 0) time embedding '
-                                                       'feeding adaLN.',
-                                           'dropout': 'Dropout on both residual branches (BD3-LM: 0.1); '
-                                                      'off in eval mode.',
-                                           'eos_id': 'Id of EOS, the document separator.',
-                                           'hidden_dim': 'Model width.',
-                                           'mask_id': 'Id of [MASK]; its logit is suppressed before any '
-                                                      'softmax.',
-                                           'mlp_ratio': 'MLP width = mlp_ratio * hidden_dim (BD3-LM: 4).',
-                                           'model_length': 'Sequence length L the model was trained for '
-                                                           '(the global block size).',
-                                           'n_heads': 'Attention heads; head dim = hidden_dim / n_heads '
-                                                      '(rotary uses all of it).',
-                                           'n_layers': "Transformer layers (`n_blocks` in BD3-LM's "
-                                                       'config.json, which is what we write).',
-                                           'tokenizer': "Tokenizer name or folder the model's ids refer to "
-                                                        '(checked against prepared data).',
-                                           'vocab_size': 'Embedding rows, including the [MASK] token.'},
- 'did_cli.evaluation.eval_config.EvalConfig': {'batch_size': 'Scorer windows per forward pass (gen PPL); '
+{'did_cli.evaluation.eval_config.EvalConfig': {'batch_size': 'Scorer windows per forward pass (gen PPL); '
                                                              'validation rows per batch (with --model).',
                                                'block_size': 'With --model: block size of the NELBO '
                                                              "(default: the model's length, the MDLM "

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from did_cli.core.attention import MaskSpec, attend, attend_kind, mask_for, mask_spec
-from did_cli.core.layers import KVCache, LayerNorm, Rotary, apply_rotary
+from did_cli.core.layers import EmbeddingLayer, KVCache, LayerNorm, Rotary, apply_rotary
 from did_cli.core.model_config import ModelConfig
 from did_cli.errors import DidError
 
@@ -54,19 +54,6 @@ class TimestepEmbedder(nn.Module):
         )
         args = sigma.float()[:, None] * freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
-
-
-class EmbeddingLayer(nn.Module):
-    """A raw [V, D] parameter named `embedding` (BD3-LM's name), not nn.Embedding."""
-
-    def __init__(self, vocab_size: int, dim: int):
-        super().__init__()
-        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
-        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.embedding (not fancy indexing) keeps the backward a cheap index_add
-        return F.embedding(x, self.embedding)
 
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -7,6 +7,7 @@ whatever the autocast dtype.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -88,6 +89,19 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.layer_norm(x.float(), [self.dim]) * self.weight.float()
+
+
+class EmbeddingLayer(nn.Module):
+    """A raw [V, D] parameter named `embedding` (BD3-LM's name), not nn.Embedding."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.embedding (not fancy indexing) keeps the backward a cheap index_add
+        return F.embedding(x, self.embedding)
 
 
 class KVCache:

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from did_cli.core.attention import MaskSpec, attend, attend_kind, mask_for, mask_spec
-from did_cli.core.dit import EmbeddingLayer, Rotary, apply_rotary
+from did_cli.core.layers import EmbeddingLayer, Rotary, apply_rotary
 from did_cli.core.llama_config import LlamaConfig, rope_inv_freq
 from did_cli.errors import DidError
 
@@ -48,16 +48,6 @@ class RMSNorm(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.float()
             return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-
-
-class LlamaRotary(Rotary):
-    """The DiT's rotary tables for given inverse frequencies (the source's theta and scaling).
-    The frequencies follow from the config, so they are not part of the state dict."""
-
-    def __init__(self, inv_freq: torch.Tensor):
-        nn.Module.__init__(self)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._tables = {}
 
 
 class LlamaLayer(nn.Module):
@@ -160,7 +150,8 @@ class LlamaDiffusion(nn.Module):
         super().__init__()
         self.config = cfg
         self.vocab_embed = EmbeddingLayer(cfg.vocab_size, cfg.hidden_dim)
-        self.rotary_emb = LlamaRotary(rope_inv_freq(cfg))
+        # the frequencies follow from the config (theta, scaling): not part of the state dict
+        self.rotary_emb = Rotary(cfg.head_dim, inv_freq=rope_inv_freq(cfg), persistent=False)
         self.blocks = nn.ModuleList([LlamaLayer(cfg) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.hidden_dim, cfg.rms_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_dim, cfg.vocab_size, bias=False)
