@@ -151,20 +151,39 @@ def resume(data_dir: Path, run: Path) -> subprocess.CompletedProcess:
 # -------------------------------------------------------------------------------- crash safety
 
 
+def _steps_read(log: Path) -> int:
+    """The last step whose rows a run has read (its DID_DEBUG_ROWS dump), 0 before any."""
+    try:
+        lines = log.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(x)["step"] for x in lines if x.endswith("}")), default=0)
+
+
+def wait_until(condition, timeout: float) -> None:
+    """Poll `condition` (no fixed sleep decides anything: only the condition does)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
 def test_sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run(ref_run, data_dir, root):
     run = root / "killed"
+    rows_log = root / "killed-rows"
     proc = subprocess.Popen(
         cli("train", "--data", data_dir, "--out", run, "--steps", STEPS, "-q", *TRAIN),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=ENV,
+        env={**ENV, "DID_DEBUG_ROWS": str(rows_log)},
     )
-    first = run / ck.CKPT_DIR / ck.checkpoint_name(2)
-    deadline = time.time() + 300
-    while not first.is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    # a seeded delay after the first checkpoint: anywhere in steps 3-5, including mid-save
-    time.sleep(random.Random(2024).uniform(0.0, 2.5))
+    # a seeded moment in steps 3-5 (after the first checkpoint, maybe in the middle of a save):
+    # the run is frozen there with SIGSTOP as soon as it has read that step's rows, so it is
+    # still running when it is killed however loaded the machine is
+    target = random.Random(2024).choice([3, 4, 5])
+    log = Path(f"{rows_log}.rank0")
+    wait_until(lambda: proc.poll() is not None or _steps_read(log) >= target, timeout=300)
+    proc.send_signal(signal.SIGSTOP)
     assert proc.poll() is None, "the run ended before the kill: " + proc.stderr.read().decode()
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
