@@ -271,6 +271,8 @@ def test_scorer_is_matched_by_path_and_gguf_content(tmp_path, tok):
     found = self_scoring({"x.jsonl": [{"model": {"path": str(copy)}}], "y.jsonl": [{"model": {}}]}, sc)
     assert found == [{"input": "x.jsonl", "model": str(copy), "relation": "itself", "concerns": str(copy)}]
     assert warning_line(found).startswith("the scorer is the model that made x.jsonl: ")
+    smol = Scorer("s", None, tok.hf, context=8, identity=frozenset({"smollm2"}))
+    assert warning_line(found, smol).endswith("another family (e.g. --scorer gemma3)")
 
 
 # ------------------------------------------------------------------------------- Gemma 3 cache

@@ -105,7 +105,7 @@ def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
         soft_wrap=True,
     )
     found = self_scoring(recs, sc)
-    warnings = [warning_line(found)] if found else []
+    warnings = [warning_line(found, sc)] if found else []
     for line in warnings:
         typer.echo(f"did: warning: {line}", err=True)
     results = {name: gp.gen_ppl(rs, sc, batch_size=cfg.batch_size) for name, rs in recs.items()}

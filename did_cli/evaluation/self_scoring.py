@@ -159,6 +159,7 @@ def self_scoring(inputs: dict[str, list[dict]], scorer: Any) -> list[dict]:
     return found
 
 
+OFFLINE_SCORERS = ("gemma3", "smollm2")
 PHRASES = {
     "itself": "the scorer is the model that made {inputs}",
     "source": "the scorer is the model that the model of {inputs} was adapted from ({concerns})",
@@ -167,8 +168,8 @@ PHRASES = {
 }
 
 
-def warning_line(found: list[dict]) -> str:
-    """One line saying what `self_scoring` found and what to do instead."""
+def warning_line(found: list[dict], scorer: Any = None) -> str:
+    """One line saying what `self_scoring` found and which offline scorers to use instead."""
     parts = []
     for rel in RELATIONS:
         hits = [f for f in found if f["relation"] == rel]
@@ -176,7 +177,9 @@ def warning_line(found: list[dict]) -> str:
             inputs = ", ".join(dict.fromkeys(f["input"] for f in hits))
             concerns = ", ".join(dict.fromkeys(str(f["concerns"]) for f in hits))
             parts.append(PHRASES[rel].format(inputs=inputs, concerns=concerns))
+    ident = getattr(scorer, "identity", ()) or ()
+    others = " or ".join(f"--scorer {n}" for n in OFFLINE_SCORERS if n not in ident)
     return (
-        "; ".join(parts) + ": its gen PPL flatters those samples; score them with a model of another family "
-        "(e.g. --scorer gemma3 or --scorer smollm2)"
+        "; ".join(parts)
+        + f": its gen PPL flatters those samples; score them with a model of another family (e.g. {others})"
     )
