@@ -243,7 +243,7 @@ def test_cli_bad_input_line(scorer_dir, tmp_path):
 def test_bad_inputs_library(tmp_path):
     from did_cli.io.records import read_records
 
-    with pytest.raises(DidError, match="not a file/folder and not reachable on the hub"):
+    with pytest.raises(DidError, match="cannot load scorer .*nowhere: no such file or folder"):
         load_scorer(str(tmp_path / "nowhere"), device="cpu")
     with pytest.raises(DidError, match="cannot load scorer .*no such file"):
         load_scorer(str(tmp_path / "absent.gguf"), device="cpu")

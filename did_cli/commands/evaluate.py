@@ -79,6 +79,7 @@ def _test_ppl(cfg: EvalConfig) -> None:
 def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
     from did_cli.evaluation import gen_ppl as gp
     from did_cli.evaluation.scorer import load_scorer
+    from did_cli.evaluation.self_scoring import self_scoring, warning_line
     from did_cli.io.records import read_records
 
     if inputs.count("-") > 1:
@@ -103,6 +104,10 @@ def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
         highlight=False,
         soft_wrap=True,
     )
+    found = self_scoring(recs, sc)
+    warnings = [warning_line(found, sc)] if found else []
+    for line in warnings:
+        typer.echo(f"did: warning: {line}", err=True)
     results = {name: gp.gen_ppl(rs, sc, batch_size=cfg.batch_size) for name, rs in recs.items()}
     rows = gp.compare(results)
     err.print(_table(rows))
@@ -135,6 +140,8 @@ def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
                 "thresholds": {"max_gen_ppl": cfg.max_gen_ppl, "min_entropy": cfg.min_entropy},
                 "passed": not reasons,
                 "reasons": reasons,
+                "self_scoring": found,
+                "warnings": warnings,
             },
             cfg.json,
         )

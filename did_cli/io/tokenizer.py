@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from did_cli.errors import DidError
+from did_cli.io.hf_safety import from_pretrained
 from did_cli.util import hub_unreachable, one_line
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -158,7 +159,7 @@ def _load(name: str) -> Tokenizer:
 
         # from_pretrained(folder) reads vocab.json + merges.txt; the vocab_file=/merges_file=
         # keyword form has been seen to yield empty encodings silently.
-        hf = GPT2TokenizerFast.from_pretrained(str(GPT2_DIR))
+        hf = GPT2TokenizerFast.from_pretrained(str(GPT2_DIR), trust_remote_code=False)
         tok = Tokenizer(hf, "gpt2")
         if tok.encode("Hello world") != [15496, 995]:
             raise DidError(
@@ -169,15 +170,20 @@ def _load(name: str) -> Tokenizer:
     path = Path(name).expanduser()
     if not path.exists() and _looks_like_path(name):
         raise DidError(f"tokenizer folder {name!r} does not exist")
-    from transformers import AutoTokenizer
-
     # a hub name with no route to the hub: ask the local cache only (no minute of retries)
     offline = None if path.exists() else hub_unreachable()
     try:
         with _quiet_hub():
-            hf = AutoTokenizer.from_pretrained(
-                str(path) if path.exists() else name, local_files_only=offline is not None
+            # no remote code: a folder asking for it is refused in one line, and no prompt can
+            # read stdin
+            hf = from_pretrained(
+                "AutoTokenizer",
+                str(path) if path.exists() else name,
+                "tokenizer",
+                local_files_only=offline is not None,
             )
+    except DidError:
+        raise
     except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
         why = f"{offline}, and it is not in the local cache" if offline else one_line(e)
         raise DidError(
