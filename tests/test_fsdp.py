@@ -131,3 +131,30 @@ def test_sharded_training_equals_one_process_and_resumes(runs, mode):
     for i, s in state.items():
         torch.testing.assert_close(s["exp_avg"], opt["state"][names[i]]["exp_avg"], atol=0, rtol=0)
     assert single.fit()["step"] == 3
+
+
+@pytest.mark.parametrize("name, version", [("fsdp.yaml", 1), ("fsdp2.yaml", 2)])
+def test_shipped_fsdp_configs_wrap_each_backbones_layers(name, version, monkeypatch):
+    """The files Accelerate reads for a GPU launch: the right FSDP version, `use_orig_params` for
+    FSDP1, and the auto-wrap class taken from the model (DiTBlock, LlamaLayer), not named."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from llama_helpers import tiny_llama
+
+    from did_cli.core.dit import DiT, DiTBlock
+    from did_cli.core.llama import LlamaLayer
+    from did_cli.core.model_config import preset
+
+    path = HERE.parent / "examples/accelerate" / name
+    args = launch_command_parser().parse_args(["--config_file", str(path), "--num_processes", "2", "x.py"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    env["FSDP_SYNC_MODULE_STATES"] = "false"  # the plugin refuses it without a GPU
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for model, unit in ((DiT(preset("tiny", model_length=32)), DiTBlock), (tiny_llama(), LlamaLayer)):
+        plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == version
+        assert version == 2 or plugin.use_orig_params
+        plugin.set_auto_wrap_policy(model)
+        assert plugin.auto_wrap_policy.keywords["transformer_layer_cls"] == {unit}
