@@ -40,7 +40,7 @@ class Rotary(nn.Module):
         # backbone whose frequencies follow from its config (a scaled rope) passes them in
         self.register_buffer("inv_freq", inv_freq, persistent=persistent)
         # a float32 copy outside the buffer: FSDP's mixed precision casts buffers to bf16, which
-        # would move every angle (by ~0.2 rad at position 1000); refreshed when weights load
+        # would change cos/sin by up to 0.4 within 1024 positions; refreshed when weights load
         self._exact = inv_freq.detach().float().clone()
         self.register_load_state_dict_post_hook(Rotary._loaded)
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
