@@ -11,7 +11,9 @@ over the wrapped parameters (Accelerate re-points it the same way). Everything e
 trainer's own code: its step, EMA, evaluation, checkpoint and resume, over gloo.
 
 The run trains to step 2 (checkpoint), copies the run folder to COPY (for a one-process resume),
-then resumes sharded to step 4 (checkpoint)."""
+then resumes sharded to step 4 (checkpoint). The FSDP2 run also checkpoints its layers
+(--activation-checkpointing) and takes the loss in chunks of 16 rows: the recomputations must
+see gathered weights, and the result still equals the plain one-process run's."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import sys
 
 import torch
 
+from did_cli.core import diffusion
 from did_cli.training import TrainConfig, setup
 from did_cli.training.trainer import Trainer
 
@@ -61,7 +64,9 @@ class ShardedTrainer(Trainer):
         self.optimizer, self.scheduler = setup.make_optimizer(self.model, self.cfg, self.device)
 
 
-def config(data: str, out: str, steps: int, batch: int, resume: bool = False) -> TrainConfig:
+def config(
+    data: str, out: str, steps: int, batch: int, resume: bool = False, checkpointing: bool = False
+) -> TrainConfig:
     return TrainConfig(
         data=data,
         out=out,
@@ -78,6 +83,7 @@ def config(data: str, out: str, steps: int, batch: int, resume: bool = False) ->
         dropout=0.0,
         seed=3,
         resume=resume,
+        activation_checkpointing=checkpointing,
         mixed_precision="no",
         compile=False,
         progress=False,
@@ -87,12 +93,15 @@ def config(data: str, out: str, steps: int, batch: int, resume: bool = False) ->
 def main(mode: str, data: str, out: str, copy: str) -> None:
     torch.set_num_threads(1)
     ShardedTrainer.mode = mode
-    first = ShardedTrainer(config(data, out, 2, 4)).setup()
+    memory = mode == "fsdp2"
+    if memory:
+        diffusion.LOSS_CHUNK_ELEMENTS = 16 * 50258
+    first = ShardedTrainer(config(data, out, 2, 4, checkpointing=memory)).setup()
     first.fit()
     if first.main:
         shutil.copytree(out, copy)
     first.accel.wait_for_everyone()
-    ShardedTrainer(config(data, out, 4, 4, resume=True)).setup().fit()
+    ShardedTrainer(config(data, out, 4, 4, resume=True, checkpointing=memory)).setup().fit()
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ from did_cli.training.trainer import Trainer
 
 HERE = Path(__file__).resolve().parent
 L = 32
-# rounding of the averaged gradient (summed in another order) through 4 Adam steps at lr 1e-3:
-# observed up to 5e-7 on weights that moved by ~2e-3 per 2 steps
-ATOL = 5e-6
+# rounding of the averaged gradient (summed in another order; the FSDP2 run also takes the loss
+# in chunks) through 4 Adam steps at lr 1e-3: observed up to 5e-7 (2.1e-6 chunked) on weights
+# that moved by ~2e-3 per 2 steps
+ATOL = 1e-5
 
 
 def _free_port() -> int:
