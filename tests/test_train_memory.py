@@ -203,3 +203,24 @@ def test_optimizer_state_by_name_round_trips():
         for p in model.parameters():
             torch.testing.assert_close(o.state[p]["exp_avg"], opt.state[p]["exp_avg"], atol=0, rtol=0)
     assert not sharding.is_sharded(model)
+
+
+@pytest.mark.slow
+def test_checkpointed_layers_compile_without_a_graph_break():
+    """`did train` compiles the layer loop on CUDA: the checkpoint inside each layer is traced
+    (dynamo's checkpoint operator), not broken out, and the gradients stay the plain ones.
+    aot_eager: dynamo and autograd as inductor sees them, without its minutes of codegen here."""
+    from torch._dynamo.utils import counters
+
+    plain, compiled = tiny_model(32).train(), tiny_model(32).train()
+    compiled.set_checkpointing(True).compile_blocks(backend="aot_eager")
+    counters.clear()
+    x0 = torch.randint(3, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for model in (plain, compiled):
+        nelbo(model, x0, 4, DiffusionConfig(), 50257, torch.Generator().manual_seed(1)).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-7, rtol=1e-5, msg=name)
