@@ -169,7 +169,8 @@ class Trainer(RunFolder):
         self.model = model
         self.param_names = [name for name, _ in model.named_parameters()]  # the optimiser's order
         self.prepare()
-        # a resume loads after wrapping: under FSDP the optimiser only has state once it is sharded
+        # a resume loads after the wrapping: under FSDP the parameters the optimiser updates are
+        # final only then
         self.sharded = sharding.is_sharded(self.model)
         self.ema.attach(self.model)
         if self.resume_ckpt is not None:
