@@ -157,7 +157,16 @@ HELP_TEXTS = (
                                                                  '- lambda).',
                                                   'global_weight': 'lambda: probability of the global '
                                                                    'block L per step.'},
- 'did_cli.training.train_config.TrainConfig': {'batch_size': 'Sequences per process per micro-batch '
+ 'did_cli.training.train_config.TrainConfig': {'activation_checkpointing': 'Recompute each transformer '
+                                                                           "layer's activations in the "
+                                                                           'backward instead of keeping '
+                                                                           'them: about a third more '
+                                                                           'compute for a fraction of the '
+                                                                           'activation memory '
+                                                                           '(docs/train.md has the figures '
+                                                                           'at L = 1024); the gradients '
+                                                                           'are the same.',
+                                               'batch_size': 'Sequences per process per micro-batch '
                                                              '(global batch = batch_size x grad_accum x '
                                                              'processes).',
                                                'betas': 'AdamW betas.',

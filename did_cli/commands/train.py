@@ -53,6 +53,12 @@ CLIP_SEARCH = [
 MIXED_PRECISION = Opt("mixed_precision", TrainConfig)
 RUNTIME = fields_of(TrainConfig, "dropout", "num_workers", "on_nonfinite") + [
     Opt("compile", TrainConfig, flags=("--compile/--no-compile",), type=bool),
+    Opt(
+        "activation_checkpointing",
+        TrainConfig,
+        flags=("--activation-checkpointing/--no-activation-checkpointing",),
+        type=bool,
+    ),
     Opt("time_limit", TrainConfig, extra="In seconds.", kw={"min": 0}),
     Opt("quiet", flags=("--quiet", "-q"), default=False, help="No progress output."),
 ]

@@ -154,7 +154,14 @@ def _flex_any(q, k, v, block_mask, enable_gqa=False):
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
-_FLEX_FAILED: set[str] = set()  # mask kinds whose compiled flex failed once (warned)
+FLEX_FAILED: set[str] = set()
+"""Mask kinds whose compiled flex failed once (warned): they run as SDPA with a dense mask."""
+
+COMPILE_ERRORS = (RuntimeError, ImportError, OSError)
+"""What a failed compile or kernel launch raises (dynamo's and inductor's errors, an OOM, a
+missing triton): caught to fall back. Anything else, an interrupt or a deadline, passes through."""
+
+_DENSE_OF: dict[int, tuple[BlockMask, torch.Tensor]] = {}
 
 
 @functools.lru_cache(maxsize=2)
@@ -212,14 +219,47 @@ def attend_kind(
             return out.transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if HAS_FLEX and isinstance(mask, BlockMask):
-        if (
-            not q.is_cuda or torch.compiler.is_compiling() or kind in _FLEX_FAILED
-        ):  # a compiled caller fuses it
+        if not q.is_cuda or torch.compiler.is_compiling():  # CPU (forward only); a compiled caller fuses it
             return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
-        try:
-            return _compiled_flex(kind == "train")(q, k, v, mask, gqa)
-        except Exception as e:  # noqa: BLE001 - a compiler failure: the uncompiled kernel is correct
-            _FLEX_FAILED.add(kind)
-            warn(f"compiling flex_attention failed ({first_line(e)}); running it uncompiled (slow)")
-            return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+        return compiled_flex_or_dense(q, k, v, kind, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def dense_of(mask: BlockMask) -> torch.Tensor:
+    """The boolean [Q, KV] mask a BlockMask stands for, from its own mask function (cached)."""
+    hit = _DENSE_OF.get(id(mask))
+    if hit is None or hit[0] is not mask:
+        q_len, kv_len = mask.seq_lengths
+        dev = mask.kv_num_blocks.device
+        zero = torch.zeros((), dtype=torch.int32, device=dev)
+        q, k = torch.arange(q_len, device=dev), torch.arange(kv_len, device=dev)
+        dense = mask.mask_mod(zero, zero, q[:, None], k[None, :]).expand(q_len, kv_len).contiguous()
+        if len(_DENSE_OF) >= 64:
+            _DENSE_OF.clear()
+        hit = _DENSE_OF[id(mask)] = (mask, dense)
+    return hit[1]
+
+
+def compiled_flex_or_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kind: str,
+    mask: BlockMask,
+    flex: Callable | None = None,
+) -> torch.Tensor:
+    """Compiled flex attention (`flex`: the compiled function, by default `_compiled_flex`). When
+    compiling or running it fails, the mask kind runs from then on as SDPA with the equivalent
+    dense mask, which on CUDA takes the memory-efficient kernel: never the uncompiled flex,
+    which materialises [B, H, S, S] float32 scores (~3 GB per layer at L = 1024, batch 16)."""
+    gqa = k.shape[1] != q.shape[1]
+    if kind not in FLEX_FAILED:
+        try:
+            return (flex or _compiled_flex(kind == "train"))(q, k, v, mask, gqa)
+        except COMPILE_ERRORS as e:
+            FLEX_FAILED.add(kind)
+            warn(
+                f"compiling flex_attention failed ({first_line(e)}); the {kind} mask runs as SDPA with a "
+                "dense mask from now on (DID_ATTN_BACKEND=sdpa skips flex)"
+            )
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_of(mask), enable_gqa=gqa)

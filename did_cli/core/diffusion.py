@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from did_cli.core.model_config import DiffusionConfig
 from did_cli.errors import DidError, UsageError
@@ -147,16 +148,54 @@ def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask_id: int)
     return F.cross_entropy(logits, targets, reduction="none")
 
 
+LOSS_CHUNK_ELEMENTS = 1 << 27
+"""Logits `token_nll` holds at once: [rows, V] goes through the output layer in row chunks of at
+most this many elements (512 MiB in float32; L = 1024 training has ~100x more at batch 16)."""
+
+
+def _rows_nll(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, mask_id: int
+) -> torch.Tensor:
+    return masked_token_loss(F.linear(h, weight, bias), targets, mask_id)
+
+
+def token_nll(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    mask_id: int,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    """`masked_token_loss` of the output layer (`weight` [V, D], `bias`) applied to h [N, D]:
+    float32 [N], never holding more than `chunk_elements` logits (default LOSS_CHUNK_ELEMENTS).
+
+    Up to that size it is exactly `masked_token_loss(F.linear(h, weight, bias), ...)`. Beyond,
+    rows go in chunks, and under autograd each chunk is checkpointed: its logits, float32
+    log-softmax and their gradients exist for one chunk at a time (the backward recomputes the
+    chunk's output layer, about a third more output-layer work). The model calls this inside its
+    forward, so no wrapper (Accelerate's float32 output conversion) sees [N, V] logits."""
+    rows = max(1, (chunk_elements or LOSS_CHUNK_ELEMENTS) // weight.shape[0])
+    if h.shape[0] <= rows:
+        return _rows_nll(h, weight, bias, targets, mask_id)
+    grad = torch.is_grad_enabled()
+    parts = []
+    for s in range(0, h.shape[0], rows):
+        args = (h[s : s + rows], weight, bias, targets[s : s + rows], mask_id)
+        parts.append(checkpoint(_rows_nll, *args, use_reentrant=False) if grad else _rows_nll(*args))
+    return torch.cat(parts)
+
+
 def masked_nll(
     model: torch.nn.Module, x0: torch.Tensor, masked: torch.Tensor, block_size: int, mask_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training pass over rows x0 [B, L] with `masked` [B, L] positions set to [MASK]:
-    (flat indices of the masked positions into [B * L], their -log p(x0), unweighted). One
-    nonzero (one host sync) serves the model's gather, the targets and the count."""
+    (flat indices of the masked positions into [B * L], their -log p(x0), unweighted, float32).
+    One nonzero (one host sync) serves the model's gather, the targets and the count. The model
+    computes the loss itself (`targets`), so its output is [N], never [N, V] logits."""
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     idx = masked.reshape(-1).nonzero().squeeze(1)
-    logits = model(xt, block_size, x0=x0, select=idx)
-    return idx, masked_token_loss(logits, x0.reshape(-1)[idx], mask_id)
+    return idx, model(xt, block_size, x0=x0, select=idx, targets=x0.reshape(-1)[idx])
 
 
 def nelbo(

@@ -28,8 +28,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from did_cli.core.attention import MaskSpec, attend, attend_kind, mask_for, mask_spec
+from did_cli.core.diffusion import token_nll
 from did_cli.core.layers import EmbeddingLayer, KVCache, LayerNorm, Rotary, apply_rotary
 from did_cli.core.model_config import ModelConfig
 from did_cli.errors import DidError
@@ -74,6 +76,9 @@ class DiTBlock(nn.Module):
         )
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
         self.dropout = cfg.dropout
+        self.checkpointing = (
+            False  # recompute this layer's activations in the backward (`DiT.set_checkpointing`)
+        )
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
@@ -92,7 +97,22 @@ class DiTBlock(nn.Module):
     ) -> torch.Tensor:
         """One layer: x [B, S, D] -> [B, S, D]. `attention` does this pass's attention on the
         rotated q, k, v; the modulation comes from `cond` (computed here, so a sharded block
-        uses its own weights inside its forward) or precomputed as `mod`."""
+        uses its own weights inside its forward) or precomputed as `mod`. With `checkpointing`
+        and autograd on, only x is kept for the backward, which runs the layer again (same
+        dropout masks: the RNG state is restored)."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self.body, x, cos, sin, attention, cond, mod, use_reentrant=False)
+        return self.body(x, cos, sin, attention, cond, mod)
+
+    def body(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention: Attention,
+        cond: torch.Tensor | None,
+        mod: tuple[torch.Tensor, ...] | None,
+    ) -> torch.Tensor:
         mod = self.modulation(cond) if mod is None else mod
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         b, s, _ = x.shape
@@ -143,6 +163,8 @@ def _masked(kind: str | None, mask: Any) -> Attention:
 
 
 class DiT(nn.Module):
+    _no_split_modules = ["DiTBlock"]  # what Accelerate's FSDP auto-wrap shards as one unit by default
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -152,6 +174,13 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.n_layers)])
         self.output_layer = FinalLayer(cfg)
         self._compiled: Callable[..., torch.Tensor] | None = None
+
+    def set_checkpointing(self, on: bool = True) -> DiT:
+        """Activation checkpointing per transformer layer (returns self): a layer keeps only its
+        input for the backward and recomputes the rest there; the gradients are unchanged."""
+        for blk in self.blocks:
+            blk.checkpointing = on
+        return self
 
     # -- conditioning -------------------------------------------------------------------------
 
@@ -221,10 +250,14 @@ class DiT(nn.Module):
         spec = None if block_size is None or block_size >= n else mask_spec("causal", block_size, n)
         return self._backbone(x, spec, 1, run)
 
+    def head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """The output layer up to its final linear: norm and adaLN modulation of states [..., D]."""
+        shift, scale = self.output_layer.adaLN_modulation(self._cond())[0].chunk(2, dim=-1)
+        return modulate(self.output_layer.norm_final(h), shift, scale)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Output layer on hidden states [..., D] -> raw logits [..., V] ([MASK] not suppressed)."""
-        shift, scale = self.output_layer.adaLN_modulation(self._cond())[0].chunk(2, dim=-1)
-        return self.output_layer.linear(modulate(self.output_layer.norm_final(h), shift, scale))
+        return self.output_layer.linear(self.head_input(h))
 
     def forward(
         self,
@@ -232,8 +265,9 @@ class DiT(nn.Module):
         block_size: int | None = None,
         x0: torch.Tensor | None = None,
         select: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Raw logits ([MASK] not suppressed).
+        """Raw logits ([MASK] not suppressed), or with `targets` the loss.
 
         - `x0` given: the vectorised training pass with x = x_t [B, L]; logits of the noisy half.
           Block size >= L runs x_t alone, unmasked (the clean half cannot influence it).
@@ -243,6 +277,9 @@ class DiT(nn.Module):
           the output layer is the costliest matrix of a small model, so the loss asks only for
           its masked positions. A LongTensor of flat indices into [B * L] (sorted) selects the
           same rows without a second host sync.
+        - `targets` [N] (with `select`): instead of logits, -log p(target) per selected row with
+          [MASK] excluded (float32 [N], `did_cli.core.diffusion.token_nll`): the [N, V] logits
+          exist one row chunk at a time and never leave this call.
         Training goes through here (not the helpers) so DDP/FSDP wrappers see every parameter use.
         """
         n = x.shape[1]
@@ -258,6 +295,9 @@ class DiT(nn.Module):
                 if select.dtype == torch.long
                 else h[select]
             )
+        if targets is not None:
+            out = self.output_layer.linear
+            return token_nll(self.head_input(h), out.weight, out.bias, targets, self.config.mask_id)
         return self.logits(h)
 
     def new_cache(self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None) -> KVCache:

@@ -39,13 +39,26 @@ class Rotary(nn.Module):
         # persistent for the DiT: BD3-LM checkpoints carry it, and strict loading expects it; a
         # backbone whose frequencies follow from its config (a scaled rope) passes them in
         self.register_buffer("inv_freq", inv_freq, persistent=persistent)
+        # a float32 copy outside the buffer: FSDP's mixed precision casts buffers to bf16, which
+        # would change cos/sin by up to 0.4 within 1024 positions; refreshed when weights load
+        self._exact = inv_freq.detach().float().clone()
+        self.register_load_state_dict_post_hook(Rotary._loaded)
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _loaded(self, incompatible_keys: object) -> None:
+        self.frequencies()
+
+    def frequencies(self) -> torch.Tensor:
+        """The float32 frequencies: the buffer's, unless it was cast to a lower precision."""
+        if self.inv_freq.dtype in (torch.float32, torch.float64) and self.inv_freq.device.type != "meta":
+            self._exact = self.inv_freq.detach().float().clone()
+        return self._exact
 
     def table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """A new float32 (cos, sin) table [length, head_dim / 2] for positions 0..length-1. Built
         in pieces of ROPE_CHUNK positions, so that a position's value does not depend on the
         table's length (vectorised CPU kernels treat a tensor's tail elements differently)."""
-        inv = self.inv_freq.to(device=device, dtype=torch.float32)
+        inv = self.frequencies().to(device)
         cos, sin = [], []
         for s in range(0, length, ROPE_CHUNK):
             t = torch.arange(s, s + ROPE_CHUNK, device=device, dtype=torch.float32)

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from did_cli.core.attention import MaskSpec, attend, attend_kind, mask_for, mask_spec
+from did_cli.core.diffusion import token_nll
 from did_cli.core.layers import EmbeddingLayer, Rotary, apply_rotary
 from did_cli.core.llama_config import LlamaConfig, rope_inv_freq
 from did_cli.errors import DidError
@@ -50,6 +53,10 @@ class RMSNorm(nn.Module):
             return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
 
 
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(q, k, v), rotated -> attention output: what a pass does in a layer."""
+
+
 class LlamaLayer(nn.Module):
     """Pre-norm attention (fused q/k/v rows: all q heads, then k, then v) and a SwiGLU MLP
     (fused gate/up rows: gate, then up)."""
@@ -67,6 +74,24 @@ class LlamaLayer(nn.Module):
         self.gate_up_proj = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=False)
         self.dropout = cfg.dropout
+        self.checkpointing = False  # recompute activations in the backward (`set_checkpointing`)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Attention
+    ) -> torch.Tensor:
+        """One layer: x [B, S, D] -> [B, S, D]; `attention` maps the rotated q [B, H, S, Dh] and k,
+        v [B, KV, S, Dh] to the attention output [B, H, S, Dh] (a mask, or a KV cache). Every pass
+        calls layers here, so FSDP's hooks on this module see every use of its weights. With
+        `checkpointing` and autograd on, only x is kept for the backward."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self.body, x, cos, sin, attention, use_reentrant=False)
+        return self.body(x, cos, sin, attention)
+
+    def body(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Attention
+    ) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        return self.finish(x, attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v))
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Residual stream [B, S, D] -> q [B, H, S, Dh], k and v [B, KV, S, Dh] (not rotated)."""
@@ -146,6 +171,8 @@ def shift_sources(n: int, block_size: int, halves: int, shift: bool, device: tor
 
 
 class LlamaDiffusion(nn.Module):
+    _no_split_modules = ["LlamaLayer"]  # what Accelerate's FSDP auto-wrap shards as one unit by default
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
@@ -162,7 +189,21 @@ class LlamaDiffusion(nn.Module):
                 elif not name.endswith("norm.weight"):
                     p.zero_()
 
+    def set_checkpointing(self, on: bool = True) -> LlamaDiffusion:
+        """Activation checkpointing per layer (returns self); the gradients are unchanged."""
+        for blk in self.blocks:
+            blk.checkpointing = on
+        return self
+
     # -- passes -----------------------------------------------------------------------------
+
+    def layers(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Callable[[int], Attention]
+    ) -> torch.Tensor:
+        """All layers on states h [B, S, D]; `attention(i)` is layer i's attention."""
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, cos, sin, attention(i))
+        return h
 
     def _backbone(self, x: torch.Tensor, spec: MaskSpec | None, halves: int, run: Any = None) -> torch.Tensor:
         """Raw states [B, S, D] of token ids x [B, S] (each of `halves` halves at 0..n-1)."""
@@ -177,12 +218,8 @@ class LlamaDiffusion(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kind: str | None, mask: Any
     ) -> torch.Tensor:
         """Embedding and all layers: the region `compile_blocks` compiles."""
-        h = self.vocab_embed(x)
-        for blk in self.blocks:
-            q, k, v = blk.qkv(h)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            h = blk.finish(h, attend_kind(q, k, v, kind, mask))
-        return h
+        attention = functools.partial(attend_kind, kind=kind, mask=mask)
+        return self.layers(self.vocab_embed(x), cos, sin, lambda i: attention)
 
     def compiled_blocks(self, **kwargs: Any) -> Any:
         """`_blocks` under torch.compile (static shapes by default), not installed."""
@@ -215,11 +252,13 @@ class LlamaDiffusion(nn.Module):
         spec = None if block_size is None or block_size >= n else mask_spec("causal", block_size, n)
         return self._aligned(self._backbone(x, spec, 1, run), n, n, 1, None)
 
+    def output_weight(self) -> torch.Tensor:
+        return self.vocab_embed.embedding if self.lm_head is None else self.lm_head.weight
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output layer: states [..., D] -> raw logits [..., V] ([MASK] not
         suppressed)."""
-        w = self.vocab_embed.embedding if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.norm(h), w)
+        return F.linear(self.norm(h), self.output_weight())
 
     def forward(
         self,
@@ -227,17 +266,24 @@ class LlamaDiffusion(nn.Module):
         block_size: int | None = None,
         x0: torch.Tensor | None = None,
         select: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Raw logits aligned to positions ([MASK] not suppressed), as `DiT.forward`:
         - `x0` given: the training pass over `[x_t ; x_0]`; block size >= L runs x_t alone;
         - `x0` None: the sampling pass, block-causal over blocks of `block_size` (None: full);
-        - `select`: logits only there (a bool mask [B, L] or sorted flat LongTensor indices)."""
+        - `select`: logits only there (a bool mask [B, L] or sorted flat LongTensor indices);
+        - `targets` [N] (with `select`): -log p(target) per row instead of logits (float32,
+          `token_nll`: [N, V] logits one row chunk at a time, never returned)."""
         n = x.shape[1]
         if x0 is not None and block_size is not None and block_size < n:
             h = self._backbone(torch.cat([x, x0], dim=1), mask_spec("train", block_size, n), 2)
-            return self.logits(self._aligned(h, n, block_size, 2, select))
-        spec = None if block_size is None or block_size >= n else mask_spec("causal", block_size, n)
-        return self.logits(self._aligned(self._backbone(x, spec, 1), n, n, 1, select))
+            h = self._aligned(h, n, block_size, 2, select)
+        else:
+            spec = None if block_size is None or block_size >= n else mask_spec("causal", block_size, n)
+            h = self._aligned(self._backbone(x, spec, 1), n, n, 1, select)
+        if targets is not None:
+            return token_nll(self.norm(h), self.output_weight(), None, targets, self.config.mask_id)
+        return self.logits(h)
 
     # -- the KV-cached step -------------------------------------------------------------------
 
@@ -258,15 +304,18 @@ class LlamaDiffusion(nn.Module):
         if start + n > cache.capacity:
             raise DidError(f"KV cache full: {start} + {n} tokens > capacity {cache.capacity}")
         cos, sin = self.rotary_emb.cos_sin(start, n, x.device)
-        h = self.vocab_embed(x)
         end = start + n
-        for i, blk in enumerate(self.blocks):
-            q, k, v = blk.qkv(h)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            cache.k[i][:, :, start:end] = k.to(cache.k[i].dtype)
-            cache.v[i][:, :, start:end] = v.to(cache.v[i].dtype)
-            kk, vv = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
-            h = blk.finish(h, attend(q, kk.to(q.dtype), vv.to(q.dtype), None))
+
+        def cached(i: int) -> Attention:
+            def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                cache.k[i][:, :, start:end] = k.to(cache.k[i].dtype)
+                cache.v[i][:, :, start:end] = v.to(cache.v[i].dtype)
+                kk, vv = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
+                return attend(q, kk.to(q.dtype), vv.to(q.dtype), None)
+
+            return attention
+
+        h = self.layers(self.vocab_embed(x), cos, sin, cached)
         out = h
         if self.config.shift:
             prev = h[:, 0] if start == 0 else cache.prev.to(h.dtype)
@@ -296,17 +345,18 @@ class LlamaDiffusion(nn.Module):
         pos = cache.start + torch.arange(n, device=x.device)
         cos, sin = c.cos.index_select(0, pos), c.sin.index_select(0, pos)
         visible = (torch.arange(cap, device=x.device) < cache.start + n)[None, None, None, :]
-        h = self.vocab_embed(x)
-        for i, blk in enumerate(self.blocks):
-            q, k, v = blk.qkv(h)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            cache.k[i].index_copy_(2, pos, k.to(cache.k[i].dtype))
-            cache.v[i].index_copy_(2, pos, v.to(cache.v[i].dtype))
-            kk, vv = cache.k[i].to(q.dtype), cache.v[i].to(q.dtype)
-            att = F.scaled_dot_product_attention(
-                q, kk, vv, attn_mask=visible, enable_gqa=blk.n_kv != blk.n_heads
-            )
-            h = blk.finish(h, att)
+        gqa = self.config.n_kv_heads != self.config.n_heads
+
+        def static(i: int) -> Attention:
+            def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                cache.k[i].index_copy_(2, pos, k.to(cache.k[i].dtype))
+                cache.v[i].index_copy_(2, pos, v.to(cache.v[i].dtype))
+                kk, vv = cache.k[i].to(q.dtype), cache.v[i].to(q.dtype)
+                return F.scaled_dot_product_attention(q, kk, vv, attn_mask=visible, enable_gqa=gqa)
+
+            return attention
+
+        h = self.layers(self.vocab_embed(x), cos, sin, static)
         if self.config.shift:
             cache.prev.copy_(torch.where(cache.pending_end == cache.start, cache.pending, cache.prev))
             first = torch.where(cache.start == 0, h[:, 0], cache.prev.to(h.dtype))

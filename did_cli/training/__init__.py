@@ -6,10 +6,11 @@
 Modules, in the order a run uses them: `config` (TrainConfig and its checks, no torch),
 `init_source` (where --init weights come from), `setup` (accelerator, model, optimiser),
 `state` (what a checkpoint restores: TrainState, the row schedule, the block-size sampler, EMA,
-RNG), `trainer` (setup / resume / step / evaluate / save / fit), `val_nelbo` and `clip_search`
-(evaluation during training), `console` (progress and Ctrl-C), `tracking` (--log-with:
-Accelerate's experiment trackers). Names are imported on first
-use, so reading the settings does not import torch or Accelerate.
+RNG), `sharding` (weights, EMA and optimiser state under FSDP1/FSDP2), `trainer` (setup /
+resume / step / evaluate / save / fit), `val_nelbo` and `clip_search` (evaluation during
+training), `console` (progress and Ctrl-C), `tracking` (--log-with: Accelerate's experiment
+trackers). Names are imported on first use, so reading the settings does not import torch or
+Accelerate.
 """
 
 import importlib

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from did_cli.core.backbones import build_backbone
 from did_cli.errors import DidError
 from did_cli.io import checkpoint as ck
 from did_cli.io import model_folder as mf
-from did_cli.training import setup, tracking
+from did_cli.training import setup, sharding, tracking
 from did_cli.training.console import LogWindow, fmt_rate
 from did_cli.training.state import TrainState, rng_state, set_rng_state
 from did_cli.util import save_json
@@ -33,10 +34,16 @@ class RunFolder:
 
         st_dir = folder / ck.STATE_DIR
         raw = load_file(str(st_dir / "raw_model.safetensors"))
-        mf.load_state_dict_strict(self.model, raw, source=str(st_dir / "raw_model.safetensors"))
-        ema_model, _ = mf.load_model(folder, device=self.device)
-        self.ema.model.load_state_dict(ema_model.state_dict())
-        self.optimizer.load_state_dict(ck.torch_load(st_dir / "optimizer.pt"))
+        if self.sharded:  # checked whole on a plain copy, then every process keeps its pieces
+            plain = build_backbone(self.unwrapped.config)
+            mf.load_state_dict_strict(plain, raw, source=str(st_dir / "raw_model.safetensors"))
+            sharding.load_full_state_dict(self.model, plain.state_dict())
+        else:
+            mf.load_state_dict_strict(self.unwrapped, raw, source=str(st_dir / "raw_model.safetensors"))
+        ema_model, _ = mf.load_model(folder, device="cpu")
+        self.ema.load(self.model, ema_model.state_dict())
+        optim = ck.torch_load(st_dir / "optimizer.pt")
+        sharding.load_optimizer_state(self.model, self.optimizer, optim, self.param_names)
         self.scheduler.load_state_dict(ck.torch_load(st_dir / "scheduler.pt"))
         set_rng_state(ck.torch_load(st_dir / "rng.pt"))
         self.state = TrainState.load(st_dir / "state.json")
@@ -80,7 +87,13 @@ class RunFolder:
 
     def save(self, step: int, is_best: bool) -> Path | None:
         """An atomic checkpoint of everything a resume needs; returns its folder (main process)."""
-        raw_sd = self.accel.get_state_dict(self.model)  # collective under FSDP: every rank calls it
+        # collectives under sharding: every rank gathers, the main process writes
+        if self.sharded:
+            raw_sd = sharding.full_state_dict(self.model)
+        else:
+            raw_sd = self.accel.get_state_dict(self.model)
+        optim = sharding.optimizer_state(self.model, self.optimizer, self.param_names)
+        ema_model = self.ema.full_model(self.model)
         path = None
         if self.main:
             st = self.state
@@ -98,7 +111,9 @@ class RunFolder:
                 self.weights,
             )
             st.clip_ranges = {str(b): list(r) for b, r in self.clip_ranges.items()}
-            path = ck.save_checkpoint(self.run, step, lambda folder: self._write_checkpoint(folder, raw_sd))
+            path = ck.save_checkpoint(
+                self.run, step, lambda folder: self._write_checkpoint(folder, raw_sd, optim, ema_model)
+            )
             if is_best:
                 ck.write_best(
                     self.run,
@@ -109,7 +124,7 @@ class RunFolder:
         self.accel.wait_for_everyone()
         return path
 
-    def _write_checkpoint(self, folder: Path, raw_sd: dict) -> None:
+    def _write_checkpoint(self, folder: Path, raw_sd: dict, optim: dict, ema_model: Any) -> None:
         from safetensors.torch import save_file
 
         extra = {
@@ -118,12 +133,12 @@ class RunFolder:
             "clip_ranges": self.state.clip_ranges,
             "step": self.state.step,
         }
-        mf.save_model(self.ema.model, folder, extra_config=extra, clip=self.clip_ranges[self.sizes[0]])
+        mf.save_model(ema_model, folder, extra_config=extra, clip=self.clip_ranges[self.sizes[0]])
         sd = folder / ck.STATE_DIR
         sd.mkdir()
         tensors = {"backbone." + k: v.detach().float().cpu().contiguous() for k, v in raw_sd.items()}
         save_file(tensors, str(sd / "raw_model.safetensors"), metadata={"format": "pt"})
-        ck.torch_save(self.optimizer.state_dict(), sd / "optimizer.pt")
+        ck.torch_save(optim, sd / "optimizer.pt")  # keyed by parameter name: loads under any wrapper
         ck.torch_save(self.scheduler.state_dict(), sd / "scheduler.pt")
         ck.torch_save(rng_state(), sd / "rng.pt")
         self.state.save(sd / "state.json")

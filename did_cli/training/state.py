@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from did_cli.core.dit import DiT
+from did_cli.core.backbones import build_backbone
 from did_cli.errors import DidError
+from did_cli.training import sharding
 from did_cli.util import save_json
 
 
@@ -103,8 +104,8 @@ class RowSchedule:
 
     Each epoch is a seeded permutation of all rows; a step consumes `rows_per_step` of them
     (batch x grad_accum x processes; a remainder too small for a step is skipped). Within one
-    micro-batch process p takes the p-th slice, so the rows of a global batch do not depend on
-    how many processes share it."""
+    micro-batch process p takes the p-th slice of its sorted rows, so the rows of a global batch,
+    and their order, do not depend on how many processes share it."""
 
     def __init__(self, n_rows: int, batch: int, accum: int, world: int, seed: int):
         self.n, self.batch, self.accum, self.world, self.seed = n_rows, batch, accum, world, seed
@@ -137,31 +138,89 @@ class RowSchedule:
 
     def indices(self, step: int, micro: int, process: int) -> np.ndarray:
         epoch, pos = self.position(step)
-        start = pos + (micro * self.world + process) * self.batch
-        return np.sort(self.perm(epoch)[start : start + self.batch])
+        start = pos + micro * self.world * self.batch
+        # sorted over the whole micro-batch, then sliced: row j of the global batch is the same
+        # row (and gets the same noise) whatever the process count
+        rows = np.sort(self.perm(epoch)[start : start + self.world * self.batch])
+        return rows[process * self.batch : (process + 1) * self.batch]
 
 
 # ----------------------------------------------------------------------------------------- EMA
 
 
 class EMA:
-    """Float32 exponential moving average of the weights, held in its own DiT (on the device)."""
+    """Float32 exponential moving average of the weights.
+
+    Without sharding (one process, DDP) it is a whole model, `model`, on the device. Under a
+    sharding wrapper (FSDP1, FSDP2; `attach`) each process averages only the pieces of the
+    parameters it holds (`pieces`): an update is a local lerp, with no communication and 4 bytes
+    per parameter divided by the process count; `full_model` gathers the whole model when
+    validation or a checkpoint needs it."""
 
     def __init__(self, model: torch.nn.Module, decay: float, device: torch.device):
         self.decay = decay
         self.num_updates = 0
-        self.model = DiT(model.config).to(device=device, dtype=torch.float32)
+        self.device = device
+        self.config = model.config
+        self.model: torch.nn.Module | None = self._fresh()
         self.model.load_state_dict(model.state_dict())
-        self.model.eval().requires_grad_(False)
+        self.pieces: list[torch.Tensor] | None = None
+        self._gathered: torch.nn.Module | None = None
+
+    def _fresh(self) -> torch.nn.Module:
+        return (
+            build_backbone(self.config)
+            .to(device=self.device, dtype=torch.float32)
+            .eval()
+            .requires_grad_(False)
+        )
+
+    def attach(self, trained: torch.nn.Module) -> None:
+        """Follow the trained model once it is wrapped: under sharding keep this process's pieces
+        of the average and drop the whole copy (collective)."""
+        if sharding.is_sharded(trained) and self.pieces is None:
+            self.pieces = sharding.local_pieces(trained, self.model.state_dict())
+            self.model = None
+
+    def load(self, trained: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Set the average from a whole state dict (a resumed checkpoint; collective when sharded)."""
+        if self.pieces is None:
+            self.model.load_state_dict(state)
+        else:
+            self.pieces = sharding.local_pieces(trained, state)
+        self._gathered = None
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, trained: torch.nn.Module) -> None:
+        """One step of the average towards `trained`'s weights (the wrapped model or the plain one)."""
         self.num_updates += 1
         n = self.num_updates
         d = min(self.decay, (1 + n) / (10 + n))
-        ema = list(self.model.parameters())
-        src = [p.detach().float() for p in model.parameters()]
+        if self.pieces is None:
+            ema = list(self.model.parameters())
+            src = [p.detach().float() for p in trained.parameters()]
+        else:
+            ema = self.pieces
+            src = [sharding.local(p).detach().float() for p in trained.parameters()]
         torch._foreach_lerp_(ema, src, 1.0 - d)
+        self._gathered = None
+
+    def full_model(self, trained: torch.nn.Module) -> torch.nn.Module:
+        """The whole averaged model on every process: `model`, or under sharding one gathered
+        from the pieces (collective: every process calls it; kept until the next update or
+        `release`)."""
+        if self.pieces is None:
+            return self.model
+        if self._gathered is None:
+            m = self._fresh()
+            with sharding.holding(trained, self.pieces):
+                m.load_state_dict(sharding.full_state_dict(trained, everywhere=True))
+            self._gathered = m
+        return self._gathered
+
+    def release(self) -> None:
+        """Drop a gathered whole model (its memory) until `full_model` is asked again."""
+        self._gathered = None
 
 
 # --------------------------------------------------------------------------------- RNG states

@@ -118,6 +118,10 @@ class TrainConfig:
     """torch.compile the embedding and transformer blocks: one graph per (shape, grad mode), the
     block size is an input (the first steps compile). Default (None): on CUDA only, since
     inductor on a CPU compiles for minutes."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer layer's activations in the backward instead of keeping them:
+    about a third more compute for a fraction of the activation memory (docs/train.md has the
+    figures at L = 1024); the gradients are the same."""
     time_limit: float | None = None
     """Stop after this many seconds of training (evaluating and saving as at the last step)."""
     layers: int | None = None

@@ -36,7 +36,7 @@ from did_cli.errors import DidError
 from did_cli.io import checkpoint as ck
 from did_cli.io.data import PreparedData
 from did_cli.io.outputs import describe_folder, is_empty_folder
-from did_cli.training import setup, tracking
+from did_cli.training import setup, sharding, tracking
 from did_cli.training.clip_search import clip_grid, search_clip
 from did_cli.training.console import Interrupt, LogWindow, TrainProgress
 from did_cli.training.run_folder import RunFolder
@@ -161,21 +161,31 @@ class Trainer(RunFolder):
             )
         self.clip_ranges, self.searched = setup.clip_ranges(cfg, self.sizes, self.length, clip_from_init)
 
-        model.to(self.device).train()
+        model.to(self.device).train().set_checkpointing(cfg.activation_checkpointing)
         self.ema = EMA(model, cfg.ema, self.device)
         self.optimizer, self.scheduler = setup.make_optimizer(model, cfg, self.device)
         self.compiled = setup.compile_model(model, cfg.compile)
         self.sampler = BlockSizeSampler(self.sizes, self.weights, cfg.seed)
         self.model = model
+        self.param_names = [name for name, _ in model.named_parameters()]  # the optimiser's order
+        self.prepare()
+        # a resume loads after the wrapping: under FSDP the parameters the optimiser updates are
+        # final only then
+        self.sharded = sharding.is_sharded(self.model)
+        self.ema.attach(self.model)
         if self.resume_ckpt is not None:
             self.resume(self.resume_ckpt)
         if self.state.init_info.get("data_start"):
             self.schedule.start_at(*self.state.init_info["data_start"])
-        self.model, self.optimizer = accel.prepare(self.model, self.optimizer)
         self.write_run_config()
         self.val_batches = setup.validation_batches(val_rows, cfg, self.device)
         self.clip_batches = setup.clip_search_batches(val_rows, cfg, self.device) if self.searched else []
         return self
+
+    def prepare(self) -> None:
+        """Hand the model and optimiser to Accelerate, which wraps them as the launch asks (DDP,
+        FSDP1, FSDP2, or nothing)."""
+        self.model, self.optimizer = self.accel.prepare(self.model, self.optimizer)
 
     @property
     def unwrapped(self):
@@ -228,7 +238,7 @@ class Trainer(RunFolder):
             flags[0] /= self.world
         res = StepResult(block, float(flags[0]), bool(flags[1] > 0), bool(flags[2] > 0), bool(flags[3] > 0))
         if not res.nonfinite and cfg.grad_clip > 0:
-            norm = accel.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            norm = sharding.clip_grad_norm(accel, self.model, cfg.grad_clip)
             if accel.scaler is None and not torch.isfinite(torch.as_tensor(norm)).item():
                 res.nonfinite = True
         if res.nonfinite:
@@ -236,7 +246,7 @@ class Trainer(RunFolder):
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.ema.update(self.unwrapped)
+            self.ema.update(self.model)
         self.scheduler.step()
         return res
 
@@ -249,9 +259,10 @@ class Trainer(RunFolder):
         if not self.val_batches:
             return ev
         cfg = self.cfg
+        ema_model = self.ema.full_model(self.model)  # collective under sharding
         with self.accel.autocast():
             vals = validation_figures(
-                self.ema.model,
+                ema_model,
                 self.val_batches,
                 self.sizes,
                 self.mask_id,
@@ -262,7 +273,7 @@ class Trainer(RunFolder):
             chosen = {}
             for b in self.searched:
                 chosen[b], ev[f"clip_scores_b{b}"] = search_clip(
-                    self.ema.model,
+                    ema_model,
                     self.clip_batches,
                     b,
                     self.mask_id,
@@ -319,6 +330,7 @@ class Trainer(RunFolder):
                         or res.interrupted
                     ):
                         self.last_ckpt = self.save(step, is_best) or self.last_ckpt
+                    self.ema.release()  # a whole EMA model gathered for them (sharded runs)
                     if res.interrupted:
                         interrupted = True
                         break
