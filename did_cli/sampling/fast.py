@@ -42,6 +42,15 @@ class FastDraftOut:
     """Model calls made for the batch (one per generated token + one commit per block but the last)."""
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """The precision a `SamplerConfig.dtype` means on `device`: 'auto' is bf16 on a CUDA device
+    with bf16 support (the fast precision there; sampling stays float64), else fp32 (CPU
+    autocast to bf16 is no faster on most CPUs)."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def low_precision_copy(model: DiT, dtype: torch.dtype) -> DiT:
     """A copy whose Linear weights and biases are `dtype`; every other tensor (the input
     embedding, the norm weights, the rotary frequencies) is shared with `model`, not copied.
