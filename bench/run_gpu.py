@@ -15,7 +15,8 @@ hold whatever was measured (SIGTERM, as a job runner's timeout sends, does the s
   draft   first-hitting drafting at batch 1 and 64: eager cached step vs compiled CUDA-graph
           replay (float32 and bf16 weights), tokens/s, ms/call, the weight-read limit per
           call, peak memory per sample, KV bytes; the library's `sampling.draft` at batch 1 on
-          its default path (the graph) and on the eager reference
+          its default path (the graph) and on the eager reference, each timed after a warm-up
+          call of the same settings
   refine  one global stage at ratio 0.25 (parallel sampler and first-hitting) through the
           library (compiled global pass) vs the wall time of the bf16-weight graph draft of the
           same batch; gen PPL of both (only with --model and an offline scorer)
@@ -51,8 +52,10 @@ REF_DRAFT_TOK_S = 36.0  # REFERENCE.md section 7: the public implementation, bat
 REF_TRAIN_TOK_S = 78e3  # the same: training at block 4, batch 16
 
 
-class Deadline(Exception):
-    """The overall --deadline passed (or SIGTERM arrived): stop measuring, keep what was measured."""
+class Deadline(BaseException):
+    """The overall --deadline passed (or SIGTERM arrived): stop measuring, keep what was measured.
+    A BaseException, so that no `except Exception` on the way (a compile or capture fallback)
+    takes it for a failure of the code it interrupted."""
 
 
 def _on_deadline(signum, frame):
@@ -137,7 +140,9 @@ def section_draft(model, a, device, part: dict) -> dict:
             seed=0,
             fast_path=path,
         )
-        list(draft(model, DraftConfig(**{**cfg.__dict__, "length": 2 * a.block}), progress=False))  # warm-up
+        # warm-up: the timed call itself (its length, under draft's inference mode), so that the
+        # compile and the kernel choice happen here; the timed call still builds and captures its step
+        list(draft(model, cfg, progress=False))
         sync(device)
         t = time.perf_counter()
         rec = list(draft(model, cfg, progress=False))[0]
@@ -191,6 +196,7 @@ def section_refine(model, a, device, want_ppl: bool, part: dict) -> dict:
             "ratio": a.ratio,
             "runs": {},
             "draft": f"fast first-hitting ({'CUDA graph' if fh.graphed else 'eager static step'}, {weights})",
+            "draft_compiled": bool(getattr(fh.step, "compiled", False)),
         }
     )
     del fh, out

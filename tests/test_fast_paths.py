@@ -5,24 +5,29 @@ sampler's memory is bounded, and one compiled graph serves every block size."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import tiny_model
+from llama_helpers import tiny_llama
 
 from did_cli.core import attention
 from did_cli.core.dit import DiT
 from did_cli.core.model_config import preset
-from did_cli.sampling import DraftConfig, RefineConfig, core, draft, refine
+from did_cli.sampling import DraftConfig, RefineConfig, core, draft, fast, graph, refine, stopping
 from did_cli.sampling.fast import low_precision_copy
 from did_cli.sampling.graph import GraphedStep
 from did_cli.sampling.nucleus import PREFILTER_K, gumbel_argmax, sample_rows, token_probs
+from did_cli.sampling.passes import RefinePasses
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -348,3 +353,311 @@ def test_parallel_refine_peak_memory(tmp_path, tok):
     assert math.isfinite(
         json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])["stages"][0]["seconds"]
     )
+
+
+# ------------------------------------------------------------ compiled drafting says what it runs
+
+
+class _ReplayGraph:
+    """Stands in for a captured torch.cuda.CUDAGraph on a CPU: `replay` runs the captured
+    function again into the same output (a graph that computes), or does nothing (an empty
+    capture: what a stream made on another device than the model's gives)."""
+
+    def __init__(self, fn, out, computes: bool):
+        self.fn, self.out, self.computes = fn, out, computes
+
+    def replay(self):
+        if self.computes:
+            new = self.fn()
+            if self.out is not None:
+                self.out.copy_(new)
+
+
+def _fake_capture(computes: bool):
+    def capture(fn, device):
+        out = fn()
+        return _ReplayGraph(fn, out, computes), out
+
+    return capture
+
+
+@pytest.mark.parametrize("computes", [True, False])
+def test_capture_self_check(monkeypatch, capfd, computes):
+    """After a capture both graphs are replayed with poisoned outputs and compared with the
+    eager step: a graph that computes is kept; one that computes nothing (an empty capture) is
+    dropped with one warning line, and the step runs without it, giving the same logits."""
+    model = tiny_model(32)
+    x = torch.randint(0, model.config.mask_id, (2, 32))
+    want, want_cache = _run_static_steps(
+        model, GraphedStep(model, model.new_cache(2, 32), 2, 4, use_graph=False, compile=False), x
+    )
+    monkeypatch.setattr(graph, "capture", _fake_capture(computes))
+    capfd.readouterr()
+    step = GraphedStep(model, model.new_cache(2, 32), 2, 4, use_graph=True, compile=False)
+    err = capfd.readouterr().err.strip().splitlines()
+    if computes:
+        assert err == [] and step.path == "graph" and isinstance(step.commit_graph, _ReplayGraph)
+    else:
+        assert len(err) == 1 and "the CUDA graph of the drafting step does not compute" in err[0], err
+        assert step.path == "static" and step.graph is None and step.commit_graph is None
+    got, got_cache = _run_static_steps(model, step, x)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_cache, want_cache))
+
+
+class _FailedCapture:
+    """A CUDAGraph whose `capture_end` raises; `ended`: whether the capture had ended (then its
+    `pool()` answers and the graph releases the pool itself)."""
+
+    def __init__(self, ended: bool, error: BaseException):
+        self.ended, self.error = ended, error
+
+    def capture_end(self):
+        raise self.error
+
+    def pool(self):
+        if not self.ended:
+            raise RuntimeError("Called CUDAGraph::pool() without a preceding successful capture.")
+        return (1, 0)
+
+
+class _Stop(BaseException):
+    """What a benchmark's deadline raises."""
+
+
+@pytest.mark.parametrize(
+    "ended,end_refuses,error",
+    [
+        (False, False, RuntimeError("operation not permitted when stream is capturing")),
+        (False, True, RuntimeError("Invalid capture.")),  # the pool had ended before the failure
+        (False, False, _Stop("deadline")),
+        (True, False, RuntimeError("instantiate failed")),  # the graph releases its own pool
+    ],
+)
+def test_failed_capture_end_leaves_the_capture_pool(monkeypatch, ended, end_refuses, error):
+    """A failed `capture_end` takes the allocator out of the capture's pool (else a later
+    `torch.cuda.empty_cache()` fails an internal assert) and releases the pool, once; the
+    error, a deadline included, goes on."""
+    calls = []
+
+    def end(index, pool):
+        calls.append(("end", index, pool))
+        if end_refuses:
+            raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end, raising=False)
+    monkeypatch.setattr(
+        torch._C, "_cuda_releasePool", lambda i, p: calls.append(("release", i, p)), raising=False
+    )
+    with pytest.raises(type(error)):
+        graph.end_capture(_FailedCapture(ended, error), (0, 7), torch.device("cuda", 1))
+    assert calls == ([] if ended else [("end", 1, (0, 7)), ("release", 1, (0, 7))])
+
+
+def test_a_deadline_is_not_taken_for_a_compile_failure(monkeypatch):
+    """A BaseException during compilation (the benchmark's Deadline, Ctrl-C) is not swallowed by
+    the compile fallback, and the benchmark's Deadline is one."""
+
+    def backend(gm, inputs):
+        raise _Stop("deadline")
+
+    monkeypatch.setattr(graph, "BACKEND", backend)
+    model = tiny_model(16)
+    with pytest.raises(_Stop):
+        GraphedStep(model, model.new_cache(1, 16), 1, 4, use_graph=False, compile=True)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # run_gpu adds bench/ to it
+    spec = importlib.util.spec_from_file_location("run_gpu", REPO / "bench" / "run_gpu.py")
+    run_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_gpu)
+    assert issubclass(run_gpu.Deadline, BaseException) and not issubclass(run_gpu.Deadline, Exception)
+
+
+def test_step_shape_past_the_cap_warns_and_runs_uncompiled(monkeypatch, capfd):
+    monkeypatch.setattr(graph, "MAX_COMPILED", graph.compiled_shapes())
+    model = tiny_model(16)
+    capfd.readouterr()
+    step = GraphedStep(model, model.new_cache(3, 16), 3, 4, use_graph=False, compile=True)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs uncompiled" in err[0] and "MAX_COMPILED" in err[0], err
+    assert not step.compiled and step.path == "static"
+
+
+@pytest.mark.slow
+def test_every_step_shape_compiles_past_dynamos_recompile_limit(monkeypatch, capfd):
+    """Nine step shapes (dynamo's recompile limit is 8 graphs of one function) all compile, two
+    graphs each (the denoising call and the commit pass), counted by dynamo; after a capture
+    fallback the compiled step takes strided blocks x[:, s:e] without a recompile."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(graph, "BACKEND", "eager")  # dynamo's tracing, guards and cache; no codegen
+    torch._dynamo.reset()
+    graph.forget_compiled()
+    model = tiny_model(16)
+    before = counters["stats"]["unique_graphs"]
+    steps = [
+        GraphedStep(model, model.new_cache(b, 16), b, 4, use_graph=False, compile=True) for b in range(1, 10)
+    ]
+    assert all(s.compiled for s in steps) and graph.compiled_shapes() == 9
+    assert counters["stats"]["unique_graphs"] - before == 18
+    capfd.readouterr()
+    fell_back = GraphedStep(model, model.new_cache(2, 16), 2, 4, use_graph=True, compile=True)
+    assert "capture of the drafting step failed" in capfd.readouterr().err  # no CUDA here
+    x = torch.randint(0, model.config.mask_id, (2, 16))
+    ref = GraphedStep(model, model.new_cache(2, 16), 2, 4, use_graph=False, compile=False)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    with torch.no_grad():
+        for s in range(0, 16, 4):
+            torch.testing.assert_close(fell_back(x[:, s : s + 4]), ref(x[:, s : s + 4]), atol=1e-5, rtol=1e-5)
+            fell_back.commit(x[:, s : s + 4])
+            ref.commit(x[:, s : s + 4])
+
+
+def test_commit_pass_skips_the_output_layer():
+    model = tiny_model(16)
+    step = GraphedStep(model, model.new_cache(2, 16), 2, 4, use_graph=False, compile=False)
+    runs = []
+    hook = model.output_layer.linear.register_forward_hook(lambda *a: runs.append(1))
+    try:
+        x = torch.randint(0, model.config.mask_id, (2, 4))
+        step(x)
+        step.commit(x)
+    finally:
+        hook.remove()
+    assert runs == [1] and step.cache.length == 4 and int(step.cache.start) == 4
+
+
+def test_refine_block_stage_reuses_one_padded_step():
+    """Every batch of a block stage, the smaller last one too, runs on one step of batch_size
+    rows (one compile and capture on CUDA); test_fast_refine_equals_eager_refine checks the
+    padded batch's tokens."""
+    model = tiny_model(32)
+    passes = RefinePasses(
+        model,
+        RefineConfig(stages=[(8, 0.3)], batch_size=3, dtype="fp32", fast_path="static"),
+        torch.device("cpu"),
+    )
+    full, last = passes.block_step(3, 32, 8), passes.block_step(1, 32, 8)
+    assert full is last and full.batch == 3 and len(passes.steps) == 1
+
+
+def test_static_cache_capacity_is_a_multiple_of_8(tok):
+    model = tiny_model(32)
+    with torch.inference_mode():
+        step = fast.cached_step(model, 2, 30, 5, "fp32", "static")
+    assert step.cache.capacity == 32
+    base = dict(n=2, length=30, block_size=5, batch_size=2, seed=1, top_p=1.0, dtype="fp32")
+    toks = {
+        p: [
+            r["tokens"] for r in draft(model, DraftConfig(**base, fast_path=p), tokenizer=tok, progress=False)
+        ]
+        for p in ("off", "static")
+    }
+    assert toks["off"] == toks["static"]
+
+
+def test_dtype_auto_is_bf16_on_cuda_fp32_elsewhere_and_recorded(tok, monkeypatch):
+    assert fast.resolve_dtype("auto", torch.device("cpu")) == "fp32"
+    assert fast.resolve_dtype("fp16", torch.device("cpu")) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert fast.resolve_dtype("auto", torch.device("cuda", 1)) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert fast.resolve_dtype("auto", torch.device("cuda")) == "fp32"
+    model = tiny_model(16)
+    assert DraftConfig().dtype == RefineConfig().dtype == "auto"
+    drafts = list(draft(model, DraftConfig(n=1, length=16, top_p=1.0), tokenizer=tok, progress=False))
+    assert drafts[0]["draft"]["dtype"] == "fp32"
+    out = next(iter(refine(model, drafts, RefineConfig(top_p=1.0), tokenizer=tok, progress=False)))
+    assert out["stages"][0]["dtype"] == "fp32"
+
+
+# ------------------------------------------------------------------ draft() without a read per block
+
+HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero")
+"""Tensor methods that wait for the device's result (on CUDA: a pipeline drain)."""
+
+TINY_IDS = SimpleNamespace(
+    vocab_size=98, mask_id=97, bos_id=1, name="ids", decode=lambda ids: " ".join(map(str, ids))
+)
+"""A tokenizer for the small-vocabulary Llama of llama_helpers (records only decode)."""
+
+
+def _host_reads(monkeypatch, fn) -> tuple[Counter, object]:
+    """(reads by kind, fn()): every call of a HOST_READS method, and indexing with a boolean
+    mask (a nonzero underneath), while fn runs."""
+    counts: Counter = Counter()
+
+    def counted(name, orig):
+        def method(self, *a, **k):
+            counts[name] += 1
+            return orig(self, *a, **k)
+
+        return method
+
+    def bool_indexed(name, orig):
+        def method(self, idx, *a):
+            items = idx if isinstance(idx, tuple) else (idx,)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items):
+                counts[name + "[bool]"] += 1
+            return orig(self, idx, *a)
+
+        return method
+
+    with monkeypatch.context() as m:
+        for name in HOST_READS:
+            m.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+        for name in ("__getitem__", "__setitem__"):
+            m.setattr(torch.Tensor, name, bool_indexed(name, getattr(torch.Tensor, name)))
+        out = fn()
+    return counts, out
+
+
+def test_draft_reads_the_host_per_batch_not_per_block(monkeypatch):
+    """A whole `draft()` on the static step (the CUDA path's code, entropy check on): the same
+    few host reads at 264 tokens (1 checked block) as at 392 (17 checked blocks), all of them
+    at the end of the batch."""
+    model = tiny_llama(length=392)
+    reads = {}
+    for length in (264, 392):
+        cfg = DraftConfig(
+            n=2, length=length, block_size=8, batch_size=2, seed=0, min_entropy=0.5, fast_path="static"
+        )
+        counts, recs = _host_reads(
+            monkeypatch, lambda cfg=cfg: list(draft(model, cfg, tokenizer=TINY_IDS, progress=False))
+        )
+        assert len(recs) == 2 and recs[0]["draft"]["path"] == "static" and "entropy_rejections" in recs[0]
+        reads[length] = counts
+    print("host reads per draft():", dict(reads[264]), dict(reads[392]))
+    assert reads[264] == reads[392] and sum(reads[392].values()) <= 4
+
+
+@pytest.mark.slow
+def test_deferred_entropy_check_rejects_like_the_reference(monkeypatch):
+    """Entropy rejections read back at the end of the batch (and, with STATE_BYTES 1, after
+    every checked block) redraw exactly what the reference path, which stops at once, redraws:
+    the failing rows' generators are rewound to their first failing block."""
+    model = tiny_llama(length=288)
+    base = dict(
+        n=3,
+        length=288,
+        block_size=8,
+        batch_size=3,
+        seed=0,
+        sampler="parallel",
+        tokens_per_step=4,
+        min_entropy=3.85,  # some draws of this model pass, some fail, at various blocks
+        max_retries=2,
+        entropy_fail="keep",
+    )
+
+    def run(path):
+        return list(draft(model, DraftConfig(**base, fast_path=path), tokenizer=TINY_IDS, progress=False))
+
+    ref = run("off")
+    rejections = [r["entropy_rejections"] for r in ref]
+    assert sum(rejections) > 0 and not any(r.get("low_entropy") for r in ref)
+    for state_bytes in (stopping.STATE_BYTES, 1):
+        monkeypatch.setattr(stopping, "STATE_BYTES", state_bytes)
+        got = run("static")
+        assert [r["tokens"] for r in got] == [r["tokens"] for r in ref]
+        assert [r["entropy_rejections"] for r in got] == rejections

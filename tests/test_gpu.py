@@ -4,8 +4,10 @@ The first tests run on a CPU (the fast drafting loop with graphs off, the flat-i
 GPU benchmark script's dry run; tests/test_fast_paths.py has the rest of what a CPU can prove).
 Those marked `gpu` need CUDA and check the device paths: flex vs dense attention at lengths
 with full and partial tiles in bf16, cached vs uncached drafting, CUDA-graph step vs eager
-step, no host synchronisation in a fast draft, the capture fallback, compiled vs eager
-training, no recompiles after warm-up, and a `did train` run.
+step, no host synchronisation in a fast draft and none per block in the library's draft, the
+capture fallback (which leaves the allocator usable), a second device, compiled vs eager
+training, no recompiles after warm-up, and a `did train` run. Each GPU test starts with fresh
+dynamo caches and ends with the allocator checked, so their order does not matter.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import copy
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,9 +27,9 @@ from did_cli.core import attention
 from did_cli.core.diffusion import nelbo
 from did_cli.core.dit import DiT
 from did_cli.core.model_config import DiffusionConfig
-from did_cli.sampling import DraftConfig, draft
+from did_cli.sampling import DraftConfig, draft, graph
 from did_cli.sampling.core import make_generator, mix_seed
-from did_cli.sampling.fast import FastFirstHitting
+from did_cli.sampling.fast import FastFirstHitting, resolve_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -38,6 +41,24 @@ def gpu(fn):
             fn
         )
     )
+
+
+@pytest.fixture(autouse=True)
+def _independent_gpu_test(request):
+    """A GPU test starts with no compiled code of an earlier one (dynamo's caches and their
+    recompile limits are per process) and must leave no capture behind: `empty_cache` fails an
+    internal assert while the allocator still routes to a capture's pool."""
+    if not (HAS_CUDA and request.node.get_closest_marker("gpu")):
+        yield
+        return
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    graph.forget_compiled()
+    yield
+    torch.cuda.synchronize()
+    assert not torch.cuda.is_current_stream_capturing()
+    torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------ CPU
@@ -126,7 +147,11 @@ def test_run_gpu_dry_run(tmp_path):
     trainer = fig["train"]["trainer"]  # did train's own step
     assert trainer["steps"] >= 1 and trainer["tokens_per_s"] > 0 and trainer["compiled"] is False
     assert list(fig)[list(fig).index("train") :][:3] == ["train", "draft", "refine"]  # training first
-    assert fig["draft"]["library"]["path"] == "eager-cached" and fig["deadline_s"] > 0
+    # the script runs on CUDA when the host has it (its default --device): the library drafts on the graph
+    on_cuda = fig["env"]["device"] != "cpu"
+    assert (
+        fig["draft"]["library"]["path"] == ("graph" if on_cuda else "eager-cached") and fig["deadline_s"] > 0
+    )
     assert fig["summary"] and "summary" in proc.stdout
 
 
@@ -206,7 +231,7 @@ def test_cached_equals_uncached_drafting_cuda():
     model = tiny_model(64).cuda()
     recs = {}
     for cache in (True, False):
-        cfg = DraftConfig(n=4, length=64, block_size=4, batch_size=4, seed=2, use_cache=cache)
+        cfg = DraftConfig(n=4, length=64, block_size=4, batch_size=4, seed=2, use_cache=cache, dtype="fp32")
         recs[cache] = [r["tokens"] for r in draft(model, cfg, progress=False)]
     assert recs[True] == recs[False]
 
@@ -352,10 +377,10 @@ class _SyncingDiT(DiT):
     """Fault injection: a step that reads a value back to the host, which no CUDA graph can
     capture."""
 
-    def step_static(self, x, cache, consts=None):
+    def step_static(self, x, cache, consts=None, need_logits=True):
         if float(cache.start.sum()) < 0:
             raise AssertionError("unreachable")
-        return super().step_static(x, cache, consts)
+        return super().step_static(x, cache, consts, need_logits)
 
 
 @gpu
@@ -375,6 +400,8 @@ def test_capture_failure_falls_back_in_one_line_cuda(capfd):
     ref = GraphedStep(broken, broken.new_cache(2, 64), 2, 4, use_graph=False, compile=False)
     assert torch.equal(step(x), ref(x))
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the failed capture's pool was ended: the allocator is usable
+    assert torch.equal(step(x), ref(x))
 
 
 @gpu
@@ -382,11 +409,53 @@ def test_library_draft_runs_the_graph_cuda(tok):
     model = tiny_model(64).cuda()
     recs = {}
     for path in ("auto", "off"):
-        cfg = DraftConfig(n=3, length=64, block_size=4, batch_size=2, seed=2, fast_path=path, prompts=["The"])
+        cfg = DraftConfig(
+            n=3, length=64, block_size=4, batch_size=2, seed=2, fast_path=path, prompts=["The"], dtype="fp32"
+        )
         recs[path] = list(draft(model, cfg, tokenizer=tok, progress=False))
     assert {r["draft"]["path"] for r in recs["auto"]} == {"graph"} and recs["auto"][0]["draft"]["compiled"]
     assert {r["draft"]["path"] for r in recs["off"]} == {"eager-cached"}
     assert [r["tokens"] for r in recs["auto"]] == [r["tokens"] for r in recs["off"]]
+
+
+@gpu
+def test_library_draft_entropy_check_adds_no_sync_per_block_cuda(tok):
+    """A whole `draft()` at 512 tokens (64 blocks checked by the entropy rule) synchronises with
+    the host as often as one with the check off, but for the one read of its verdicts."""
+    model = tiny_model(512).cuda()
+
+    def syncs(min_entropy):
+        cfg = DraftConfig(n=2, length=512, block_size=4, batch_size=2, seed=0, min_entropy=min_entropy)
+        list(draft(model, cfg, tokenizer=tok, progress=False))  # compiles this shape
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                recs = list(draft(model, cfg, tokenizer=tok, progress=False))
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(w.message) for w in caught), recs
+
+    off, _ = syncs(None)
+    on, recs = syncs(0.5)
+    assert recs[0]["draft"]["path"] == "graph"
+    assert recs[0]["draft"]["dtype"] == resolve_dtype("auto", torch.device("cuda"))  # bf16 on an H100
+    assert on - off <= 2, (on, off)
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_graph_draft_on_a_second_device_cuda(tok):
+    """`--device cuda:1`: the step is captured on that device (not the current one) and drafts
+    what it drafts on cuda:0."""
+    toks = {}
+    for dev in ("cuda:0", "cuda:1"):
+        cfg = DraftConfig(n=2, length=64, block_size=4, batch_size=2, seed=2, device=dev, dtype="fp32")
+        recs = list(draft(tiny_model(64), cfg, tokenizer=tok, progress=False))
+        assert recs[0]["draft"]["path"] == "graph"
+        toks[dev] = [r["tokens"] for r in recs]
+    assert toks["cuda:0"] == toks["cuda:1"]
 
 
 @gpu

@@ -122,8 +122,12 @@ HELP_TEXTS = (
                                                    'device': "'auto' keeps the model where it is; "
                                                              'otherwise the model is moved there (cpu, '
                                                              'cuda, cuda:N).',
-                                                   'dtype': "'fp32', or 'bf16'/'fp16' autocast for the "
-                                                            'model calls (sampling stays float64).',
+                                                   'dtype': "Precision of the model calls: 'auto' (bf16 on "
+                                                            'a CUDA device that supports it, else fp32), '
+                                                            "'fp32', or 'bf16'/'fp16' autocast. Sampling "
+                                                            '(softmax, nucleus, Gumbel-max) stays float64 '
+                                                            'either way, so a lower precision only rounds '
+                                                            'the logits; records say which ran.',
                                                    'fast_path': "Model calls: 'auto' (on CUDA the cached "
                                                                 'step compiled and replayed as a CUDA '
                                                                 'graph, the global refine pass compiled), '

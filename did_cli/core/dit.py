@@ -345,14 +345,15 @@ class DiT(nn.Module):
         return StepConstants(cos, sin, mods, (shift, scale))
 
     def step_static(
-        self, x: torch.Tensor, cache: KVCache, consts: StepConstants | None = None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, cache: KVCache, consts: StepConstants | None = None, need_logits: bool = True
+    ) -> torch.Tensor | None:
         """The cached step with static shapes: positions come from the device scalar
         `cache.start`, keys/values are written with `index_copy_`, and attention runs over the
         whole cache capacity with a validity mask. No host synchronisation and no shape that
         depends on progress, so the call can be compiled and captured once in a CUDA graph and
         replayed (see `did_cli.sampling.graph`). `consts`: `step_constants(cache.capacity)`
-        (computed here when not given). Does not commit; returns logits [B, n, V]."""
+        (computed here when not given). Does not commit; returns logits [B, n, V] (None with
+        `need_logits=False`: the commit pass only writes keys and values)."""
         n, cap = x.shape[1], cache.capacity
         c = consts if consts is not None else self.step_constants(cap, x.device)
         pos = cache.start + torch.arange(n, device=x.device)
@@ -369,5 +370,7 @@ class DiT(nn.Module):
             return attention
 
         h = self.layers(self.vocab_embed(x), cos, sin, static, mods=c.mods)
+        if not need_logits:
+            return None
         shift, scale = c.final
         return self.output_layer.linear(modulate(self.output_layer.norm_final(h), shift, scale))

@@ -335,11 +335,16 @@ class LlamaDiffusion(nn.Module):
         return LlamaStepConstants(cos, sin)
 
     def step_static(
-        self, x: torch.Tensor, cache: LlamaKVCache, consts: LlamaStepConstants | None = None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        cache: LlamaKVCache,
+        consts: LlamaStepConstants | None = None,
+        need_logits: bool = True,
+    ) -> torch.Tensor | None:
         """The cached step with static shapes (positions from the device scalar `cache.start`,
         `index_copy_` writes, attention over the whole capacity under a validity mask, no host
-        sync), for `did_cli.sampling.graph`. Does not commit; returns logits [B, n, V]."""
+        sync), for `did_cli.sampling.graph`. Does not commit; returns logits [B, n, V] (None with
+        `need_logits=False`, the commit pass, which still leaves the shift state)."""
         n, cap = x.shape[1], cache.capacity
         c = consts if consts is not None else self.step_constants(cap, x.device)
         pos = cache.start + torch.arange(n, device=x.device)
@@ -363,7 +368,7 @@ class LlamaDiffusion(nn.Module):
             cache.pending.copy_(h[:, -1])
             cache.pending_end.copy_(cache.start + n)
             h = torch.cat([first[:, None], h[:, :-1]], dim=1)
-        return self.logits(h)
+        return self.logits(h) if need_logits else None
 
 
 def append_mask_row(

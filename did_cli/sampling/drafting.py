@@ -39,7 +39,7 @@ from did_cli.sampling.core import (
     tokenizer_for,
 )
 from did_cli.sampling.drafting_batch import DraftedSample, draft_batch
-from did_cli.sampling.fast import cached_step
+from did_cli.sampling.fast import cached_step, resolve_dtype
 from did_cli.sampling.prompts import Prompt, resolve_prompts
 from did_cli.sampling.sampler_config import ENTROPY_WINDOW, DraftConfig
 from did_cli.sampling.stopping import check_finite_conf
@@ -78,9 +78,10 @@ class _DraftRun:
 
     def __init__(self, model: Any, cfg: DraftConfig, tokenizer: Any, model_path: str | None):
         mc = model.config
-        self.model, self.cfg = model, cfg
         self.length = cfg.check(mc.model_length)
         self.device = place(model, cfg.device)
+        cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, self.device))
+        self.model, self.cfg = model, cfg
         self.tok = tokenizer_for(model, tokenizer)
         self.prompts = resolve_prompts(cfg, self.tok, self.length)
         self.sp = cfg.settings(mc.mask_id)

@@ -15,7 +15,7 @@ from did_cli.sampling.core import DTYPES, EvalMode, Progress, RowLogits, Sampler
 from did_cli.sampling.graph import EagerStep, GraphedStep
 from did_cli.sampling.prompts import Prompt
 from did_cli.sampling.sampler_config import DraftConfig
-from did_cli.sampling.stopping import REJECT, block_stops
+from did_cli.sampling.stopping import REJECT, DeferredEntropy, block_stops
 
 
 @dataclasses.dataclass
@@ -77,7 +77,10 @@ def draft_batch(
     out: list[Any] = [None] * b
     notes: list[dict] = [{} for _ in range(b)]
     n_blocks = L // B
-    with EvalMode(model), autocast(device, cfg.dtype, cache=not isinstance(step, GraphedStep)):
+    graphed = isinstance(step, GraphedStep)
+    # a batch of fixed shape reads the entropy verdicts back in batches, not after every block
+    watch = DeferredEntropy(cfg, b + pad, device) if graphed else None
+    with EvalMode(model), autocast(device, cfg.dtype, cache=not graphed):
         for j in range(n_blocks):
             s, e = j * B, (j + 1) * B
             # masks of each row in this block: its generated positions (BOS, prompt, suffix are fixed);
@@ -87,7 +90,7 @@ def draft_batch(
             ] + [0] * pad
             calls = fill(x, conf, s, e, counts, _block_logits(model, x, s, e, B, step), st.gens, sp)
             st.nfe, st.fwd = st.nfe + calls, st.fwd + calls
-            stops, cut, low = block_stops(cfg, mc, x, is_gen, s, e, st.checked)
+            stops, cut, low = _stops_after(cfg, mc, x, is_gen, s, e, j == n_blocks - 1, st, watch)
             live = [r < len(st.rows) and st.rows[r] is not None for r in range(x.shape[0])]
             for r in low:
                 if live[r]:
@@ -111,6 +114,18 @@ def draft_batch(
                 if i is not None:
                     out[i] = DraftedSample(xs[r], cs[r], st.nfe, st.fwd, secs, notes[i])
     return out
+
+
+def _stops_after(cfg, mc, x, is_gen, s: int, e: int, last: bool, st: _Batch, watch: Any):
+    """(stops, cut, low) of `block_stops` after block [s, e); with `watch` (a DeferredEntropy)
+    the entropy rule reads its verdicts back only when they are due."""
+    if watch is None:
+        return block_stops(cfg, mc, x, is_gen, s, e, st.checked)
+    watch.observe(x, e, s // cfg.block_size, st.gens, st.checked)
+    if not watch.due(last):
+        return {}, set(), set()
+    stops, low = watch.settle(st.gens, st.checked)
+    return stops, set(), low
 
 
 @dataclasses.dataclass
@@ -145,9 +160,10 @@ def _stop_rows(
             note = dict(notes[i], **({"entropy_truncated": True} if r in cut else {}))
             out[i] = DraftedSample(x[r, :end].tolist(), conf[r, :end].tolist(), st.nfe, st.fwd, secs, note)
     if isinstance(step, GraphedStep):
+        mc = step.model.config
         for r in stops:
             st.rows[r], st.checked[r] = None, False
-            x[r, (x[r] == step.model.config.mask_id)] = step.model.config.bos_id
+            x[r] = torch.where(x[r] == mc.mask_id, mc.bos_id, x[r])  # no mask left; no host sync
         return x, conf, is_gen
     keep = [r for r in range(len(st.rows)) if r not in stops]
     if not keep:

@@ -10,7 +10,8 @@ Gumbel-max in float64, snapshot confidence) for drafts without prompts, suffix o
 stopping, with ONE generator for the whole batch: each call draws uniforms [b, block] for the
 position, then [b, V] for the token. Every step stays on the device (no `.tolist()`, no counts
 read back), so the host only queues work, and the model call is a CUDA-graph replay of the
-compiled `DiT.step_static` (`did_cli.sampling.graph.GraphedStep`). `reference=True` runs the
+compiled `DiT.step_static` (`did_cli.sampling.graph.GraphedStep`; the commit pass replays its
+own graph, without the output layer). `reference=True` runs the
 eager cached step (`DiT.step`) with the same draws: both give the same tokens, which the tests
 check. At batch 1 the draws are those `sampling.drafting.draft` makes for sample 0 when given
 the generator of (seed, 0).
@@ -39,6 +40,15 @@ class FastDraftOut:
     """[b, L] float64 snapshot confidences (NaN at BOS)."""
     calls: int
     """Model calls made for the batch (one per generated token + one commit per block but the last)."""
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """The precision a `SamplerConfig.dtype` means on `device`: 'auto' is bf16 on a CUDA device
+    with bf16 support (the fast precision there; sampling stays float64), else fp32 (CPU
+    autocast to bf16 is no faster on most CPUs)."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def low_precision_copy(model: DiT, dtype: torch.dtype) -> DiT:
@@ -79,9 +89,16 @@ def cached_step(
     if net is None:
         net = model if dtype == "fp32" else low_precision_copy(model, DTYPES[dtype])
     auto = mode == "auto"
-    return GraphedStep(
-        net, net.new_cache(batch, capacity, dtype=kv), batch, block, use_graph=auto, compile=auto
-    )
+    cache = net.new_cache(batch, static_capacity(capacity), dtype=kv)
+    return GraphedStep(net, cache, batch, block, use_graph=auto, compile=auto)
+
+
+def static_capacity(length: int) -> int:
+    """KV-cache slots of the static step for `length` tokens: a multiple of 8. The static step
+    attends over every slot under a validity mask, and the memory-efficient SDPA kernel wants
+    the mask's last dimension aligned to 8 (else it copies the mask into a padded one, or
+    another kernel runs)."""
+    return -(-length // 8) * 8
 
 
 class FastFirstHitting:
@@ -124,7 +141,8 @@ class FastFirstHitting:
             model = low_precision_copy(model, amp)
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        cache = model.new_cache(batch, self.length, dtype=None if dtype == "fp32" else amp)
+        cap = self.length if reference else static_capacity(self.length)
+        cache = model.new_cache(batch, cap, dtype=None if dtype == "fp32" else amp)
         with self._autocast():
             self.step = (
                 EagerStep(model, cache)

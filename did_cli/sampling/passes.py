@@ -6,8 +6,8 @@ on the fast path where it applies (`SamplerConfig.fast_path`).
   model length): a smaller batch is padded with placeholder rows (rows do not see each other),
   other lengths run eagerly. The output layer is applied later, chunk by chunk, to the rows
   the sampler needs (`core.RowLogits`).
-- block stages: the cached step of drafting (`fast.cached_step`), one per (batch, length,
-  block) and reused by every batch of that shape.
+- block stages: the cached step of drafting (`fast.cached_step`), one per (length, block) with
+  `batch_size` rows, reused by every batch (a smaller last batch runs padded).
 Both run the bf16 weight copy (`fast.low_precision_copy`) when the dtype is not fp32: under
 autocast it computes what the float32 weights do, without casting them inside every call.
 """
@@ -61,21 +61,17 @@ class RefinePasses:
         return self.net.logits(h)
 
     def block_step(self, b: int, n: int, block: int) -> Any:
-        """The cached step of a block stage over [b, n] (reset, ready for a new batch)."""
-        key = (b, n, block)
-        step = self.steps.get(key)
-        if step is None:
-            applies = self.fast and n % block == 0
-            step = cached_step(
-                self.model,
-                b,
-                n,
-                block,
-                self.cfg.dtype,
-                self.cfg.fast_path if applies else "off",
-                net=self.net if applies else None,
-            )
-            if applies:
-                self.steps[key] = step
+        """The cached step of a block stage over [b, n] (reset, ready for a new batch). On the
+        fast path one step per (n, block) serves every batch: it has `batch_size` rows, and a
+        smaller batch runs padded, so the last one compiles and captures nothing new."""
+        if not (self.fast and n % block == 0):
+            step = cached_step(self.model, b, n, block, self.cfg.dtype, "off")
+        else:
+            key = (max(b, self.cfg.batch_size), n, block)
+            step = self.steps.get(key)
+            if step is None:
+                step = self.steps[key] = cached_step(
+                    self.model, key[0], n, block, self.cfg.dtype, self.cfg.fast_path, net=self.net
+                )
         step.reset()
         return step

@@ -13,6 +13,7 @@ seeded from (seed, record id), so a record's result does not depend on the batch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -35,6 +36,7 @@ from did_cli.sampling.core import (
     place,
     tokenizer_for,
 )
+from did_cli.sampling.fast import resolve_dtype
 from did_cli.sampling.passes import RefinePasses
 from did_cli.sampling.posthoc import posthoc_confidence
 from did_cli.sampling.remask import remask_positions
@@ -98,6 +100,7 @@ def refine(
     mc = model.config
     cfg.check(mc.model_length)
     device = place(model, cfg.device)
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
     tok = tokenizer_for(model, tokenizer)
     sp = cfg.settings(mc.mask_id)
     bar = Progress(progress, None, "refine")

@@ -14,7 +14,7 @@ from did_cli.core.model_config import FULL_LENGTH, parse_block_size
 from did_cli.errors import UsageError
 
 SAMPLERS = ("first-hitting", "parallel")
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
+DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16")
 FAST_PATHS = ("auto", "off", "static")
 ENTROPY_WINDOW = 256
 """Tokens of the entropy check (BD3-LM): the last 256, checked once more than 256 exist."""
@@ -39,8 +39,10 @@ class SamplerConfig:
     """Run seed; every sample draws from its own generator seeded from it."""
     device: str = "auto"
     """'auto' keeps the model where it is; otherwise the model is moved there (cpu, cuda, cuda:N)."""
-    dtype: str = "fp32"
-    """'fp32', or 'bf16'/'fp16' autocast for the model calls (sampling stays float64)."""
+    dtype: str = "auto"
+    """Precision of the model calls: 'auto' (bf16 on a CUDA device that supports it, else
+    fp32), 'fp32', or 'bf16'/'fp16' autocast. Sampling (softmax, nucleus, Gumbel-max) stays
+    float64 either way, so a lower precision only rounds the logits; records say which ran."""
     allow_longer: bool = False
     """Allow sequences longer than the model's trained length (rotary extrapolation)."""
     fast_path: str = "auto"
@@ -191,6 +193,7 @@ class RefineConfig(SamplerConfig):
             "seed": self.seed,
             "tokens_per_step": self.tokens_per_step,
             "threshold": self.threshold,
+            "dtype": self.dtype,
             "model": None if model_path is None else str(model_path),
         }
 

@@ -1,5 +1,7 @@
 """When a draft stops early: BD3-LM's entropy rule and variable length, and the guard against
-non-finite logits. Evaluated after each block on the whole batch."""
+non-finite logits. Evaluated after each block on the whole batch: `block_stops` reads the
+verdict back at once (rows leave the batch), `DeferredEntropy` keeps it on the device and reads
+it in batches (a batch of fixed shape, whose rows retire in place)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ def window_entropy(x: torch.Tensor) -> torch.Tensor:
 
 
 REJECT = -1
+STATE_BYTES = 1 << 23
+"""Generator states `DeferredEntropy` holds before it reads its verdicts back (a CPU generator's
+state is 5 KB, a CUDA generator's 16 bytes: on CUDA one read per batch)."""
 
 
 def block_stops(
@@ -54,6 +59,54 @@ def block_stops(
             else:
                 low.add(r)
     return stops, cut, low
+
+
+class DeferredEntropy:
+    """The entropy rule of `block_stops` for a fixed-length batch, without a host read per block.
+
+    After each block the check runs on the device and the first failing block of each row
+    accumulates in a device tensor, while each checked row's generator state after that block
+    is kept (a host-side copy, no sync). `settle` reads the verdicts back once: a checked row
+    that failed is rewound to its state right after its first failing block and rejected,
+    which is exactly where stopping at that block would have left it (its later draws are
+    undone; its tokens are dropped anyway); an unchecked one is noted. Call `settle` when `due`
+    says so: after the last block, or earlier when the kept states grow past `STATE_BYTES`."""
+
+    def __init__(self, cfg: DraftConfig, rows: int, device: torch.device):
+        self.min_entropy = cfg.min_entropy
+        self.first = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self.states: dict[int, list] = {}
+        self.bytes = 0
+
+    def observe(self, x: torch.Tensor, e: int, j: int, gens: list, checked: list[bool]) -> None:
+        """Block j, which ends at e, was filled."""
+        if not self.min_entropy or e <= ENTROPY_WINDOW:
+            return
+        fail = window_entropy(x[:, e - ENTROPY_WINDOW : e]) < self.min_entropy
+        self.first = torch.where((self.first < 0) & fail, j, self.first)
+        states = [g.get_state() if g is not None and c else None for g, c in zip(gens, checked)]
+        self.states[j] = states
+        self.bytes += sum(t.numel() for t in states if t is not None)
+
+    def due(self, last: bool) -> bool:
+        return bool(self.states) and (last or self.bytes >= STATE_BYTES)
+
+    def settle(self, gens: list, checked: list[bool]) -> tuple[dict[int, int], set[int]]:
+        """({row: REJECT} for checked rows that failed, rewound; unchecked rows that failed)."""
+        first = self.first.tolist()  # the one host read
+        stops: dict[int, int] = {}
+        low: set[int] = set()
+        for r, j in enumerate(first):
+            if j < 0:
+                continue
+            if checked[r] and gens[r] is not None:
+                gens[r].set_state(self.states[j][r])
+                stops[r] = REJECT
+            else:
+                low.add(r)
+        self.first.fill_(-1)
+        self.states, self.bytes = {}, 0
+        return stops, low
 
 
 def check_finite_conf(what: str, conf: list, lo: int, hi: int, block: int | None = None) -> None:
