@@ -25,7 +25,6 @@ import torch
 
 from did_cli.sampling.race import MARGIN, Race, clocks, full_scores, race, winner
 from did_cli.sampling.threshold import (
-    BINS,
     BLOCK,
     Rows,
     boundary,
@@ -99,10 +98,10 @@ def _sample_full(p: torch.Tensor, rc: Race, top_p: float) -> tuple[torch.Tensor,
 
 
 def _row_sums(x: torch.Tensor) -> torch.Tensor:
-    """Sums [r, 1] of rows [r, w] (w a multiple of BLOCK) in an order that does not depend on r:
-    a reduction of one row alone may be split between threads."""
+    """Sums [r, 1] of rows [r, w] (w a multiple of BLOCK) in an order that does not depend on r
+    (a reduction of one row alone may be split between threads)."""
     r, w = x.shape
-    return x.view(r, w // BLOCK, BLOCK).sum(dim=-1).cumsum_(dim=-1)[:, -1:]
+    return x.view(r, BLOCK, w // BLOCK).sum(dim=1).cumsum_(dim=-1)[:, -1:]
 
 
 def _rows(logits: torch.Tensor, mask_id: int) -> Rows:
@@ -111,13 +110,12 @@ def _rows(logits: torch.Tensor, mask_id: int) -> Rows:
     needs."""
     r, v = logits.shape
     p = scratch("p", (r, -(-v // BLOCK) * BLOCK), torch.float64, logits.device)
-    parts = [t for t in (logits[:, :mask_id], logits[:, mask_id + 1 :]) if t.shape[1]]
-    top = torch.stack([t.amax(dim=-1) for t in parts]).amax(dim=0).double()[:, None]
     # [MASK]'s logit may be the row's lowest: then lo is only lower than needed (coarser bins)
     low = logits.amin(dim=-1, keepdim=True).double()
     p[:, :v].copy_(logits)  # exact; then the arithmetic of `probabilities`
     p[:, v:] = -math.inf
     p[:, mask_id] = -math.inf
+    top = p.amax(dim=-1, keepdim=True)
     z = _row_sums(p.sub_(top).exp_())
     p.div_(z)
     hi = (1.0 / z)[:, 0].view(torch.int64)  # the largest logit's exp is exactly 1
@@ -156,18 +154,16 @@ def _sample_pruned(rs: Rows, rc: Race, top_p: float):
     else:
         h = histogram(rs)
         cross = crossing(h.mass, torch.zeros(r, dtype=p.dtype, device=p.device), top_p)
-        j = cross[0]
-        # arrivals above the crossing bin are surely kept: they set the bar for the others
-        sure = (h.bins.gather(1, rc.labels) > j[:, None]) & live
-        floor = _floor(_best_arrival(hit_p, sure, rc), rc)
-        jf = torch.maximum(h.bin_of(torch.arange(r, device=p.device), floor.view(torch.int64), rs.lo), j + 1)
-        want = torch.arange(BINS, device=p.device) >= jf[:, None]
-        want.scatter_(1, j[:, None], True)[:, 0] = False
-        c_rows, c_ids = in_bins(h, want)
-        region = h.bins.view(-1).index_select(0, c_rows * w + c_ids) == j[c_rows]
-        bd = boundary(rs, h, cross, (c_rows[region], c_ids[region]), top_p)
+        bd, region, tie_rows = boundary(rs, h, cross, top_p)
         everyone = torch.arange(r, device=p.device).repeat_interleave(rc.labels.shape[1])
         live &= bd.keeps(everyone, hit_p.view(-1), rc.labels.view(-1)).view(r, -1)
+        floor = _floor(_best_arrival(hit_p, live, rc), rc)
+        # the crossing bin's kept tokens, and those above it that could beat the arrivals
+        j = cross[0]
+        jf = torch.maximum(h.bin_of(torch.arange(r, device=p.device), floor.view(torch.int64), rs.lo), j + 1)
+        above_rows, above_ids = in_bins(h, jf)
+        c_rows, c_ids = torch.cat([region[0], above_rows]), torch.cat([region[1], above_ids])
+        c_rows, c_ids = _with_ties(h, tie_rows, bd, floor, j, c_rows, c_ids)
     c_p = p.view(-1).index_select(0, c_rows * w + c_ids)
     ok = c_p >= floor[c_rows]
     if bd is not None:
@@ -190,6 +186,16 @@ def _sample_pruned(rs: Rows, rc: Race, top_p: float):
     return tok, prob / bd.mass, bd.unsure
 
 
+def _with_ties(h, tie_rows, bd, floor, j, c_rows, c_ids):
+    """Add the tokens of a crossing bin of ties that was counted, not gathered, where their shared
+    probability reaches `floor` (rarely: the arrivals usually set a higher bar)."""
+    need = tie_rows[bd.floor()[tie_rows] >= floor[tie_rows]]
+    if not len(need):
+        return c_rows, c_ids
+    t_rows, t_ids = in_bins(h, torch.zeros_like(j).index_copy_(0, need, j[need]), only=True)
+    return torch.cat([c_rows, t_rows]), torch.cat([c_ids, t_ids])
+
+
 def kept_set(logits: torch.Tensor, mask_id: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The histogram nucleus of rows of raw logits [r, V] (top_p < 1): (kept [r, V] bool, unsure
     [r] bool). On rows not marked unsure it is the full sort's nucleus (`token_probs(...) > 0`),
@@ -198,9 +204,7 @@ def kept_set(logits: torch.Tensor, mask_id: int, top_p: float) -> tuple[torch.Te
     r, w = rs.p.shape
     h = histogram(rs)
     cross = crossing(h.mass, torch.zeros(r, dtype=rs.p.dtype, device=rs.p.device), top_p)
-    want = torch.zeros((r, BINS), dtype=torch.bool, device=rs.p.device)
-    want.scatter_(1, cross[0][:, None], True)[:, 0] = False
-    bd = boundary(rs, h, cross, in_bins(h, want), top_p)
+    bd, _, _ = boundary(rs, h, cross, top_p)
     rows = torch.arange(r, device=rs.p.device).repeat_interleave(w)
     ids = torch.arange(w, device=rs.p.device).repeat(r)
     kept = bd.keeps(rows, rs.p.reshape(-1), ids).view(r, w)[:, : rs.vocab]

@@ -24,6 +24,8 @@ top_p, or when the crossing bin is bin 0; otherwise its kept set is exactly the 
 
 from __future__ import annotations
 
+import functools
+import math
 import threading
 from typing import NamedTuple
 
@@ -33,6 +35,8 @@ BINS = 4096
 """Histogram bins per row (and sub-bins per bin when a bin is narrowed)."""
 SORT_MAX = 256
 """A crossing bin with more tokens than this is narrowed before it is sorted."""
+TIE_MIN = 4096
+"""A crossing bin that may hold more tokens than this is checked for being a single tie."""
 BLOCK = 64
 """Tokens per block when gathering a bin's tokens (blocks without one are skipped)."""
 SCRATCH_BYTES = 1 << 26
@@ -124,10 +128,19 @@ class Histogram(NamedTuple):
     """[r] int64: log2 of the keys per bin."""
     mass: torch.Tensor
     """[r, BINS] float64."""
+    span: torch.Tensor
+    """[r] int64: hi - lo + 1 (bit patterns of the binned range)."""
 
     def bin_of(self, rows: torch.Tensor, x: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-        """The lowest bin holding a token of bit pattern >= x (x >= lo)."""
-        return 1 + (((x - lo) << self.tie_bits[rows]) >> self.s[rows])
+        """The lowest bin holding a token of bit pattern >= x (x >= lo; BINS if none can)."""
+        d = torch.minimum((x - lo).clamp(min=0), self.span[rows])  # no overflow in the shift
+        return (1 + ((d << self.tie_bits[rows]) >> self.s[rows])).clamp_(max=BINS)
+
+
+@functools.lru_cache(maxsize=8)
+def _tie_ids(w: int, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return (1 << _ID_BITS) - 1 - torch.arange(w, device=device)
 
 
 def histogram(rows: Rows) -> Histogram:
@@ -139,27 +152,41 @@ def histogram(rows: Rows) -> Histogram:
     s += ((span - 1) >> s) > BINS - 2  # the float log2 may round down
     b = scratch("bins", (r, w), torch.long, p.device)
     x = p.view(torch.int64)
-    if bool(tie_bits.any()):
-        b.copy_(keys(x, torch.arange(w, device=p.device), lo[:, None], tie_bits[:, None]))
+    tie_rows = tie_bits.nonzero()[:, 0]
+    if len(tie_rows):  # the keys, in place: (x - lo) << tie_bits, + 2**17 - 1 - id on tie rows
+        torch.sub(x, lo[:, None], out=b).clamp_(min=-1)
+        b <<= tie_bits[:, None]
+        ids = _tie_ids(w, p.device)
+        if len(tie_rows) == r:
+            b += ids
+        else:
+            b.index_add_(0, tie_rows, ids.expand(len(tie_rows), w))
         b += (1 << s)[:, None]
     else:
         torch.sub(x, (lo - (1 << s))[:, None], out=b)
     b >>= s[:, None]
     b.clamp_(min=0)  # zeros ([MASK], padding, underflow) are below lo >= 1: bin 0
     mass = torch.zeros((r, BINS), dtype=p.dtype, device=p.device).scatter_add_(1, b, p)
-    return Histogram(b, tie_bits, s, mass)
+    return Histogram(b, tie_bits, s, mass, hi - lo + 1)
 
 
 def crossing(mass: torch.Tensor, start: torch.Tensor, top_p: float):
-    """The bin of each row's histogram [r, n] (bins ordered like p) where the sum from the top,
-    after `start`, passes top_p: (bin, the sum above it, the sum through it, no such bin)."""
-    n = mass.shape[1]
-    cum = mass.flip(-1).cumsum_(dim=-1).add_(start[:, None])
+    """The bin of each row's histogram [r, n] (bins ordered like p, n a square) where the sum
+    from the top, after `start`, passes top_p: (bin, the sum above it, the sum through it, no
+    such bin). A running sum over groups of bins finds the group, one over its bins the bin."""
+    r, n = mass.shape
+    g = math.isqrt(n)
+    flip = mass.flip(-1).view(r, g, g)
+    groups = flip.sum(dim=-1).cumsum_(dim=-1).add_(start[:, None])
+    q = torch.searchsorted(groups, torch.full_like(start, top_p)[:, None], right=True)[:, 0]
+    q.clamp_(max=g - 1)
+    before = torch.where(q > 0, groups.gather(1, (q - 1).clamp(min=0)[:, None])[:, 0], start)
+    cum = flip.gather(1, q[:, None, None].expand(r, 1, g))[:, 0].cumsum(dim=-1).add_(before[:, None])
     k = torch.searchsorted(cum, torch.full_like(start, top_p)[:, None], right=True)[:, 0]
-    none = k >= n
-    k.clamp_(max=n - 1)
-    above = torch.where(k > 0, cum.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0], start)
-    return n - 1 - k, above, cum.gather(1, k[:, None])[:, 0], none
+    none = k >= g
+    k.clamp_(max=g - 1)
+    above = torch.where(k > 0, cum.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0], before)
+    return n - 1 - (q * g + k), above, cum.gather(1, k[:, None])[:, 0], none
 
 
 def where_blocks(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,10 +200,12 @@ def where_blocks(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows[at], blk[at] * BLOCK + off
 
 
-def in_bins(h: Histogram, want: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, ids) of the tokens whose bin is marked in want [r, BINS] (bool, bin 0 unmarked)."""
+def in_bins(h: Histogram, lowest: torch.Tensor, only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, ids) of the tokens whose bin is `lowest` [r] or higher (`only`: just `lowest`);
+    a row whose `lowest` is 0 or BINS gets none."""
     hit = scratch("hit", h.bins.shape, torch.bool, h.bins.device)
-    return where_blocks(torch.gather(want, 1, h.bins, out=hit))
+    lowest = torch.where(lowest <= 0, BINS, lowest)[:, None]
+    return where_blocks(torch.eq(h.bins, lowest, out=hit) if only else torch.ge(h.bins, lowest, out=hit))
 
 
 class _Members(NamedTuple):
@@ -226,9 +255,49 @@ def _prefix_sums(m: _Members, start: torch.Tensor, r: int):
     return dense.cumsum_(dim=1).view(-1).index_select(0, flat), pos
 
 
-def boundary(rows: Rows, h: Histogram, cross: tuple, members: tuple, top_p: float) -> Boundary:
-    """The nucleus of each row from its crossing bin (`crossing` of h.mass) and that bin's
-    tokens (rows, ids), found with `in_bins`."""
+class _Ties(NamedTuple):
+    """Rows whose crossing bin is one probability shared by many tokens: the nucleus takes the
+    first of them by id, as many as fit; found by counting, not by gathering them."""
+
+    rows: torch.Tensor
+    """[t] the rows."""
+    value: torch.Tensor
+    """[t] float64: the shared probability."""
+    mask: torch.Tensor
+    """[t, V + pad] bool: the bin's tokens."""
+
+
+def _ties(rows: Rows, h: Histogram, j: torch.Tensor, low: torch.Tensor, start: torch.Tensor) -> _Ties:
+    """The rows whose crossing bin may hold more than TIE_MIN tokens (its mass over its lowest
+    probability) and holds a single probability."""
+    lowest = (rows.lo + (low >> h.tie_bits)).view(torch.float64)
+    mass = h.mass.gather(1, j[:, None])[:, 0]
+    big = (mass > TIE_MIN * lowest).nonzero()[:, 0]
+    x = rows.p.view(torch.int64).index_select(0, big)
+    mask = h.bins.index_select(0, big) == j.index_select(0, big)[:, None]
+    xmin = torch.where(mask, x, torch.iinfo(torch.int64).max).amin(dim=-1)
+    xmax = torch.where(mask, x, -1).amax(dim=-1)
+    pure = (xmin == xmax).nonzero()[:, 0]
+    return _Ties(big.index_select(0, pure), xmin.index_select(0, pure).view(torch.float64), mask[pure])
+
+
+def _resolve_ties(t: _Ties, start, incl, top_p: float, eps: float):
+    """For tie rows: (kept count, sum at the last kept, sum at the first dropped, last kept id)."""
+    st, inc = start.index_select(0, t.rows), incl.index_select(0, t.rows)
+    count = t.mask.sum(dim=-1)
+    k = torch.minimum(((top_p - st) / t.value).floor_().clamp_(min=0).long(), count)
+    k = torch.where((k == 0) & (st == 0), 1, k)  # the top token is always kept
+    c_last = st + k * t.value
+    c_next = torch.where(k < count, c_last + t.value, inc)
+    ranks = t.mask.long().cumsum_(dim=-1)
+    ids = torch.searchsorted(ranks, k.clamp(min=1)[:, None])[:, 0]
+    return k, c_last, c_next, torch.where(k > 0, ids, -1)
+
+
+def boundary(rows: Rows, h: Histogram, cross: tuple, top_p: float):
+    """The nucleus of each row from its crossing bin (`crossing` of h.mass); the crossing bin's
+    tokens that were gathered (rows, ids); the rows whose crossing bin, all ties, was counted
+    instead of gathered."""
     p = rows.p
     r, w = p.shape
     v = rows.vocab
@@ -236,13 +305,16 @@ def boundary(rows: Rows, h: Histogram, cross: tuple, members: tuple, top_p: floa
     unsure = unsure | (j == 0)  # bin 0 is [MASK]'s (p = 0)
     s = h.s
     low = (j - 1).clamp(min=0) << s
-    at_rows, at_ids = members
+    eps = 4.0 * (v + 8 * BINS) * 2.0**-53 * max(top_p, 1.0)
+    ties = _ties(rows, h, j, low, start)
+    at_rows, at_ids = in_bins(h, j.index_fill(0, ties.rows, 0), only=True)
     pv = p.view(-1).index_select(0, at_rows * w + at_ids)
     key = keys(pv.view(torch.int64), at_ids, rows.lo[at_rows], h.tie_bits[at_rows])
     m = _Members(at_rows, at_ids, key, pv)
     while len(m.rows) and bool(((torch.bincount(m.rows, minlength=r) > SORT_MAX) & (s > 0)).any()):
         m, low, s, start, incl, none = _narrow(m, low, s, start, incl, top_p, r)
         unsure |= none
+    members = (m.rows, m.ids)
     m = _sort(m)
     cum, pos = _prefix_sums(m, start, r)
     n_fit = torch.zeros(r, dtype=torch.long, device=p.device).scatter_add_(0, m.rows, (cum <= top_p).long())
@@ -253,10 +325,15 @@ def boundary(rows: Rows, h: Histogram, cross: tuple, members: tuple, top_p: floa
     c_last = start.clone().index_copy_(0, m.rows[last], cum[last])
     # when the whole bin fits, the first dropped token is lower: the sum through the bin bounds it
     c_next = incl.clone().index_copy_(0, m.rows[nxt], cum[nxt])
-    eps = 4.0 * (v + 8 * BINS) * 2.0**-53 * max(top_p, 1.0)
-    unsure |= ((c_last - top_p).abs() <= eps) & ~forced
-    unsure |= (c_next - top_p).abs() <= eps
     # no member kept: exactly the keys above the bin are
     key_last = (low + (1 << s) - 1).index_copy_(0, m.rows[last], m.key[last])
     id_last = torch.full_like(n_fit, -1).index_copy_(0, m.rows[last], m.ids[last])
-    return Boundary(rows.lo, h.tie_bits, key_last, id_last, c_last, unsure)
+    if len(ties.rows):
+        k, t_last, t_next, t_id = _resolve_ties(ties, start, incl, top_p, eps)
+        forced[ties.rows] = (k == 1) & (start.index_select(0, ties.rows) == 0)
+        c_last[ties.rows], c_next[ties.rows], id_last[ties.rows] = t_last, t_next, t_id
+        tie_key = keys(ties.value.view(torch.int64), t_id, rows.lo[ties.rows], h.tie_bits[ties.rows])
+        key_last[ties.rows] = torch.where(k > 0, tie_key, key_last[ties.rows])
+    unsure |= ((c_last - top_p).abs() <= eps) & ~forced
+    unsure |= (c_next - top_p).abs() <= eps
+    return Boundary(rows.lo, h.tie_bits, key_last, id_last, c_last, unsure), members, ties.rows
