@@ -14,7 +14,8 @@ Two tables, measured side by side in one process:
 2. `did_cli.sampling.refine` on the same drafts with one global stage: first-hitting against
    the parallel sampler (K tokens per call), wall seconds, model calls and their ratio.
 
-Drafts come from --drafts (a JSONL file of `did draft`) or are drafted here first. `--init
+Drafts come from --drafts (a JSONL file of `did draft`), are random (--random-drafts), or are
+drafted here first. `--init
 bd3lm` keeps BD3-LM's zero-initialised output layer (every logit equal, the untrained model);
 `--init random` draws every weight from N(0, 0.02) (near-uniform, all logits distinct).
 Nothing is asserted about time.
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from did_cli.core.dit import DiT  # noqa: E402
 from did_cli.core.model_config import PRESETS, preset  # noqa: E402
 from did_cli.io.checkpoint import load_model, resolve_checkpoint  # noqa: E402
+from did_cli.io.records import make_record  # noqa: E402
 from did_cli.io.tokenizer import load_tokenizer  # noqa: E402
 from did_cli.sampling import DraftConfig, RefineConfig, core, draft, refine  # noqa: E402
 from did_cli.sampling.nucleus import sample_rows  # noqa: E402
@@ -59,6 +61,18 @@ def get_drafts(model, tok, args) -> list[dict]:
         with open(args.drafts) as f:
             recs = [json.loads(line) for line in f if line.strip()]
         return recs[: args.n]
+    if args.random_drafts:  # refine's time does not depend on what the text says
+        g = torch.Generator().manual_seed(1)
+        mc = model.config
+        return [
+            make_record(
+                [mc.bos_id] + torch.randint(0, mc.mask_id, (args.length - 1,), generator=g).tolist(),
+                [None] + torch.rand(args.length - 1, generator=g).tolist(),
+                id=f"r{i}",
+                tokenizer=tok,
+            )
+            for i in range(args.n)
+        ]
     cfg = DraftConfig(n=args.n, length=args.length, batch_size=args.batch_size, seed=1, block_size=4)
     t = time.perf_counter()
     recs = list(draft(model, cfg, tokenizer=tok, progress=False))
@@ -130,6 +144,7 @@ def main() -> None:
     src.add_argument("--preset", default="tiny", choices=list(PRESETS), help="a preset's fresh weights")
     ap.add_argument("--init", default="bd3lm", choices=["bd3lm", "random"], help="fresh weights: how")
     ap.add_argument("--drafts", help="JSONL drafts (default: draft --n here)")
+    ap.add_argument("--random-drafts", action="store_true", help="random tokens and confidences as drafts")
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--n", type=int, default=64, help="drafts to refine")
     ap.add_argument("--batch-size", type=int, default=64)
