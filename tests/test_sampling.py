@@ -12,6 +12,7 @@ from did_cli.errors import UsageError
 from did_cli.io.records import validate
 from did_cli.sampling import DraftConfig, draft
 from did_cli.sampling.core import gumbel_argmax, nucleus, token_probs
+from did_cli.sampling.race import draw_noise
 from did_cli.util import unigram_entropy
 
 L = 32
@@ -108,7 +109,7 @@ def test_nucleus_convention():
 def test_gumbel_argmax_never_picks_filtered_tokens():
     g = torch.Generator().manual_seed(0)
     probs = torch.tensor([0.0, 0.7, 0.0, 0.3], dtype=torch.float64).expand(4000, 4)
-    picks = gumbel_argmax(probs, torch.rand(probs.shape, generator=g, dtype=torch.float64))
+    picks = gumbel_argmax(probs, draw_noise(g, 4000, "cpu"))
     counts = torch.bincount(picks, minlength=4).tolist()
     assert counts[0] == counts[2] == 0
     assert abs(counts[1] / 4000 - 0.7) < 0.03

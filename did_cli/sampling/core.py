@@ -5,10 +5,13 @@ plumbing around a model call (device, dtype, eval mode, progress).
 How one model call turns into committed tokens (`fill`):
 - logits -> float64, [MASK] logit -> -inf, softmax, nucleus top-p (BD3-LM's convention: keep the
   tokens whose cumulative probability *including themselves* is <= p, the top token always),
-  renormalise; sample by Gumbel-max in float64 (`did_cli.sampling.nucleus`).
-- memory: rows are sampled in chunks of whole samples, so a call never holds more than a few
-  [chunk, V] float64 tensors however many positions are masked; a pass that returns hidden
-  states (`RowLogits`) computes the output layer chunk by chunk too.
+  renormalise; sample by Gumbel-max in float64 (`did_cli.sampling.nucleus`; on a CPU without
+  sorting the vocabulary or drawing noise for every token).
+- memory: each sample draws its rows' noise (race.NOISE_WIDTH uniforms per row) in one call of
+  its generator first; rows are then sampled in chunks, so a call never holds more than a few
+  [chunk, V] float64 tensors however many positions are masked, and the chunking cannot change
+  a draw. A pass that returns hidden states (`RowLogits`) computes the output layer chunk by
+  chunk too.
 - first-hitting: one uniformly chosen masked position per sample per call. The position is
   drawn first and only its token is sampled: the same distribution as drawing candidates
   everywhere and keeping one, at a fraction of the cost.
@@ -33,6 +36,7 @@ import torch
 
 from did_cli.errors import DidError
 from did_cli.sampling.nucleus import gumbel_argmax, nucleus, sample_rows, token_probs  # noqa: F401 (the primitives, re-exported)
+from did_cli.sampling.race import NOISE_WIDTH, draw_noise
 from did_cli.util import resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,23 +80,9 @@ class RowLogits(NamedTuple):
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | RowLogits"]
 CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 1 << 25}
 """Bytes of one [rows, V] float64 tensor per sampling chunk (several such are alive at once)."""
-PREFILTER_MIN_ROWS = 1024
-"""Calls with at least this many rows try the top-k nucleus first (it reads back which rows need
-the full sort: one host synchronisation per chunk); smaller ones sort, with no read-back."""
-
-
-def _chunks(groups: list[tuple[int, int]], rows_per_chunk: int) -> list[list[tuple[int, int]]]:
-    """Consecutive (sample, rows) groups packed into chunks of about `rows_per_chunk` rows; a
-    sample is never split, so its draws are one call of its generator whatever the batch."""
-    out: list[list[tuple[int, int]]] = [[]]
-    n = 0
-    for g in groups:
-        if out[-1] and n + g[1] > rows_per_chunk:
-            out.append([])
-            n = 0
-        out[-1].append(g)
-        n += g[1]
-    return out
+CPU_SAMPLE_ROWS = 16
+"""On a CPU, rows sampled together: the output layer runs on a whole chunk (it reads its weights
+once per call), the sampler on a few rows at a time, whose passes then stay in the cache."""
 
 
 def draw(
@@ -104,23 +94,27 @@ def draw(
     lazy = isinstance(out, RowLogits)
     vocab = out.vocab if lazy else out.shape[-1]
     dev, total = out.h.device if lazy else out.device, sum(c for _, c in groups)
+    # a sample's noise is one call of its generator, so rows can then be chunked any way
+    noise = torch.zeros((total, NOISE_WIDTH), dtype=torch.float64, device=dev)
+    lo = 0
+    for i, c in groups:
+        if gens[i] is not None:
+            draw_noise(gens[i], c, dev, out=noise[lo : lo + c])
+        lo += c
     tok = torch.empty(total, dtype=torch.long, device=dev)
     prob = torch.empty(total, dtype=torch.float64, device=dev)
     per = max(1, CHUNK_BYTES.get(dev.type, CHUNK_BYTES["cuda"]) // (8 * vocab))
-    lo = 0
-    for chunk in _chunks(groups, per):
-        hi = lo + sum(c for _, c in chunk)
+    # host reads cost nothing on a CPU; on CUDA the sort-based path keeps the queue full
+    cpu = dev.type == "cpu"
+    step = CPU_SAMPLE_ROWS if cpu else per
+    for lo in range(0, total, per):
+        hi = min(total, lo + per)
         lg = out.head(out.h[lo:hi]) if lazy else out[lo:hi]
-        u = torch.zeros((hi - lo, vocab), dtype=torch.float64, device=dev)
-        off = 0
-        for i, c in chunk:
-            if gens[i] is not None:
-                torch.rand((c, vocab), generator=gens[i], out=u[off : off + c])
-            off += c
-        tok[lo:hi], prob[lo:hi] = sample_rows(
-            lg, u, sp.mask_id, sp.top_p, prefilter=total >= PREFILTER_MIN_ROWS
-        )
-        lo = hi
+        for a in range(lo, hi, step):
+            b = min(hi, a + step)
+            tok[a:b], prob[a:b] = sample_rows(
+                lg[a - lo : b - lo], noise[a:b], sp.mask_id, sp.top_p, pruned=cpu
+            )
     return tok, prob
 
 
