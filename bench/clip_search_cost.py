@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from did_cli.core.dit import DiT  # noqa: E402
 from did_cli.core.model_config import PRESETS, preset  # noqa: E402
-from did_cli.training.clip_search import clip_grid, fmt_seconds, search_clip  # noqa: E402
+from did_cli.io.terminal import seconds_text  # noqa: E402
+from did_cli.training.clip_search import clip_grid, search_clip  # noqa: E402
 
 
 def forward_flops(name: str, batch: int) -> float:
@@ -84,7 +85,7 @@ def main() -> None:
         kind = "measured" if name == "tiny" else "scaled"
         print(
             f"{name:8} {PRESETS[name]['model_length']:>5} {f / 1e9:>12.1f} {f / base:>8.1f} "
-            f"{fmt_seconds(est):>16} ({kind})"
+            f"{seconds_text(est):>16} ({kind})"
         )
 
 

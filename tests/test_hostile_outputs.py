@@ -62,6 +62,12 @@ def no_leftovers(folder: Path) -> None:
     assert not left, left
 
 
+def interruptible() -> None:
+    """In a child about to get SIGINT: the default disposition, even when the tests themselves
+    run as a background job (which ignores SIGINT, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def holder(code: str) -> subprocess.Popen:
     """A process that takes a lock with did's own code, says 'held' on stdout, then waits."""
     script = textwrap.dedent(code) + "\nprint('held', flush=True)\nimport time\ntime.sleep(600)\n"
@@ -127,6 +133,7 @@ def test_an_earlier_recovery_file_is_kept_and_the_new_one_is_named(ckpt, root):
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
+        preexec_fn=interruptible,
     )
     for line in proc.stderr:  # the first record is written before its line is printed
         if line.startswith("draft-0-0:"):
@@ -342,6 +349,7 @@ def test_one_process_trains_a_run_folder_and_a_failed_start_leaves_nothing(wide_
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
+        preexec_fn=interruptible,
     )
     seen = []
     for line in first.stderr:  # config.json is written and the lock held before the first evaluation

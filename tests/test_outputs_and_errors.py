@@ -208,6 +208,7 @@ def test_a_second_writer_of_the_same_output_is_refused_naming_the_first(ckpt, ro
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even under a background job
     )
     try:
         started = next((ln for ln in first.stderr if ln.startswith("draft-0-0:")), None)

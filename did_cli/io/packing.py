@@ -42,6 +42,7 @@ from did_cli.errors import DidError, UsageError
 from did_cli.io import prepared_folder
 from did_cli.io.data import FORMAT
 from did_cli.io.sources import collect_sources, documents
+from did_cli.io.terminal import Ticker
 from did_cli.util import info
 
 DEFAULT_VAL_FRACTION = 0.05
@@ -96,6 +97,8 @@ def _tokenize(docs: list[str], tok: Any, num_proc: int, progress: bool) -> list[
         transient=True,
         disable=not (progress and console.is_terminal),
     )
+    # in logs and pipes, plain lines with an estimate instead
+    lines = Ticker("did prepare: tokenising", len(docs), "docs") if progress and bar.disable else None
     out: list[np.ndarray] = []
     with bar:
         task = bar.add_task("tokenise", total=len(docs))
@@ -103,6 +106,8 @@ def _tokenize(docs: list[str], tok: Any, num_proc: int, progress: bool) -> list[
             for c in chunks:
                 out += [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch(c)]
                 bar.advance(task, len(c))
+                if lines:
+                    lines.advance(len(c))
         else:
             # spawn, not fork: the Rust tokenizer's thread pool does not survive a fork
             ctx = multiprocessing.get_context("spawn")
@@ -110,6 +115,8 @@ def _tokenize(docs: list[str], tok: Any, num_proc: int, progress: bool) -> list[
                 for c, ids in zip(chunks, pool.imap(_encode_chunk, chunks)):
                     out += ids
                     bar.advance(task, len(c))
+                    if lines:
+                        lines.advance(len(c))
     return out
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from did_cli.core.model_config import DiffusionConfig
+from did_cli.io.terminal import seconds_text
 
 EPS = 1e-3
 FULL = (EPS, 1.0)
@@ -124,7 +125,7 @@ class SearchProgress:
         left = spent / self.n * (self.total - self.n)
         self.report(
             f"clip search (block {self.block}): candidate {self.n}/{self.total} x {self.batches} batches, "
-            f"{fmt_seconds(spent)} so far, about {fmt_seconds(left)} left"
+            f"{seconds_text(spent)} so far, about {seconds_text(left)} left"
         )
 
     def finish(self) -> None:
@@ -132,15 +133,5 @@ class SearchProgress:
         if self.report is not None and spent >= self.quiet:
             self.report(
                 f"clip search (block {self.block}): {self.total} candidates x {self.batches} batches in "
-                f"{fmt_seconds(spent)}"
+                f"{seconds_text(spent)}"
             )
-
-
-def fmt_seconds(s: float) -> str:
-    """'42 s', '3 min 5 s', '2 h 10 min'."""
-    s = int(round(s))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60} s"
-    return f"{s // 3600} h {s % 3600 // 60} min"
