@@ -185,9 +185,11 @@ def test_dev_stdout_appended_to_a_file_is_written_through_not_replaced(ckpt, roo
 def test_a_second_writer_of_the_same_output_is_refused_naming_the_first(ckpt, root):
     """No sleeps and no short timeouts: the first writer's first progress line says its lock is
     held (it is taken before any record is written), and after Ctrl-C its `did: interrupted`
-    line says it has cleaned up. Its exit once took over 60 s on a loaded 2-core machine: the
-    interpreter's final garbage collection walks every object torch and transformers made (about
-    2 s of CPU idle, stretched by the load); `cli.main` now freezes them out of it."""
+    line says it has cleaned up. Why Ctrl-C once took over 60 s: under tests run as a background
+    job SIGINT is ignored and the child inherits that, so the writer drafted on through all 400
+    samples (the child now gets the default disposition); and the interpreter's final garbage
+    collection walks every object torch and transformers made, about 2 s of CPU on an idle core
+    and many times that on a loaded 2-core machine (`cli.main` now freezes them out of it)."""
     out = root / "shared.jsonl"
     out.write_text("earlier\n")
     first = subprocess.Popen(

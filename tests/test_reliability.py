@@ -77,6 +77,12 @@ def did(*args, timeout: float = 300, stdout=subprocess.PIPE, **kw) -> subprocess
     )
 
 
+def interruptible() -> None:
+    """A child about to get SIGINT takes the default disposition: under a background job (pytest
+    started with `&` from a script) SIGINT is ignored and children would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def one_line_error(r: subprocess.CompletedProcess) -> str:
     """The single stderr line of a failed command (asserting there is exactly one, no traceback)."""
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -232,6 +238,7 @@ def test_sigint_during_training_saves_exits_130_and_resumes_exactly(ref_run, dat
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
+        preexec_fn=interruptible,
     )
     seen = []
     for line in proc.stderr:
@@ -298,7 +305,9 @@ def test_sigint_during_sampling_leaves_only_whole_flushed_records(cmd, dest, ckp
     )
     args += ["--batch-size", "1"] + (["-o", out] if dest == "file" else [])
     with open(tmp_path / "stdout", "wb") as so:
-        proc = subprocess.Popen(cli(*args), stdout=so, stderr=subprocess.PIPE, text=True, env=ENV)
+        proc = subprocess.Popen(
+            cli(*args), stdout=so, stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=interruptible
+        )
         done = _interrupt_after(proc, 3)
     if dest == "file":
         # the final name appears only on success; .partial holds what was finished
