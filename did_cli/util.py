@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 from did_cli.errors import DidError, UsageError
 from did_cli.io.outputs import write_bytes
+from did_cli.io.terminal import say
 
 
 def first_line(e: BaseException) -> str:
@@ -34,11 +34,11 @@ def os_reason(e: BaseException) -> str:
 
 
 def warn(msg: str) -> None:
-    print(f"did: warning: {msg}", file=sys.stderr)
+    say(f"did: warning: {msg}")  # escaped: messages quote file names and record fields
 
 
 def info(msg: str) -> None:
-    print(f"did: {msg}", file=sys.stderr)
+    say(f"did: {msg}")
 
 
 def atomic_write(path: str | Path, data: Any, fsync: bool = False) -> None:

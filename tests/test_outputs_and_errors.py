@@ -183,6 +183,13 @@ def test_dev_stdout_appended_to_a_file_is_written_through_not_replaced(ckpt, roo
 
 
 def test_a_second_writer_of_the_same_output_is_refused_naming_the_first(ckpt, root):
+    """No sleeps and no short timeouts: the first writer's first progress line says its lock is
+    held (it is taken before any record is written), and after Ctrl-C its `did: interrupted`
+    line says it has cleaned up. Why Ctrl-C once took over 60 s: under tests run as a background
+    job SIGINT is ignored and the child inherits that, so the writer drafted on through all 400
+    samples (the child now gets the default disposition); and the interpreter's final garbage
+    collection walks every object torch and transformers made, about 2 s of CPU on an idle core
+    and many times that on a loaded 2-core machine (`cli.main` now freezes them out of it)."""
     out = root / "shared.jsonl"
     out.write_text("earlier\n")
     first = subprocess.Popen(
@@ -203,48 +210,24 @@ def test_a_second_writer_of_the_same_output_is_refused_naming_the_first(ckpt, ro
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even under a background job
     )
     try:
-        lock = Path(str(out) + ".lock")
-        deadline = time.time() + 90
-        while not lock.exists() and first.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert lock.exists(), "the first writer never took its lock"
-        r = did("draft", "--model", ckpt, "-n", 1, *FAST, "-o", out)
-        msg = one_line_error(r)
-        assert f"another did process (pid {first.pid}) is writing it" in msg, msg
+        started = next((ln for ln in first.stderr if ln.startswith("draft-0-0:")), None)
+        assert started is not None, "the first writer stopped before its first record"
+        msg = one_line_error(did("draft", "--model", ckpt, "-n", 1, *FAST, "-o", out))
+        assert f"another did process (pid {first.pid}, did draft) is writing it" in msg, msg
         assert out.read_text() == "earlier\n"  # the earlier output is intact
     finally:
         first.send_signal(signal.SIGINT)
-        _, err = first.communicate(timeout=60)
-    assert first.returncode == 130, err
+        err = first.stderr.read()  # to the end: the process has cleaned up and exited
+    assert "did: interrupted" in err and first.wait() == 130, err
     assert out.read_text() == "earlier\n" and not Path(str(out) + ".lock").exists()
-    # the interrupted writer kept whole records only in .partial (docs/reliability.md, clean
-    # interruption), or no .partial at all when it had finished none
+    # the interrupted writer kept its finished records in its recovery file, whole
     partial = Path(str(out) + ".partial")
-    if partial.exists():
-        assert all(json.loads(x)["schema"] == "did.sample/1" for x in partial.read_text().splitlines())
-        assert partial.read_text().endswith("\n")
-        partial.unlink()
-
-
-def test_a_live_lock_stops_refine_before_work_and_a_stale_one_is_taken_over(ckpt, drafts, root):
-    out = root / "refined.jsonl"
-    out.write_text("earlier\n")
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        Path(str(out) + ".lock").write_text(f"{holder.pid} {os.uname().nodename}\n")
-        r = did("refine", drafts, "--model", ckpt, "-o", out)
-        assert f"(pid {holder.pid})" in one_line_error(r)
-        assert out.read_text() == "earlier\n"
-    finally:
-        holder.kill()
-        holder.wait()
-    # the holder is gone: its lock is stale and taken over
-    r = did("refine", drafts, "--model", ckpt, "-o", out)
-    assert r.exit_code == 0, r.stderr
-    assert len(records(out)) == 2
-    no_leftovers(root)
+    assert partial.read_text().endswith("\n")
+    assert all(json.loads(x)["schema"] == "did.sample/1" for x in partial.read_text().splitlines())
+    partial.unlink()
 
 
 # ------------------------------------------------------------------------- 3. overwriting without asking
@@ -447,7 +430,7 @@ def test_a_write_that_fails_midway_leaves_no_temporary_file(ckpt, data, root):
         "prepare", root / "slice.jsonl", "--out", folder / "prep", "--seq-len", L, preexec_fn=_limited(4096)
     )
     assert one_line_error(r) == f"did: error: cannot write {folder / 'prep' / 'train.bin'}: File too large"
-    assert sorted(p.name for p in (folder / "prep").iterdir()) == []  # no .tmp, no meta.json
+    assert not (folder / "prep").exists()  # the folder it made is gone again: no .tmp, no meta.json
     # the second file fails after the first was written: neither is left (a re-run starts clean)
     (folder / "prep2" / "validation.bin").mkdir(parents=True)
     msg = one_line_error(

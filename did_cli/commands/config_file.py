@@ -13,7 +13,6 @@ Unknown keys and values of the wrong type are one-line usage errors that name th
 from __future__ import annotations
 
 import difflib
-import json
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -38,28 +37,32 @@ def cli_name(name: str) -> str:
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
-    """The mapping a config file holds (a run folder: its config.json)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / RUN_CONFIG
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"--config {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--config {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml  # YAML is a superset of JSON: other suffixes parse either
+    """The mapping a config file holds (a run folder: its config.json). The file is read within
+    a size limit, YAML aliases within an expansion limit (did_cli.io.bounded)."""
+    from did_cli.io.bounded import SMALL_FILE, load_yaml, read_bytes, text_of
 
-            data = yaml.safe_load(text)
-    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError: one line with the position
-        msg = " ".join(str(e).split())
-        raise UsageError(
-            f"--config {path}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'} ({msg})"
-        ) from None
+    p = Path(path)
+    where = f"--config {path}"
+    if p.is_dir():
+        if not (p / RUN_CONFIG).is_file():
+            raise UsageError(f"{where}: a folder without {RUN_CONFIG} (give a config file, or a run folder)")
+        p = p / RUN_CONFIG
+    if not p.exists() and str(path) != "-":
+        raise UsageError(f"{where}: no such file")
+    text = text_of(read_bytes(p, where, SMALL_FILE, UsageError, "a config file"), where, UsageError)
+    json_file = p.suffix.lower() == ".json"
+    try:
+        if json_file:
+            from did_cli.io.jsonl import decode
+
+            data = decode(text, f"{where}: ", "a config file")
+        else:  # YAML is a superset of JSON: other suffixes parse either
+            data = load_yaml(text, where, UsageError)
+    except UsageError:
+        raise
+    except Exception as e:  # DidError of the JSON decoder, yaml.YAMLError: one line with the position
+        msg = " ".join(str(e).removeprefix(f"{where}: ").split())
+        raise UsageError(f"{where}: not valid {'JSON' if json_file else 'YAML'} ({msg})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -126,6 +129,8 @@ def convert(opt: Opt, value: Any, key: str, path: str | Path) -> Any:
     if base is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UsageError(f"{where} must be an integer, got {value!r}")
+        if abs(value) >= 2**63:  # no option counts that far; beyond it torch and numpy overflow
+            raise UsageError(f"{where} ({_flag(opt)}): {str(value)[:20]}... is too large")
         out: Any = value
     elif base is float:
         out = _number(value, where)
@@ -164,9 +169,15 @@ def _number(value: Any, where: str) -> float:
 def file_values(path: str | Path, command: str, options: list[Opt]) -> dict[str, Any]:
     """The options a file sets for `command`, checked and converted."""
     by_name = {o.name: o for o in options}
-    out = {}
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in section(read_file(path), command, path).items():
         name = str(key).replace("-", "_")
+        if name in spelled:
+            raise UsageError(
+                f"--config {path}: keys {spelled[name]!r} and {str(key)!r} name the same option; keep one"
+            )
+        spelled[name] = str(key)
         if name == "config":
             raise UsageError(f"--config {path}: key 'config': a config file cannot name another one")
         if name not in by_name:

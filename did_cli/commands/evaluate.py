@@ -17,13 +17,12 @@ from did_cli.evaluation.eval_config import EvalConfig
 from did_cli.util import fmt, fmt_ci, fmt_pct
 
 
-def _check_json_target(path: str | None, flag: str = "--json") -> None:
-    """Fail on an output that cannot be written before the (slow) evaluation."""
-    if path is None or path == "-":
-        return
-    from did_cli.io.outputs import check_free, target
+def _check_json_target(path: str | None, flag: str = "--json", inputs: list[str] = ()) -> None:
+    """Fail on an output that cannot be written, or that is one of the inputs, before the (slow)
+    evaluation."""
+    from did_cli.io.outputs import check_output
 
-    check_free(target(path))
+    check_output(path, flag, inputs)
 
 
 GEN = "Generative perplexity of samples"
@@ -84,13 +83,13 @@ def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
 
     if inputs.count("-") > 1:
         raise UsageError("stdin ('-') can be read only once")
-    if "-" in inputs and sys.stdin.isatty():
+    if "-" in inputs and sys.stdin is not None and sys.stdin.isatty():
         raise UsageError(
             "no input: pass sample files or pipe records into stdin (did draft ... | did eval-ppl)"
         )
     names = _unique_names(inputs)
-    _check_json_target(cfg.json)
-    _check_json_target(cfg.plot)
+    _check_json_target(cfg.json, inputs=inputs)
+    _check_json_target(cfg.plot, "--plot", inputs)
     # read and check every input before the (slow) scorer load
     recs = {name: list(read_records(src, need=("text", "tokens"))) for name, src in zip(names, inputs)}
     sc = load_scorer(cfg.scorer, device=cfg.device)
@@ -155,6 +154,8 @@ def _table(rows: list[dict]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
+    from did_cli.io.terminal import printable
+
     table = Table(title="generative perplexity (scorer above)", title_justify="left")
     multi = len(rows) > 1
     cols = ["input", "n", "gen PPL", "pooled", "median", "entropy"] + (
@@ -164,7 +165,7 @@ def _table(rows: list[dict]) -> Any:
         table.add_column(col, justify="left" if col == "input" else "right", overflow="fold")
     for r in rows:
         cells = [
-            Text(r["input"]),
+            Text(printable(r["input"])),  # a file name is user data: escaped, never markup
             str(r["n"]),
             fmt(r["mean_ppl"]),
             fmt(r["pooled_ppl"]),

@@ -28,20 +28,46 @@ def _checkpoint(path: str) -> Path:
     return resolve_checkpoint(p)
 
 
-def _check_output(output: str) -> None:
-    """Fail on an unwritable -o, or one another process is writing, before any heavy work
-    (RecordWriter takes the lock later)."""
-    if output == "-":
-        return
-    from did_cli.io.outputs import check_free, target
+def _check_output(output: str, inputs: tuple = ()) -> None:
+    """Fail on an unwritable -o, one of the inputs, or one another process is writing, before
+    any heavy work (RecordWriter takes the lock later)."""
+    from did_cli.io.outputs import check_output
 
-    check_free(target(output))
+    check_output(output, "-o", inputs)
 
 
-def _console():
-    from rich.console import Console
+def _text_option(values: Any, flag: str) -> None:
+    """A prompt given on the command line must be text: bytes that are not UTF-8 (`$'caf\\xe9'`)
+    arrive as unpaired surrogates that no tokenizer or record can hold."""
+    for v in [values] if isinstance(values, str) else values or []:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise UsageError(f"{flag} '{shown}': not UTF-8 text") from None
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+def _write_all(records, output: str, what: str, line) -> None:
+    """Write `records` to `output` (stdout when '-'), one progress line each on stderr, ids
+    escaped. When the run stops early, the error (or the stderr line of an interruption) names
+    the recovery file that keeps the finished records."""
+    from did_cli.io.record_writer import RecordWriter
+    from did_cli.io.terminal import say
+
+    w = RecordWriter(output, what)
+    try:
+        with w:
+            for rec in records:
+                w.write(rec)
+                say(line(rec))
+    except DidError as e:
+        if w.kept is None or str(w.kept) in str(e):
+            raise
+        raise type(e)(f"{e} ({w.kept} keeps the {w.count} records written)") from None
+    except BaseException:
+        if w.kept is not None:
+            say(f"did: {w.count} finished records kept in {w.kept}")
+        raise
 
 
 MODEL = Opt("model", type=str, default=..., help=MODEL_HELP)
@@ -54,7 +80,6 @@ def _draft(**kw: Any) -> None:
     """Draft samples with block diffusion; records (with snapshot confidence) as JSONL."""
     from did_cli import sampling
     from did_cli.io.model_folder import load_model, read_config
-    from did_cli.io.record_writer import RecordWriter
     from did_cli.io.tokenizer import load_tokenizer
     from did_cli.sampling.prompts import resolve_prompts
     from did_cli.util import resolve_device
@@ -62,28 +87,29 @@ def _draft(**kw: Any) -> None:
     model, output, prompt, prompts = kw.pop("model"), kw.pop("output"), kw.pop("prompt"), kw.pop("prompts")
     if prompt is not None and prompts is not None:
         raise UsageError("--prompt and --prompts exclude each other")
+    _text_option(prompt, "--prompt")
+    _text_option(kw.get("suffix"), "--suffix")
     kw["use_cache"] = not kw.pop("no_cache")
     cfg = DraftConfig(prompts=list(prompt) if prompt else None, **kw)
     path = _checkpoint(model)
     mcfg = read_config(path)
     length = cfg.check(mcfg.model_length)
     dev = resolve_device(cfg.device)
-    _check_output(output)
+    _check_output(output, (prompts,))
     if prompts is not None:
         cfg.prompt_ids, cfg.prompts = sampling.read_prompts(prompts)
     tok = load_tokenizer(mcfg.tokenizer)
     resolve_prompts(cfg, tok, length)  # a prompt that does not fit fails before the weights load
     net, _ = load_model(path, device=dev)
-    err = _console()
-    with RecordWriter(output) as w:
-        for rec in sampling.draft(net, cfg, tokenizer=tok, model_path=str(path)):
-            w.write(rec)
-            rej = f", {rec['entropy_rejections']} redraws" if rec.get("entropy_rejections") else ""
-            err.print(
-                f"{rec['id']}: {len(rec['tokens'])} tokens, {rec['nfe']} NFEs ({rec['forward_passes']} "
-                "forward passes), "
-                f"{rec['seconds']:.2f} s{rej}"
-            )
+
+    def line(rec: dict) -> str:
+        rej = f", {rec['entropy_rejections']} redraws" if rec.get("entropy_rejections") else ""
+        return (
+            f"{rec['id']}: {len(rec['tokens'])} tokens, {rec['nfe']} NFEs ({rec['forward_passes']} forward "
+            f"passes), {rec['seconds']:.2f} s{rej}"
+        )
+
+    _write_all(sampling.draft(net, cfg, tokenizer=tok, model_path=str(path)), output, "did draft", line)
 
 
 draft = command(
@@ -120,7 +146,6 @@ def _refine(**kw: Any) -> None:
     """Re-mask the least confident tokens of drafts and regenerate them (global refine)."""
     from did_cli import sampling
     from did_cli.io.model_folder import load_model, read_config
-    from did_cli.io.record_writer import RecordWriter
     from did_cli.io.records import read_records, unique_ids
     from did_cli.io.tokenizer import load_tokenizer
     from did_cli.util import resolve_device
@@ -131,7 +156,7 @@ def _refine(**kw: Any) -> None:
     mcfg = read_config(path)
     cfg.check(mcfg.model_length)
     dev = resolve_device(cfg.device)
-    _check_output(output)
+    _check_output(output, (source,))
 
     tok = load_tokenizer(mcfg.tokenizer)
     need = ("id", "tokens", "confidence") if cfg.confidence == "snapshot" else ("id", "tokens")
@@ -144,19 +169,19 @@ def _refine(**kw: Any) -> None:
         for k, rec in enumerate(records, 1):
             sampling.check_record(rec, f"record {k} (id {rec.get('id')!r})", mcfg, tok, cfg)
     net, _ = load_model(path, device=dev)
-    err = _console()
-    with RecordWriter(output) as w:
-        for rec in sampling.refine(net, records, cfg, tokenizer=tok, model_path=str(path)):
-            w.write(rec)
-            st = rec["stages"][-len(cfg.stages) :]
-            figs = ", ".join(
-                f"B={s['block_size']} re-masked {len(s['remasked'])} changed {s['changed']}" for s in st
-            )
-            err.print(
-                f"{rec['id']}: {figs}; {sum(s['nfe'] for s in st)} NFEs "
-                f"({sum(s['forward_passes'] for s in st)} forward "
-                f"passes), {sum(s['seconds'] for s in st):.2f} s"
-            )
+
+    def line(rec: dict) -> str:
+        st = rec["stages"][-len(cfg.stages) :]
+        figs = ", ".join(
+            f"B={s['block_size']} re-masked {len(s['remasked'])} changed {s['changed']}" for s in st
+        )
+        return (
+            f"{rec['id']}: {figs}; {sum(s['nfe'] for s in st)} NFEs ({sum(s['forward_passes'] for s in st)} "
+            f"forward passes), {sum(s['seconds'] for s in st):.2f} s"
+        )
+
+    recs = sampling.refine(net, records, cfg, tokenizer=tok, model_path=str(path))
+    _write_all(recs, output, "did refine", line)
 
 
 refine = command(

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
 from did_cli.commands.builder import command
 from did_cli.commands.options import Opt
-from did_cli.errors import DidError, UsageError
+from did_cli.errors import UsageError
 from did_cli.pipeline.page import render_page
 
 
@@ -23,7 +21,7 @@ def _show(inputs: list[str], output: str, scores: str | None, limit: int, tokeni
         raise UsageError(f"at most two inputs (SAMPLES.jsonl [REFINED.jsonl]), got {len(inputs)}")
     if inputs.count("-") > 1:
         raise UsageError("stdin ('-') can be read only once")
-    check_target(output)
+    check_target(output, [*inputs, scores])
     tok = load_tokenizer(tokenizer)
     recs = [list(read_records(src, vocab_size=tok.vocab_size, need=("id", "tokens"))) for src in inputs]
     evals = _load_scores(scores) if scores is not None else None
@@ -37,15 +35,9 @@ def _show(inputs: list[str], output: str, scores: str | None, limit: int, tokeni
 
 
 def _load_scores(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as e:
-        raise DidError(f"cannot read {path}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DidError(f"{path}: not JSON ({getattr(e, 'msg', e)})") from None
-    except RecursionError:
-        raise DidError(f"{path}: JSON nested too deeply") from None
+    from did_cli.io.bounded import SCORES_FILE, read_json
+
+    return read_json(path, f"--scores {path}", limit=SCORES_FILE, kind="the JSON of `did eval-ppl --json`")
 
 
 show = command(

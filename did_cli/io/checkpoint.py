@@ -21,10 +21,11 @@ complete only when its manifest exists and every file matches it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
+import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ import torch
 
 from did_cli import util
 from did_cli.errors import DidError
+from did_cli.io.bounded import read_json
+from did_cli.io.schemas import check_best, check_manifest
+from did_cli.io.targets import folder_mode
 from did_cli.util import first_line, os_reason, save_json
 
 CKPT_DIR = "checkpoints"
@@ -89,25 +93,24 @@ def save_checkpoint(run_dir: str | Path, step: int, write_files: Callable[[Path]
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
-    tmp = root / f".tmp-{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = None
     try:
-        tmp.mkdir()
+        # a folder of its own (mkdtemp: a unique name, made exclusively); leftovers go at pruning
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
+        os.chmod(tmp, folder_mode())
         write_files(tmp)
         write_manifest(tmp)
         _fsync_tree(tmp)
     except Exception as e:  # OSError, DidError or safetensors' own error type (e.g. a full disk)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, (OSError, DidError)) and type(e).__name__ != "SafetensorError":
             raise
         raise DidError(f"cannot write checkpoint {root / name}: {os_reason(e)}") from None
     final = root / name
     if final.exists():
         # same step saved twice (e.g. a best checkpoint at the last step): move the old one aside
-        old = root / f".old-{name}"
-        if old.exists():
-            shutil.rmtree(old)
+        old = root / f".old-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
@@ -135,17 +138,22 @@ def torch_load(path: str | Path) -> Any:
 
 def verify_checkpoint(folder: str | Path, deep: bool = True) -> str | None:
     """None when the checkpoint matches its manifest; otherwise the reason it does not.
-    `deep=False` checks file sizes only (no hashing)."""
+    `deep=False` checks file sizes only (no hashing). The manifest is read within a size limit
+    and checked field by field; a path that leaves the folder (`../../etc/shadow`) makes it
+    damaged before anything is looked at."""
     folder = Path(folder)
     man = folder / MANIFEST
     if not man.is_file():
         return "no manifest.json (incomplete write)"
     try:
-        files = json.loads(man.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "unreadable manifest.json"
+        files = check_manifest(read_json(man), "manifest.json")["files"]
+    except DidError as e:
+        return str(e)
+    inside = os.path.realpath(folder)
     for rel, info in files.items():
         p = folder / rel
+        if os.path.commonpath([inside, os.path.realpath(p)]) != inside:
+            return f"manifest.json: {rel!r} leads out of the checkpoint folder"
         if not p.is_file():
             return f"{rel} is missing"
         if p.stat().st_size != info["bytes"]:
@@ -182,11 +190,11 @@ def latest_checkpoint(run_dir: str | Path, warn: bool = True) -> Path | None:
 
 
 def read_best(run_dir: str | Path) -> dict | None:
+    """best.json of a run (None when there is none); DidError naming it when it is damaged."""
     p = Path(run_dir) / BEST
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
+    if not p.is_file():
         return None
+    return check_best(read_json(p), str(p))
 
 
 def write_best(run_dir: str | Path, checkpoint: Path, info: dict) -> None:
@@ -242,6 +250,6 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
             continue  # a damaged newest one stays for inspection
         shutil.rmtree(c, ignore_errors=True)
         deleted.append(c)
-    for tmp in (run / CKPT_DIR).glob(".tmp-*"):
+    for tmp in [*(run / CKPT_DIR).glob(".tmp-*"), *(run / CKPT_DIR).glob(".old-*")]:
         shutil.rmtree(tmp, ignore_errors=True)
     return deleted

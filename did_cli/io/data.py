@@ -4,12 +4,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from did_cli.errors import DidError
+from did_cli.io.bounded import read_json
+from did_cli.io.schemas import check_meta
 
 FORMAT = "did.prepared/1"
 SPLITS = ("train", "validation")
@@ -25,15 +26,10 @@ class PreparedData:
             raise DidError(
                 f"{self.path} is not prepared data (no meta.json); run `did prepare --out {self.path}`"
             )
-        try:
-            meta = json.loads(meta_path.read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DidError(f"cannot read {meta_path}: {e}") from None
+        meta = read_json(meta_path)  # bounded, checked JSON integers
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise DidError(f"{meta_path}: unknown format (expected {FORMAT!r}); re-run `did prepare`")
-        for key in ("seq_len", "vocab_size", "dtype", "splits", "tokenizer"):
-            if key not in meta:
-                raise DidError(f"{meta_path}: missing {key!r}; re-run `did prepare`")
+        check_meta(meta, str(meta_path))
         self.meta: dict = meta
         self.seq_len: int = int(meta["seq_len"])
 

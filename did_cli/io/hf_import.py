@@ -10,7 +10,6 @@ names and goes through the same conversion.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 
 from did_cli.core.llama_config import LlamaConfig
 from did_cli.errors import DidError
+from did_cli.io import bounded
 from did_cli.util import first_line
 
 HF_FAMILIES = ("llama", "qwen2", "qwen3")
@@ -192,12 +192,9 @@ def hf_state_to_ours(
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DidError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DidError(f"{path}: unreadable ({first_line(e)})") from None
+    if not path.exists():
+        raise DidError(f"{path}: missing")
+    raw = bounded.read_json(path)  # size-limited, checked JSON integers
     if not isinstance(raw, dict):
         raise DidError(f"{path}: expected a JSON object")
     return raw

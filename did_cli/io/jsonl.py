@@ -9,6 +9,16 @@ from typing import Any
 
 from did_cli.errors import DidError
 
+MAX_DIGITS = 64
+"""Digits of the longest integer a line may hold: no id, count or size of ours comes close, and
+an integer checked before conversion cannot cost seconds (or Python's 4300-digit error)."""
+
+
+def _int(text: str) -> int:
+    if len(text) > MAX_DIGITS + 1:  # a sign and 64 digits
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits (at most {MAX_DIGITS})")
+    return int(text)
+
 
 def at(line_no: int | None, source: str | None) -> str:
     """'line 3 of FILE: ' (or the parts that are known; '' when neither is)."""
@@ -23,7 +33,7 @@ def decode(line: str, where: str, what: str = "a record") -> Any:
     """One line's JSON value. `where` prefixes the message ('line 3 of FILE: '); `what` names
     what a line should be, for the message about absurdly deep nesting."""
     try:
-        return json.loads(line)
+        return json.loads(line, parse_int=_int)
     except json.JSONDecodeError as e:
         raise DidError(f"{where}not JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
@@ -46,4 +56,4 @@ def objects(lines: Iterable[str], source: str, what: str = "a record") -> Iterat
         yield no, decode(line, at(no, source), what)
 
 
-__all__ = ["at", "decode", "numbered", "objects"]
+__all__ = ["MAX_DIGITS", "at", "decode", "numbered", "objects"]

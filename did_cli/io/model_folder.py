@@ -14,7 +14,10 @@ import torch
 from did_cli import util
 from did_cli.core.model_config import ModelConfig
 from did_cli.errors import DidError
+from did_cli.io.bounded import read_json
 from did_cli.io.checkpoint import resolve_checkpoint
+from did_cli.io.outputs import unique_temporary
+from did_cli.io.schemas import check_clip_tensors, check_model_config
 from did_cli.util import atomic_write
 
 if TYPE_CHECKING:
@@ -37,7 +40,7 @@ def load_state_dict_strict(
     DidError naming it. Returns extra scalars found (the learned clip range), e.g.
     {"sampling_eps_min": 0.45, "sampling_eps_max": 0.95}. `finite`: a tensor holding NaN or inf
     raises DidError naming it (and the first bad element)."""
-    extras = {k: float(tensors[k].float().reshape(-1)[0]) for k in CLIP_KEYS if k in tensors}
+    extras = check_clip_tensors({k: tensors[k] for k in CLIP_KEYS if k in tensors}, source)
     ours = {
         k[len(PREFIX) :] if k.startswith(PREFIX) else k: v for k, v in tensors.items() if k not in CLIP_KEYS
     }
@@ -84,56 +87,12 @@ def read_config(folder: str | Path) -> ModelConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise DidError(f"{folder}: no config.json (not a checkpoint folder)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DidError(f"{path}: not valid JSON ({e.msg})") from None
-    except (OSError, UnicodeDecodeError, RecursionError) as e:
-        raise DidError(f"cannot read {path}: {util.first_line(e)}") from None
-    body = raw.get("model", raw) if isinstance(raw, dict) else raw
-    if not isinstance(body, dict):
-        raise DidError(f"{path}: expected a JSON object of model settings, got a JSON {_json_type(body)}")
-    missing = [k for k in CONFIG_KEYS if k not in body]
-    if missing:
-        raise DidError(f"{path}: missing {', '.join(repr(k) for k in missing)} (a damaged or foreign config)")
-    for key, value in body.items():
-        want = CONFIG_TYPES.get(key)
-        if (
-            want is not None
-            and value is not None
-            and not (isinstance(value, want) and not isinstance(value, bool))
-        ):
-            raise DidError(
-                f"{path}: {key!r} must be {_WANT_NAMES.get(want, 'a ' + str(want))}, "
-                f"got {_json_type(value)} {json.dumps(value)[:40]}"
-            )
-    for key in ("vocab_size", "hidden_dim", "n_blocks", "n_heads", "cond_dim", "model_length"):
-        if body[key] < 1:
-            raise DidError(f"{path}: {key!r} is {body[key]}, must be at least 1")
+    raw = read_json(path)  # bounded, checked JSON integers (did_cli.io.bounded)
+    body = check_model_config(raw.get("model", raw) if isinstance(raw, dict) else raw, str(path))
     try:
         return ModelConfig.from_dict(body)
     except (ValueError, TypeError) as e:  # UsageError from the config's own checks: a fault of the file
         raise DidError(f"{path}: {util.first_line(e)}") from None
-
-
-CONFIG_KEYS = ("vocab_size", "hidden_dim", "n_blocks", "n_heads", "cond_dim", "model_length")
-"""Keys a checkpoint's config.json must hold (BD3-LM's names); the others have defaults."""
-CONFIG_TYPES: dict[str, type] = {
-    **{k: int for k in CONFIG_KEYS},
-    "mlp_ratio": int,
-    "mask_id": int,
-    "bos_id": int,
-    "eos_id": int,
-    "tokenizer": str,
-    "dropout": (int, float),
-}  # type: ignore[dict-item]
-_WANT_NAMES = {int: "an integer", str: "a string", (int, float): "a number"}
-
-
-def _json_type(v: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(v), "number" if isinstance(v, (int, float)) else type(v).__name__
-    )
 
 
 def load_model(
@@ -162,7 +121,7 @@ def load_model(
     model = DiT(cfg)
     extras = load_state_dict_strict(model, tensors, source=str(weights), finite=finite)
     model.to(device).eval()
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    raw = read_json(folder / "config.json")
     info: dict[str, Any] = {"raw_config": raw, "folder": folder}
     if len(extras) == 2:
         info["clip"] = (extras["sampling_eps_min"], extras["sampling_eps_max"])
@@ -185,7 +144,7 @@ def save_model(
     if clip is not None:
         tensors["sampling_eps_min"] = torch.tensor(float(clip[0]))
         tensors["sampling_eps_max"] = torch.tensor(float(clip[1]))
-    tmp = folder / "model.safetensors.tmp"
+    tmp = unique_temporary(folder / "model.safetensors")  # never a fixed name a link could sit at
     try:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         tmp.replace(folder / "model.safetensors")

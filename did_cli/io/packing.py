@@ -20,9 +20,11 @@ Validation split
 Output folder
     `train.bin`, `validation.bin`: raw little-endian uint16 (uint32 when the model vocabulary
     exceeds 65536), shape [rows, seq_len]; `meta.json` (format "did.prepared/1") describing them.
-    Files are written under temporary names and renamed, meta.json last, so a folder with a
-    meta.json is complete. Re-running with the same source bytes and settings reuses it; other
-    settings or sources in a non-empty folder are refused unless `force` (`--force`).
+    The files are built whole in a staging folder and swapped in only when complete, meta.json
+    last, so a folder with a meta.json is complete (did_cli.io.prepared_folder, which also locks
+    the folder and cleans what a killed run left). Re-running with the same source bytes and
+    settings reuses it; other settings or sources in a non-empty folder are refused unless
+    `force` (`--force`).
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ from typing import Any
 import numpy as np
 
 from did_cli.errors import DidError, UsageError
-from did_cli.io.data import FORMAT, SPLITS, PreparedData
+from did_cli.io import prepared_folder
+from did_cli.io.data import FORMAT
 from did_cli.io.sources import collect_sources, documents
-from did_cli.util import atomic_write, info
+from did_cli.io.terminal import Ticker
+from did_cli.util import info
 
 DEFAULT_VAL_FRACTION = 0.05
 
@@ -93,6 +97,8 @@ def _tokenize(docs: list[str], tok: Any, num_proc: int, progress: bool) -> list[
         transient=True,
         disable=not (progress and console.is_terminal),
     )
+    # in logs and pipes, plain lines with an estimate instead
+    lines = Ticker("did prepare: tokenising", len(docs), "docs") if progress and bar.disable else None
     out: list[np.ndarray] = []
     with bar:
         task = bar.add_task("tokenise", total=len(docs))
@@ -100,6 +106,8 @@ def _tokenize(docs: list[str], tok: Any, num_proc: int, progress: bool) -> list[
             for c in chunks:
                 out += [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch(c)]
                 bar.advance(task, len(c))
+                if lines:
+                    lines.advance(len(c))
         else:
             # spawn, not fork: the Rust tokenizer's thread pool does not survive a fork
             ctx = multiprocessing.get_context("spawn")
@@ -107,6 +115,8 @@ def _tokenize(docs: list[str], tok: Any, num_proc: int, progress: bool) -> list[
                 for c, ids in zip(chunks, pool.imap(_encode_chunk, chunks)):
                     out += ids
                     bar.advance(task, len(c))
+                    if lines:
+                        lines.advance(len(c))
     return out
 
 
@@ -179,24 +189,33 @@ def prepare(
     srcs = collect_sources(sources)
 
     content_hash = _content_hash(srcs, tok, seq_len, val_docs, val_fraction, layout)
+    with prepared_folder.hold(out) as cleaned:
+        if cleaned:
+            info(f"removed what an interrupted `did prepare` left in {out}: {', '.join(cleaned)}")
+        old = prepared_folder.reusable(out, content_hash)
+        if old is not None:
+            info(f"reusing prepared data in {out} (same sources and settings)")
+            return {**old, "reused": True}
+        if not force:
+            prepared_folder.refuse_other(
+                out,
+                {
+                    "sources": [x.label for x in srcs],
+                    "seq_len": seq_len,
+                    "tokenizer": tok.name,
+                    "row_layout": layout,
+                    "val_docs": val_docs,
+                    "val_fraction": val_fraction,
+                },
+            )
+        meta = _build(srcs, tok, seq_len, val_docs, val_fraction, num_proc, progress, layout)
+        meta["content_hash"] = content_hash
+        prepared_folder.write(out, meta.pop("rows"), meta)
+    return {**meta, "reused": False}
 
-    old = _reusable(out, content_hash)
-    if old is not None:
-        info(f"reusing prepared data in {out} (same sources and settings)")
-        return {**old, "reused": True}
-    if not force:
-        _refuse_other_folder(
-            out,
-            {
-                "sources": [x.label for x in srcs],
-                "seq_len": seq_len,
-                "tokenizer": tok.name,
-                "row_layout": layout,
-                "val_docs": val_docs,
-                "val_fraction": val_fraction,
-            },
-        )
 
+def _build(srcs, tok, seq_len, val_docs, val_fraction, num_proc, progress, layout) -> dict:
+    """Documents -> rows of each split, and the meta.json that describes them (rows under 'rows')."""
     docs = [d for s in srcs for d in documents(s) if d.strip()]
     if not docs:
         raise DidError(f"no text found in {', '.join(s.label for s in srcs)}")
@@ -209,8 +228,7 @@ def prepare(
 
     dtype = _dtype_for(tok.vocab_size)
     rows, splits = _split_rows(_tokenize(docs, tok, num_proc, progress), n_val, seq_len, tok, dtype, layout)
-
-    meta = {
+    return {
         "format": FORMAT,
         **_tokenizer_meta(tok),
         "seq_len": seq_len,
@@ -221,10 +239,8 @@ def prepare(
         "sources": [s.label for s in srcs],
         "val_docs": val_docs,
         "val_fraction": val_fraction,
-        "content_hash": content_hash,
+        "rows": rows,
     }
-    _write_folder(out, rows, meta)
-    return {**meta, "reused": False}
 
 
 def _content_hash(
@@ -295,60 +311,3 @@ def _split_rows(
             )
         splits[name] = {"rows": int(len(rows[name])), "docs": len(part), "tokens": tokens}
     return rows, splits
-
-
-def _write_folder(out: Path, rows: dict, meta: dict) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DidError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
-    (out / "meta.json").unlink(missing_ok=True)  # the folder is incomplete until meta.json is back
-    written: list[Path] = []
-    try:
-        for name in SPLITS:
-            # fsync: a folder whose meta.json exists must hold complete files after a power cut
-            atomic_write(
-                out / f"{name}.bin", np.ascontiguousarray(rows[name]).reshape(-1).view(np.uint8), fsync=True
-            )
-            written.append(out / f"{name}.bin")
-        atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n", fsync=True)
-    except BaseException:  # a failed preparation leaves none of its files (a re-run starts clean)
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
-
-
-def _refuse_other_folder(out: Path, mine: dict) -> None:
-    """A non-empty --out that is not this preparation is not replaced without --force. The
-    same sources and settings whose bytes changed are this preparation, refreshed."""
-    from did_cli.io.outputs import describe_folder, is_empty_folder
-
-    if not out.is_dir() or is_empty_folder(out):
-        return
-    try:
-        m = PreparedData(out).meta
-        if all(m.get(k, "bos" if k == "row_layout" else None) == v for k, v in mine.items()):
-            return
-        what = (
-            f"prepared data of other sources or settings (seq_len {m['seq_len']}, tokenizer "
-            f"{m['tokenizer']!r}, "
-            f"{m['splits'].get('train', {}).get('rows', '?')} train rows)"
-        )
-    except DidError:
-        what = f"files that are not this preparation ({describe_folder(out)})"
-    raise DidError(f"--out {out} already holds {what}; pass --force to replace them, or choose another --out")
-
-
-def _reusable(out: Path, content_hash: str) -> dict | None:
-    try:
-        data = PreparedData(out)
-    except DidError:
-        return None
-    if data.meta.get("content_hash") != content_hash:
-        return None
-    try:
-        for name in SPLITS:
-            data.rows(name)  # checks the file sizes
-    except DidError:
-        return None
-    return data.meta

@@ -24,6 +24,7 @@ from did_cli.core.backbones import family_of
 from did_cli.core.llama import LlamaDiffusion, append_mask_row
 from did_cli.core.llama_config import FAMILY, LlamaConfig
 from did_cli.errors import DidError, UsageError
+from did_cli.io import bounded
 from did_cli.io.gguf_import import read_gguf
 from did_cli.io.hf_import import INDEX_FILE, read_hf_folder, read_json
 from did_cli.util import atomic_write, first_line, hub_unreachable
@@ -116,8 +117,8 @@ def is_llama_folder(folder: str | Path) -> bool:
     """Whether a model folder's config.json (or a run's, under "model") is of this family."""
     path = Path(folder) / "config.json"
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = bounded.read_json(path)
+    except (OSError, DidError):
         return False
     body = raw.get("model", raw) if isinstance(raw, dict) else None
     return isinstance(body, dict) and body.get("family") == FAMILY

@@ -9,7 +9,6 @@ with the line number and file name instead of deep inside a model call.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -71,10 +70,13 @@ def validate(
     if missing:
         raise bad(f"missing field{'s' if len(missing) > 1 else ''} {', '.join(repr(k) for k in missing)}")
 
-    if "id" in rec and not isinstance(rec["id"], str):
-        raise bad(f"'id' must be a string, got {type(rec['id']).__name__}")
-    if "text" in rec and not isinstance(rec["text"], str):
-        raise bad(f"'text' must be a string, got {type(rec['text']).__name__}")
+    for key in ("id", "text"):
+        if key in rec and not isinstance(rec[key], str):
+            raise bad(f"'{key}' must be a string, got {type(rec[key]).__name__}")
+        if key in rec and not _is_text(rec[key]):
+            raise bad(
+                f"'{key}' holds an unpaired surrogate (\\u{_surrogate(rec[key]):04x}), which is not text"
+            )
     for key, types in _OPTIONAL_TYPES.items():
         if key in rec and rec[key] is not None:
             v = rec[key]
@@ -112,7 +114,59 @@ def validate(
             v = rec.get(key)
             if v is not None and not 0 <= v <= len(tokens):
                 raise bad(f"'{key}' {v} outside [0, {len(tokens)}]")
+    check_refinement(rec, bad, vocab_size)
     return rec
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _surrogate(s: str) -> int:
+    return next(ord(c) for c in s if 0xD800 <= ord(c) <= 0xDFFF)
+
+
+_STAGE_TYPES: dict[str, tuple[type, ...]] = {
+    "block_size": (int,),
+    "ratio": (int, float),
+    "changed": (int,),
+    "nfe": (int,),
+    "forward_passes": (int,),
+    "seconds": (int, float),
+    "path": (str,),
+}
+
+
+def check_refinement(rec: dict, bad: Any, vocab_size: int | None = None) -> None:
+    """The fields a refinement adds, checked as `did show` and `did refine` use them: `stages`
+    a list of objects whose `remasked` is a list of positions inside the record and whose
+    counts are numbers; `draft_tokens` ids like `tokens`, as many."""
+    n = len(rec["tokens"]) if isinstance(rec.get("tokens"), list) else None
+    for k, st in enumerate(rec.get("stages") or [], 1):
+        if not isinstance(st, dict):
+            raise bad(f"'stages' entry {k} is a {type(st).__name__}, not an object")
+        for key, types in _STAGE_TYPES.items():
+            v = st.get(key)
+            if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
+                raise bad(f"'stages' entry {k}: '{key}' has type {type(v).__name__}")
+        rm = st.get("remasked")
+        if rm is not None and (not isinstance(rm, list) or not all(_is_int(p) for p in rm)):
+            raise bad(f"'stages' entry {k}: 'remasked' must be a list of positions, got {type(rm).__name__}")
+        if rm and n is not None and not all(0 <= p < n for p in rm):
+            raise bad(f"'stages' entry {k}: 'remasked' holds a position outside [0, {n})")
+    dt = rec.get("draft_tokens")
+    if dt is not None:
+        if not all(_is_int(t) for t in dt):
+            raise bad("'draft_tokens' must be a list of integers")
+        hi = vocab_size if vocab_size is not None else math.inf
+        if not all(0 <= t < hi for t in dt):
+            raise bad(f"'draft_tokens' holds an id outside [0, {hi})")
+        if n is not None and len(dt) != n:
+            raise bad(f"'draft_tokens' has {len(dt)} entries but 'tokens' has {n}")
 
 
 def parse_line(
@@ -145,33 +199,18 @@ def read_records(
     Blank lines are skipped. Every error names the line number and the source; a source with
     no records at all raises ``DidError("no records in <source>")`` once it is exhausted.
     """
+    from did_cli.io.bounded import lines
+
     name = _source_name(source)
     need = ("schema", *need)
-    if isinstance(source, (str, Path)):
-        if str(source) == "-":
-            stream, close = sys.stdin, False
-        else:
-            path = Path(source)
-            if path.is_dir():
-                raise DidError(f"{path} is a directory, not a JSONL file")
-            try:
-                stream, close = open(path, encoding="utf-8"), True
-            except OSError as e:
-                raise DidError(f"cannot read {path}: {e.strerror or e}") from None
-    else:
-        stream, close = source, False
+    if isinstance(source, (str, Path)) and str(source) != "-" and Path(source).is_dir():
+        raise DidError(f"{source} is a directory, not a JSONL file")
     n = 0
-    try:
-        for line_no, line in enumerate(stream, 1):
-            if not line.strip():
-                continue
-            yield parse_line(line, line_no, vocab_size=vocab_size, need=need, source=name)
-            n += 1
-    except UnicodeDecodeError as e:
-        raise DidError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    finally:
-        if close:
-            stream.close()
+    for line_no, line in lines(source, name):
+        if not line.strip():
+            continue
+        yield parse_line(line, line_no, vocab_size=vocab_size, need=need, source=name)
+        n += 1
     if n == 0:
         raise DidError(f"no records in {name}")
 

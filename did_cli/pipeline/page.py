@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from did_cli.errors import DidError
-from did_cli.io.outputs import target, write_bytes, write_stdout
+from did_cli.io.outputs import check_output, write_bytes, write_stdout
 from did_cli.pipeline.page_html import Pieces, column, css, esc, legend
 from did_cli.pipeline.page_samples import Sample, apply_scores, mean, mean_conf, pair
 from did_cli.util import finite, fmt
@@ -257,11 +257,10 @@ def _check_tokenizer(tok: Any, records: list[dict]) -> None:
             )
 
 
-def check_target(path: str) -> None:
-    """Fail before any work when `path` cannot be written ('-' is stdout)."""
-    if path == "-":
-        return
-    target(path)
+def check_target(path: str, inputs: Sequence[str | None] = ()) -> None:
+    """Fail before any work when `path` cannot be written ('-': stdout closed) or is one of
+    the `inputs` (the page would replace a file it shows)."""
+    check_output(path, "-o", inputs)
 
 
 def write_page(page: str, path: str) -> None:

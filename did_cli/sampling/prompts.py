@@ -3,12 +3,11 @@ tokens of each sample (BOS + prompt at the start, the suffix at the end)."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from did_cli.errors import DidError, UsageError
-from did_cli.io.jsonl import at, decode, numbered
+from did_cli.io.jsonl import at, decode
 
 if TYPE_CHECKING:
     from did_cli.sampling.sampler_config import DraftConfig
@@ -18,23 +17,19 @@ def read_prompts(source: str | Any) -> tuple[list[str], list[str]]:
     """Read a prompts file (JSONL, `-` = stdin, or an open text stream): one object per line,
     `{"id": "q1", "prompt": "text"}`; `id` is optional (default p<k>, k counting prompts from 0).
     Blank lines are skipped. Returns (ids, prompts); a bad line raises DidError naming it."""
+    from did_cli.io.bounded import lines
+
     if isinstance(source, str):
         name = "stdin" if source == "-" else source
-        if source == "-":
-            lines = sys.stdin.read().splitlines()
-        else:
-            try:
-                with open(source, encoding="utf-8") as fh:
-                    lines = fh.read().splitlines()
-            except (OSError, UnicodeDecodeError) as e:
-                raise DidError(
-                    f"--prompts {source}: cannot read ({getattr(e, 'strerror', None) or e})"
-                ) from None
+        src = lines(source, "stdin" if source == "-" else f"--prompts {source}")
     else:
-        name, lines = getattr(source, "name", "<stream>"), source.read().splitlines()
+        name = getattr(source, "name", "<stream>")
+        src = lines(source, name)
     ids: list[str] = []
     texts: list[str] = []
-    for no, line in numbered(lines):
+    for no, line in src:
+        if not line.strip():
+            continue
         where = at(no, name)
         obj = decode(line, where, "a prompt")
         if not isinstance(obj, dict):
@@ -53,6 +48,9 @@ def read_prompts(source: str | Any) -> tuple[list[str], list[str]]:
         pid = obj.get("id", f"p{len(texts)}")
         if not isinstance(pid, str) or not pid:
             raise DidError(f"{where}'id' must be a non-empty string")
+        for key, text in (("prompt", obj["prompt"]), ("id", pid)):
+            if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+                raise DidError(f"{where}'{key}' holds an unpaired surrogate, which is not text")
         if pid in ids:
             raise DidError(f"{where}duplicate id {pid!r}")
         ids.append(pid)

@@ -11,10 +11,13 @@ lowest sum wins; on a tie the earlier candidate in grid order.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 
 import torch
 
 from did_cli.core.model_config import DiffusionConfig
+from did_cli.io.terminal import seconds_text
 
 EPS = 1e-3
 FULL = (EPS, 1.0)
@@ -65,19 +68,25 @@ def search_clip(
     seed: int,
     grid: list[tuple[float, float]] | None = None,
     resample: bool = True,
+    report: Callable[[str], None] | None = None,
 ) -> tuple[tuple[float, float], dict[str, float]]:
     """Score every candidate of `grid` on `batches`; returns (winner, {"lo,hi": score}).
 
     Every candidate sees the same seeded noise (common random numbers: the comparison between
     candidates does not carry the noise of separate draws). Candidates that allow no masked
-    count of a block under resampling are left out."""
+    count of a block under resampling are left out. `report` gets progress lines with an
+    estimate of the time left (`SearchProgress`)."""
     from did_cli.core.diffusion import allowed_counts, block_nll, resamples, sample_t
 
     scores: dict[str, float] = {}
     chosen = {}
-    for cand in grid or clip_grid():
-        if resample and resamples(cand) and not allowed_counts(block_size, cand):
-            continue
+    todo = [
+        c
+        for c in grid or clip_grid()
+        if not (resample and resamples(c) and not allowed_counts(block_size, c))
+    ]
+    progress = SearchProgress(len(todo), len(batches), block_size, report)
+    for cand in todo:
         g = torch.Generator(device=batches[0].device).manual_seed(seed)
         dcfg = DiffusionConfig(clip=cand, antithetic=True)
         total = 0.0
@@ -88,4 +97,41 @@ def search_clip(
             total += batch_statistic(block_nll(model, x, t, bs, mask_id, g, cand if resample else None), bs)
         scores[key_of(cand)] = total
         chosen[key_of(cand)] = cand
+        progress.done_one()
+    progress.finish()
     return chosen[pick(scores)], scores
+
+
+class SearchProgress:
+    """Progress lines of one clip search: after the first candidate (with the estimate for
+    all of them), then at most every `every` seconds, and a last line with the time it took;
+    nothing for a search shorter than `quiet` seconds."""
+
+    def __init__(self, total: int, batches: int, block_size: int, report, every: float = 30.0, quiet=10.0):
+        self.total, self.batches, self.block = total, batches, block_size
+        self.report, self.every, self.quiet = report, every, quiet
+        self.t0 = self.last = time.perf_counter()
+        self.n = 0
+
+    def done_one(self) -> None:
+        self.n += 1
+        now = time.perf_counter()
+        spent = now - self.t0
+        if self.report is None or self.n == self.total or spent * self.total / self.n < self.quiet:
+            return
+        if self.n > 1 and now - self.last < self.every:
+            return
+        self.last = now
+        left = spent / self.n * (self.total - self.n)
+        self.report(
+            f"clip search (block {self.block}): candidate {self.n}/{self.total} x {self.batches} batches, "
+            f"{seconds_text(spent)} so far, about {seconds_text(left)} left"
+        )
+
+    def finish(self) -> None:
+        spent = time.perf_counter() - self.t0
+        if self.report is not None and spent >= self.quiet:
+            self.report(
+                f"clip search (block {self.block}): {self.total} candidates x {self.batches} batches in "
+                f"{seconds_text(spent)}"
+            )

@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+from did_cli.io.terminal import printable, say
+
 
 class TrainProgress:
     """A rich bar on a terminal; plain lines every log_every steps otherwise (main process)."""
@@ -40,12 +42,13 @@ class TrainProgress:
             print(f"did {self.label}: step {step}/{self.total} {info}", file=sys.stderr, flush=True)
 
     def note(self, msg: str) -> None:
+        """A line above the bar (or a plain line); never read as Rich markup, controls escaped."""
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.console.print(msg)
+            self.bar.console.print(printable(msg), markup=False, highlight=False)
         else:
-            print(f"did {self.label}: {msg}", file=sys.stderr, flush=True)
+            say(f"did {self.label}: {msg}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -4,11 +4,12 @@ our own checkpoints, where in the data order the earlier run stopped."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from did_cli.errors import DidError
 from did_cli.io import checkpoint as ck
+from did_cli.io.bounded import read_json
+from did_cli.io.schemas import check_state
 from did_cli.util import first_line
 
 
@@ -53,12 +54,12 @@ def init_data_start(folder: Path, data_meta: dict, seed: int) -> list[int] | Non
     if not path.exists():
         return None
     try:
-        st = json.loads(path.read_text())
+        st = check_state(read_json(path), str(path))
         same = (
             st.get("data_hash") is not None
             and st["data_hash"] == data_meta.get("content_hash")
             and st.get("seed") == seed
         )
         return [int(st["epoch"]), int(st["position"])] if same else None
-    except (ValueError, KeyError, TypeError):
+    except (DidError, ValueError, KeyError, TypeError):
         return None

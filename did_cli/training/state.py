@@ -6,7 +6,6 @@ interrupted run continues bit for bit."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ import torch
 
 from did_cli.core.backbones import build_backbone
 from did_cli.errors import DidError
+from did_cli.io.bounded import read_json
+from did_cli.io.schemas import check_state
 from did_cli.training import sharding
 from did_cli.util import save_json
 
@@ -57,7 +58,7 @@ class TrainState:
     @classmethod
     def load(cls, path: Path) -> TrainState:
         try:
-            raw = json.loads(Path(path).read_text())
+            raw = check_state(read_json(path), str(path))  # bounded; every field checked
             names = {f.name for f in dataclasses.fields(cls)}
             return cls(**{k: v for k, v in raw.items() if k in names})
         except (OSError, ValueError, TypeError) as e:

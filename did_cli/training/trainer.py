@@ -34,8 +34,10 @@ from did_cli.core.diffusion import nelbo
 from did_cli.core.model_config import DiffusionConfig
 from did_cli.errors import DidError
 from did_cli.io import checkpoint as ck
+from did_cli.io.bounded import read_json
 from did_cli.io.data import PreparedData
-from did_cli.io.outputs import describe_folder, is_empty_folder
+from did_cli.io.outputs import describe_folder, hold_run_folder, is_empty_folder
+from did_cli.io.schemas import check_run_config
 from did_cli.training import setup, sharding, tracking
 from did_cli.training.clip_search import clip_grid, search_clip
 from did_cli.training.console import Interrupt, LogWindow, TrainProgress
@@ -126,7 +128,7 @@ class Trainer(RunFolder):
             accel.is_main_process,
         )
         if self.resume_ckpt is not None:
-            saved = json.loads((self.run / "config.json").read_text())
+            saved = check_run_config(read_json(self.run / "config.json"), str(self.run / "config.json"))
             sm = saved.get(
                 "model", {}
             )  # data from another tokenizer / length: say so, not "--block-sizes differ"
@@ -280,6 +282,7 @@ class Trainer(RunFolder):
                     cfg.seed + 2_000_003,
                     clip_grid(cfg.clip_widths, cfg.clip_delta),
                     cfg.resample,
+                    report=self.progress.note,
                 )
             self.clip_ranges.update(setup.broadcast(self.accel, chosen))
         ev.update(setup.broadcast(self.accel, vals))
@@ -371,8 +374,11 @@ class Trainer(RunFolder):
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train (or fine-tune, or resume) and return the final metrics."""
-    return Trainer(cfg).setup().fit()
+    """Train (or fine-tune, or resume) and return the final metrics. The run folder is locked
+    for the run (did_cli.io.locks: a second process training it is refused), and a run that
+    fails before its first checkpoint leaves the folder as it found it."""
+    with hold_run_folder(cfg.out, "did " + (cfg.options or {}).get("command", "train"), cfg.resume):
+        return Trainer(cfg).setup().fit()
 
 
 def _clip_mode(clip: Any) -> str:
