@@ -9,11 +9,13 @@ both and scores, under one scorer:
 - draft only; global refine (ratio 0.25) with snapshot / post-hoc / random confidence;
 - the ratio swept over 0.1, 0.25, 0.5, 0.75 (snapshot, global);
 - refine block size 16 / 64 / L at ratio 0.25 (snapshot);
-- the block-4-only control: draft, and draft + global refine.
+- the block-4-only control: draft, and draft + global refine;
+- drafts of the mix-scale model at top-p 0.8: the entropy control of the verdicts.
 
 Writes OUT/ablation.json and OUT/ablation.md (a table with mean gen PPL, its standard error,
-median, entropy and the change against the draft). Sizes via options; every stage is the
-library call the CLI makes.
+median, entropy, the change against the draft and the verdict of `did eval-ppl`'s rule,
+did_cli/evaluation/verdict.py, read with the top-p 0.8 control for the mix-scale rows). Sizes
+via options; every stage is the library call the CLI makes.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.1,0.25,0.5,0.75")
     ap.add_argument("--blocks", default="16,64")
     ap.add_argument("--skip-control", action="store_true", help="do not train the block-4-only control")
+    ap.add_argument("--control-top-p", type=float, default=0.8, help="nucleus of the entropy-control drafts")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     args = ap.parse_args()
 
     import torch
@@ -50,6 +54,9 @@ def main() -> None:
     from did_cli.io.record_writer import RecordWriter
     from did_cli.sampling import DraftConfig, RefineConfig, draft, refine
     from did_cli.training import TrainConfig, train
+    from did_cli.util import resolve_device
+
+    device = resolve_device(args.device)
 
     qs, out = Path(args.quickstart), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +68,7 @@ def main() -> None:
         print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
     mix_ckpt = resolve_checkpoint(qs / "run", which="best")
-    mix, _ = load_model(mix_ckpt)
+    mix, _ = load_model(mix_ckpt, device=device)
     sets: dict[str, list[dict]] = {}
 
     def save(name: str, recs: list[dict]) -> None:
@@ -81,6 +88,11 @@ def main() -> None:
         )
     )
     save("mix_draft", drafts)
+    say(f"drafting the entropy control: the same seeds at top-p {args.control_top_p}")
+    control_cfg = DraftConfig(
+        n=args.samples, length=L, block_size=block, batch_size=32, seed=args.seed, top_p=args.control_top_p
+    )
+    save("mix_draft_top_p_control", list(draft(mix, control_cfg, progress=False, model_path=str(mix_ckpt))))
 
     def refined(model, recs, stages, confidence="snapshot"):
         return list(
@@ -132,7 +144,7 @@ def main() -> None:
             )
         )
         ctrl_ckpt = resolve_checkpoint(ctrl_run, which="best")
-        ctrl, _ = load_model(ctrl_ckpt)
+        ctrl, _ = load_model(ctrl_ckpt, device=device)
         say("drafting and refining with the control")
         cd = list(
             draft(
@@ -146,7 +158,7 @@ def main() -> None:
         save("block4only_refine_L_0.25_snapshot", refined(ctrl, cd, [(None, 0.25)]))
 
     say("scoring")
-    scorer = load_scorer(args.scorer)
+    scorer = load_scorer(args.scorer, device=str(device))
     results = {name: evaluate.gen_ppl(recs, scorer) for name, recs in sets.items()}
     for res in results.values():
         ppls = [s["ppl"] for s in res["samples"] if s["ppl"] is not None]
@@ -172,21 +184,30 @@ def main() -> None:
 
 
 def write_table(path: Path, results: dict, scorer: str) -> None:
-    def ref_of(name: str) -> dict:
-        return results["block4only_draft" if name.startswith("block4only") else "mix_draft"]["summary"]
+    from did_cli.evaluation.verdict import compare_sets
 
+    def ref_of(name: str) -> str:
+        return "block4only_draft" if name.startswith("block4only") else "mix_draft"
+
+    control = results.get("mix_draft_top_p_control")
     rows = [
-        "| setting | mean gen PPL ± s.e. | median | mean entropy | gen PPL vs draft | entropy vs draft |",
-        "|---|---|---|---|---|---|",
+        "| setting | mean gen PPL ± s.e. | median | mean entropy | gen PPL vs draft | entropy vs draft "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, res in results.items():
-        s, ref = res["summary"], ref_of(name)
-        dp = (s["mean_ppl"] - ref["mean_ppl"]) / ref["mean_ppl"] * 100
-        de = (s["mean_entropy"] - ref["mean_entropy"]) / ref["mean_entropy"] * 100
+        s, ref = res["summary"], results[ref_of(name)]
+        r = ref["summary"]
+        dp = (s["mean_ppl"] - r["mean_ppl"]) / r["mean_ppl"] * 100
+        de = (s["mean_entropy"] - r["mean_entropy"]) / r["mean_entropy"] * 100
         se = s.get("stderr_mean_ppl")
+        verdict = ""
+        if name != ref_of(name) and name != "mix_draft_top_p_control":
+            ctrl = control["samples"] if control and ref_of(name) == "mix_draft" else None
+            verdict = compare_sets(ref["samples"], res["samples"], ctrl)["verdict"] or ""
         rows.append(
             f"| {name} | {s['mean_ppl']:.1f} ± {se:.1f} | {s['median_ppl']:.1f} | {s['mean_entropy']:.3f} | "
-            f"{dp:+.1f}% | {de:+.1f}% |"
+            f"{dp:+.1f}% | {de:+.1f}% | {verdict} |"
         )
     path.write_text(
         f"Scorer: {scorer}; {results['mix_draft']['summary']['n']} samples per setting.\n\n"

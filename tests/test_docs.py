@@ -381,6 +381,14 @@ def test_quickstart_script_smallest(tmp_path, tiny_scorer):
     assert r["control_draft"]["top_p"] == 0.8 and r["control_draft"]["n"] == 4
     matched = r["draft_mean_gen_ppl_at_refined_entropy"]
     assert isinstance(r["refinement_helps"], bool)
+    # a minute of training is no model: no conclusion, and a budget that would give one
+    check = r["training_check"]
+    assert r["model_trained"] is False and check["trained"] is False and check["steps"] < 250
+    assert r["verdict"] == "untrained" and r["refinement_helps"] is False and check["reasons"]
+    assert check["suggested_minutes"] is None or check["suggested_minutes"] > 1
+    report = (out / "report.md").read_text()
+    assert "**No conclusions: the model did not train**" in report and "Refinement beats" not in report
+    assert "NO CONCLUSIONS" in res.stderr
     if matched is None:
         assert r["refinement_beats_entropy_control"] is None
     else:
@@ -389,7 +397,6 @@ def test_quickstart_script_smallest(tmp_path, tiny_scorer):
         want = None if ci is None else ("beats" if ci["hi"] < 0 else "worse" if ci["lo"] > 0 else "level")
         assert r["refinement_vs_entropy_control"] == want
         assert r["refinement_beats_entropy_control"] == (want == "beats")
-        assert "Entropy control:" in (out / "report.md").read_text()
     ci = r["relative_change_gen_ppl_ci"]
     assert ci["lo"] <= ci["estimate"] <= ci["hi"] and ci["n"] == 4
     assert r["refinement_vs_draft"] == ("beats" if ci["hi"] < 0 else "worse" if ci["lo"] > 0 else "level")

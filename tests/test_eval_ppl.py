@@ -323,3 +323,152 @@ def test_cli_paired_interval_and_cleanup(scorer_dir, tok, tmp_path):
         off["inputs"][str(a)]["summary"]["scored_tokens"] > out["inputs"][str(a)]["summary"]["scored_tokens"]
     )
     assert off["inputs"][str(a)]["summary"]["mean_ppl"] != out["inputs"][str(a)]["summary"]["mean_ppl"]
+
+
+# -------------------------------------------------------------------- the verdict rule
+
+
+def _set(ppl, ent, ids=None):
+    """A gen_ppl result of constructed per-sample figures (what eval-ppl computes from records)."""
+    ids = ids or [f"s{i}" for i in range(len(ppl))]
+    samples = [{"id": k, "ppl": float(p), "entropy": float(e)} for k, p, e in zip(ids, ppl, ent)]
+    summary = {
+        "n": len(ppl),
+        "mean_ppl": float(sum(ppl) / len(ppl)),
+        "mean_entropy": float(sum(ent) / len(ent)),
+    }
+    return {"summary": summary, "samples": samples}
+
+
+@pytest.fixture(scope="module")
+def drafts():
+    """128 drafts at the getting-started scale: gen PPL 2000-4000, entropy 4.1-4.4."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return rng.uniform(2000, 4000, 128), rng.uniform(4.1, 4.4, 128), rng
+
+
+def _changed(drafts, ppl_factor, ent_factor):
+    ppl, ent, rng = drafts
+    return _set(
+        ppl * ppl_factor * rng.uniform(0.9, 1.1, len(ppl)),
+        ent * ent_factor * rng.uniform(0.995, 1.005, len(ent)),
+    )
+
+
+def test_lower_ppl_at_6pct_lower_entropy_is_not_beats(drafts):
+    """The issue's case: gen PPL -58% with entropy -6% is not a gain; the same PPL change at
+    about the same entropy is."""
+    from did_cli.evaluation.verdict import ENTROPY_TOLERANCE, VERDICTS
+
+    ref = _set(drafts[0], drafts[1])
+    rows = evaluate.compare({"draft": ref, "refined": _changed(drafts, 0.42, 0.94)})
+    row = rows[1]
+    assert row["rel_mean_ppl_ci"][1] < 0  # the PPL interval alone would say "beats"
+    assert row["rel_entropy_ci"][0] < -ENTROPY_TOLERANCE
+    assert row["verdict"] == "lower-entropy" and row["verdict"] in VERDICTS
+    assert "lower gen PPL at lower entropy" in row["verdict_reason"] and "--control" in row["verdict_reason"]
+
+    same_entropy = evaluate.compare({"draft": ref, "refined": _changed(drafts, 0.42, 0.995)})[1]
+    assert same_entropy["verdict"] == "beats"
+    # a wider tolerance, stated by the caller, lets the 6% fall through
+    assert (
+        evaluate.compare({"draft": ref, "r": _changed(drafts, 0.42, 0.94)}, tolerance=0.10)[1]["verdict"]
+        == "beats"
+    )
+    # the PPL interval decides level and worse whatever the entropy does
+    assert evaluate.compare({"draft": ref, "r": _changed(drafts, 1.0, 0.94)})[1]["verdict"] == "level"
+    assert evaluate.compare({"draft": ref, "r": _changed(drafts, 1.3, 1.0)})[1]["verdict"] == "worse"
+
+
+def test_entropy_control_decides_at_lower_entropy(drafts):
+    """With a control (the drafts' model at a lower nucleus), a lower-entropy candidate beats only
+    if it is also below the drafts' PPL read at its entropy."""
+    ref = _set(drafts[0], drafts[1])
+    refined = _changed(drafts, 0.42, 0.94)
+    weak_control = ("top_p0.8", _changed(drafts, 0.6, 0.94))  # the nucleus alone gives -40% at -6%
+    rows = evaluate.compare({"draft": ref, "refined": refined}, control=weak_control)
+    assert rows[2]["control"] is True and "verdict" not in rows[2] and rows[2]["input"] == "top_p0.8"
+    assert rows[1]["gap_vs_control_ci"][1] < 0 and rows[1]["verdict"] == "beats"
+    assert "lower than the entropy control" in rows[1]["verdict_reason"]
+
+    strong_control = ("top_p0.8", _changed(drafts, 0.38, 0.94))  # the nucleus alone does better
+    row = evaluate.compare({"draft": ref, "refined": refined}, control=strong_control)[1]
+    assert row["gap_vs_control_ci"][0] > 0 and row["verdict"] == "lower-entropy"
+    assert "worse than the entropy control" in row["verdict_reason"]
+
+
+def test_verdict_judge_edges():
+    from did_cli.evaluation.verdict import judge, ppl_at_entropy
+
+    below = {"estimate": -0.2, "lo": -0.3, "hi": -0.1}
+    assert judge(None, None)["verdict"] is None
+    assert judge(below, None)["verdict"] == "lower-entropy"  # entropy unknown: no claim of a gain
+    assert judge(below, {"estimate": 0.05, "lo": 0.02, "hi": 0.08})["verdict"] == "beats"  # entropy rose
+    assert judge(below, {"estimate": -0.02, "lo": -0.031, "hi": 0.0})["verdict"] == "lower-entropy"
+    assert judge(below, {"estimate": -0.02, "lo": -0.03, "hi": 0.0})["verdict"] == "beats"
+    # the control line in log PPL: halfway in entropy is the geometric mean
+    assert ppl_at_entropy((4.0, 100.0), (3.0, 25.0), 3.5) == pytest.approx(50.0)
+    assert ppl_at_entropy((4.0, 100.0), (4.0, 25.0), 3.5) is None
+
+
+def test_cli_control_option(scorer_dir, tok, tmp_path):
+    texts = ["Hello , world . I do n't know", "The cat sat on the mat .", "A dog , a cat and a bird ."]
+    files = {}
+    for name, tt in (
+        ("draft", texts),
+        ("refined", [t + " And then it rained ." for t in texts]),
+        ("control", [t + " The end ." for t in texts]),
+    ):
+        files[name] = tmp_path / f"{name}.jsonl"
+        with RecordWriter(files[name]) as w:
+            for r in _records(tok, tt):
+                w.write(r)
+    args = ["--scorer", str(scorer_dir), "--device", "cpu"]
+    r = _cli(
+        str(files["draft"]), str(files["refined"]), "--control", str(files["control"]), *args, "--json", "-"
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["control"]["input"] == str(files["control"]) and out["entropy_tolerance"] == 0.03
+    assert [row.get("control", False) for row in out["compare"]] == [False, False, True]
+    row = out["compare"][1]
+    assert "gap_vs_control_ci" in row and row["verdict"] in ("beats", "level", "worse", "lower-entropy")
+    assert f"{files['refined']}: {row['verdict']}: " in r.stderr and "(control)" in r.stderr
+
+    # a control that does not pair with the first input, or with nothing to compare: refused before scoring
+    with RecordWriter(tmp_path / "other.jsonl") as w:
+        for rec in _records(tok, texts[:2]):
+            w.write(rec)
+    bad = _cli(str(files["draft"]), str(files["refined"]), "--control", str(tmp_path / "other.jsonl"), *args)
+    assert bad.returncode == 2 and "--control" in bad.stderr and "sample ids differ" in bad.stderr
+    alone = _cli(str(files["draft"]), "--control", str(files["control"]), *args)
+    assert alone.returncode == 2 and "--control needs two inputs" in alone.stderr
+
+
+def test_quickstart_draws_no_conclusion_from_an_untrained_model(drafts):
+    """results.json's flag and report.md's words for a model that did not train; a trained one
+    gets the eval-ppl verdict."""
+    from did_cli.pipeline.findings import training_check
+    from did_cli.pipeline.report import report_verdict
+
+    # the issue's run: 14 steps, NELBO 10.69, ~300 data tokens/s at batch 16 x 128 in 194 s
+    short = {"step": 14, "tokens_per_s": 300.0, "best": {"step": 14, "val_nelbo": 10.69}}
+    check = training_check(short, 50258, 16 * 128, 194.0)
+    assert check["trained"] is False and len(check["reasons"]) == 2
+    assert "14 steps" in check["reasons"][0] and "10.69" in check["reasons"][1]
+    # 486 more steps at 300 / 2048 steps per second, on top of the 194 s spent
+    assert check["suggested_minutes"] == math.ceil((194.0 + 486 * 2048 / 300.0) / 60)
+    # many steps but a near-uniform NELBO is still no model; no rate, no budget figure
+    stuck = training_check({"step": 900, "best": {"val_nelbo": 10.2}}, 50258, 2048, 600.0)
+    assert not stuck["trained"] and stuck["suggested_minutes"] is None
+    text = report_verdict({"training_check": stuck})
+    assert text.startswith("**No conclusions: the model did not train**") and "larger `--minutes`" in text
+
+    ok = training_check({"step": 500, "best": {"val_nelbo": 6.6}}, 50258, 2048, 900.0)
+    assert ok == {**ok, "trained": True, "reasons": [], "suggested_minutes": None}
+    cmp = evaluate.compare({"draft": _set(drafts[0], drafts[1]), "refined": _changed(drafts, 0.42, 0.94)})[1]
+    results = {"training_check": ok, "verdict": cmp["verdict"], "verdict_reason": cmp["verdict_reason"]}
+    text = report_verdict(results)
+    assert text.startswith("Refinement does NOT beat the drafts: lower gen PPL at lower entropy")

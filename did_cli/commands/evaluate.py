@@ -88,10 +88,14 @@ def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
             "no input: pass sample files or pipe records into stdin (did draft ... | did eval-ppl)"
         )
     names = _unique_names(inputs)
-    _check_json_target(cfg.json, inputs=inputs)
-    _check_json_target(cfg.plot, "--plot", inputs)
+    read = inputs + ([cfg.control] if cfg.control else [])
+    _check_json_target(cfg.json, inputs=read)
+    _check_json_target(cfg.plot, "--plot", read)
+    if not 0.0 <= cfg.entropy_tolerance < 1.0:
+        raise UsageError(f"--entropy-tolerance {cfg.entropy_tolerance}: a fraction in [0, 1), e.g. 0.03")
     # read and check every input before the (slow) scorer load
     recs = {name: list(read_records(src, need=("text", "tokens"))) for name, src in zip(names, inputs)}
+    control = _read_control(cfg.control, names, recs) if cfg.control is not None else None
     sc = load_scorer(cfg.scorer, device=cfg.device)
     sc.cleanup = cfg.cleanup
     err = _console()
@@ -108,8 +112,12 @@ def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
     for line in warnings:
         typer.echo(f"did: warning: {line}", err=True)
     results = {name: gp.gen_ppl(rs, sc, batch_size=cfg.batch_size) for name, rs in recs.items()}
-    rows = gp.compare(results)
+    scored_control = (control[0], gp.gen_ppl(control[1], sc, batch_size=cfg.batch_size)) if control else None
+    rows = gp.compare(results, scored_control, cfg.entropy_tolerance)
     err.print(_table(rows))
+    for r in rows[1:]:
+        if r.get("verdict_reason"):
+            typer.echo(f"{r['input']}: {r['verdict']}: {r['verdict_reason']}", err=True)
     for name, res in results.items():
         if res["summary"]["n_empty"]:
             typer.echo(
@@ -135,6 +143,8 @@ def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
                 "scorer_context": sc.context,
                 "cleanup": sc.cleanup,
                 "inputs": results,
+                "control": {"input": scored_control[0], **scored_control[1]} if scored_control else None,
+                "entropy_tolerance": cfg.entropy_tolerance,
                 "compare": rows,
                 "thresholds": {"max_gen_ppl": cfg.max_gen_ppl, "min_entropy": cfg.min_entropy},
                 "passed": not reasons,
@@ -158,6 +168,7 @@ def _table(rows: list[dict]) -> Any:
 
     table = Table(title="generative perplexity (scorer above)", title_justify="left")
     multi = len(rows) > 1
+    rows = [{**r, "input": r["input"] + " (control)"} if r.get("control") else r for r in rows]
     cols = ["input", "n", "gen PPL", "pooled", "median", "entropy"] + (
         ["PPL vs 1st [95% CI]", "entropy vs 1st [95% CI]", "verdict"] if multi else []
     )
@@ -176,10 +187,38 @@ def _table(rows: list[dict]) -> Any:
             cells += [
                 fmt_pct(r["rel_mean_ppl"], "") + fmt_ci(r.get("rel_mean_ppl_ci")),
                 fmt_pct(r["rel_entropy"], "") + fmt_ci(r.get("rel_entropy_ci")),
-                r.get("verdict") or ("" if r is rows[0] else "unpaired"),
+                _verdict_cell(r, r is rows[0]),
             ]
         table.add_row(*cells)
     return table
+
+
+def _verdict_cell(r: dict, first: bool) -> str:
+    if first:
+        return ""
+    if r.get("control"):
+        return "control"
+    return r.get("verdict") or "unpaired"
+
+
+def _read_control(path: str, names: list[str], recs: dict[str, list[dict]]) -> tuple[str, list[dict]]:
+    """The --control records, checked to pair with the first input (same sample ids)."""
+    from did_cli.io.records import read_records
+
+    if len(names) < 2:
+        raise UsageError(
+            "--control needs two inputs at least: the reference (first) and what is compared with it"
+        )
+    if path == "-" and "-" in names:
+        raise UsageError("--control -: stdin is already an input")
+    control = list(read_records(path, need=("text", "tokens")))
+    ids, ref = [r.get("id") for r in control], [r.get("id") for r in recs[names[0]]]
+    if sorted(map(str, ids)) != sorted(map(str, ref)):
+        raise UsageError(
+            f"--control {path}: its sample ids differ from those of {names[0]}: draw it from the same model "
+            "with the same -n and --seed (only --top-p lower)"
+        )
+    return ("stdin" if path == "-" else path), control
 
 
 eval_ppl = command(
@@ -196,7 +235,15 @@ eval_ppl = command(
         Opt("cleanup", EvalConfig, flags=("--cleanup/--no-cleanup",), kw={"rich_help_panel": GEN}),
         Opt("batch_size", EvalConfig, kw={"min": 1}),
         Opt("json", EvalConfig),
-        *fields_of(EvalConfig, "max_gen_ppl", "min_entropy", "plot", kw={"rich_help_panel": GEN}),
+        *fields_of(
+            EvalConfig,
+            "control",
+            "entropy_tolerance",
+            "max_gen_ppl",
+            "min_entropy",
+            "plot",
+            kw={"rich_help_panel": GEN},
+        ),
         Opt("device", EvalConfig),
         *fields_of(
             EvalConfig,

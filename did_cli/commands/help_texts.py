@@ -13,12 +13,25 @@ HELP_TEXTS = (
                                                           '",", " n\'t" -> "n\'t", ...) to each text '
                                                           "before the scorer tokenises it, as BD3-LM's "
                                                           'decode did; the records keep the raw text.',
+                                               'control': 'Gen PPL: an entropy control for the verdicts, '
+                                                          "sample records of the first input's model drawn "
+                                                          'with a lower nucleus (did draft --top-p 0.8, '
+                                                          'same -n and --seed, so the ids pair). An input '
+                                                          'whose entropy fell by more than '
+                                                          '--entropy-tolerance then beats the first only '
+                                                          "if it also beats the first input's gen PPL read "
+                                                          'at its entropy off the line through the two.',
                                                'data': 'With --model: the prepared data folder.',
                                                'device': 'Device of the scorer (or of --model): auto, cpu, '
                                                          'cuda, cuda:N.',
                                                'draws': 'With --model: noise draws per row (default: '
                                                         'enough for 2 noise levels per row: 1 for blocks '
                                                         'of at most L/2).',
+                                               'entropy_tolerance': 'Gen PPL verdicts: the largest fall of '
+                                                                    'mean entropy (a fraction; the lower '
+                                                                    'end of its 95% interval) at which a '
+                                                                    "lower gen PPL still counts as 'beats' "
+                                                                    'without a --control.',
                                                'json': "Write the results as JSON to FILE ('-' = stdout).",
                                                'max_gen_ppl': 'Gen PPL gate: exit 1 when the mean gen PPL '
                                                               'of any input is above this.',

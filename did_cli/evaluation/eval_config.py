@@ -31,6 +31,14 @@ class EvalConfig:
     """Gen PPL gate: exit 1 when the mean gen PPL of any input is above this."""
     min_entropy: float | None = None
     """Gen PPL gate: exit 1 when the mean unigram entropy of any input is below this."""
+    control: str | None = None
+    """Gen PPL: an entropy control for the verdicts, sample records of the first input's model
+    drawn with a lower nucleus (did draft --top-p 0.8, same -n and --seed, so the ids pair). An
+    input whose entropy fell by more than --entropy-tolerance then beats the first only if it
+    also beats the first input's gen PPL read at its entropy off the line through the two."""
+    entropy_tolerance: float = 0.03
+    """Gen PPL verdicts: the largest fall of mean entropy (a fraction; the lower end of its 95%
+    interval) at which a lower gen PPL still counts as 'beats' without a --control."""
     plot: str | None = None
     """Gen PPL: write histograms of per-sample PPL and entropy to FILE.png (needs matplotlib)."""
     model: str | None = None

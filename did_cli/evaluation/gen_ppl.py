@@ -75,24 +75,32 @@ def _rel(v: float | None, ref: float | None) -> float | None:
     return (v - ref) / ref
 
 
-def compare(results: dict[str, dict]) -> list[dict]:
+def compare(
+    results: dict[str, dict], control: tuple[str, dict] | None = None, tolerance: float | None = None
+) -> list[dict]:
     """One row per input with relative changes of mean PPL and entropy against the first input.
 
     `results` maps an input name to a `gen_ppl` result (or its summary). Relative changes are
     fractions (-0.1 = 10% lower); the first row's are 0. When an input holds the same sample ids
     as the first (paired sets) and per-sample figures are given, its row also carries paired
     bootstrap 95% intervals of both changes (`rel_mean_ppl_ci`, `rel_entropy_ci`: [lo, hi]),
-    the number of pairs, and `verdict`: beats / level / worse, from the PPL interval.
+    the number of pairs, and the verdict of `did_cli.evaluation.verdict` (`verdict`: beats /
+    level / worse / lower-entropy, and `verdict_reason`). `control` is (name, result) of the
+    first input's model sampled at a lower nucleus: it gets a row of its own (`"control": true`,
+    no verdict), and the other rows the interval of their gap to the first input read at their
+    entropy (`gap_vs_control_ci`).
     """
-    from did_cli.evaluation import bootstrap as bs
+    from did_cli.evaluation import verdict as vd
 
+    tol = vd.ENTROPY_TOLERANCE if tolerance is None else tolerance
+    items = list(results.items())
+    ref_res = items[0][1]
+    ref = ref_res.get("summary", ref_res)
+    ref_samples = ref_res.get("samples")
+    ctrl_samples = control[1].get("samples") if control else None
     rows = []
-    ref = ref_samples = None
-    for name, res in results.items():
+    for k, (name, res) in enumerate(items + ([control] if control else [])):
         s = res.get("summary", res)
-        first = ref is None
-        if first:
-            ref, ref_samples = s, res.get("samples")
         row = {
             "input": name,
             "n": s.get("n"),
@@ -103,19 +111,26 @@ def compare(results: dict[str, dict]) -> list[dict]:
             "rel_mean_ppl": _rel(s.get("mean_ppl"), ref.get("mean_ppl")),
             "rel_entropy": _rel(s.get("mean_entropy"), ref.get("mean_entropy")),
         }
-        if not first and ref_samples is not None and res.get("samples") is not None:
-            pp = bs.paired(ref_samples, res["samples"], "ppl")
-            pe = bs.paired(ref_samples, res["samples"], "entropy")
-            ci_p = bs.relative_change(*pp) if pp else None
-            ci_e = bs.relative_change(*pe) if pe else None
+        is_control = control is not None and k == len(items)
+        if k and ref_samples is not None and res.get("samples") is not None:
+            cmp = vd.compare_sets(ref_samples, res["samples"], None if is_control else ctrl_samples, tol)
+            ci_p, ci_e, gap = cmp["rel_ppl"], cmp["rel_entropy"], cmp["gap_vs_control"]
             row.update(
                 {
                     "paired": ci_p["n"] if ci_p else None,
                     "rel_mean_ppl_ci": [ci_p["lo"], ci_p["hi"]] if ci_p else None,
                     "rel_entropy_ci": [ci_e["lo"], ci_e["hi"]] if ci_e else None,
-                    "verdict": bs.verdict(ci_p),
                 }
             )
+            if is_control:
+                row["control"] = True
+            else:
+                if control is not None:
+                    row["gap_vs_control"] = gap["estimate"] if gap else None
+                    row["gap_vs_control_ci"] = [gap["lo"], gap["hi"]] if gap else None
+                row.update(verdict=cmp["verdict"], verdict_reason=cmp["reason"])
+        elif is_control:
+            row["control"] = True
         rows.append(row)
     return rows
 

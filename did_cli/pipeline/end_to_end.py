@@ -142,7 +142,7 @@ def run(cfg: QuickstartConfig) -> dict:
     from did_cli.io.model_folder import load_model
     from did_cli.io.packing import prepare
     from did_cli.io.tokenizer import load_tokenizer
-    from did_cli.pipeline import report
+    from did_cli.pipeline import findings, report
     from did_cli.util import atomic_write, resolve_device
 
     cfg.check()
@@ -177,7 +177,7 @@ def run(cfg: QuickstartConfig) -> dict:
     }
     timer.stage("score", t)
 
-    results = _results(cfg, res, data, drafts, refined, scorer.name)
+    results = findings.results(cfg, res, data, drafts, refined, scorer.name)
     results.update(
         {
             "training": {
@@ -191,13 +191,14 @@ def run(cfg: QuickstartConfig) -> dict:
             "total_s": round(timer.elapsed(), 1),
         }
     )
+    findings.judge_training(results, model.config.vocab_size, cfg.batch_size * cfg.seq_len, _say)
     _view(out, drafts, refined, res, tok)
     report.write_report(out, results, out / "run", drafts, refined)
     atomic_write(out / "results.json", json.dumps(finite_tree(results), indent=2) + "\n")
     d, r = results["draft"], results["refined"]
     _say(
         f"draft gen PPL {d['mean_ppl']:.2f} (entropy {d['mean_entropy']:.3f}) -> refined {r['mean_ppl']:.2f} "
-        f"(entropy {r['mean_entropy']:.3f}); report: {out / 'report.md'}"
+        f"(entropy {r['mean_entropy']:.3f}): {results['verdict']}; report: {out / 'report.md'}"
     )
     return results
 
@@ -308,53 +309,6 @@ def _sample(
     refined = _save(out / "refined.jsonl", refine(model, drafts, rcfg, tokenizer=tok, model_path=ckpt))
     timer.stage("refine", t)
     return drafts, control, refined
-
-
-def _results(cfg: QuickstartConfig, res: dict, data: Any, drafts: list, refined: list, scorer: str) -> dict:
-    """The comparison of drafts and refined samples, read against the entropy control, with
-    paired bootstrap intervals; the verdicts follow the intervals (beats / level / worse)."""
-    from did_cli.evaluation import bootstrap as bs
-    from did_cli.pipeline.report import comparison_intervals, draft_ppl_at_entropy, ngram_copy_rate
-
-    train_rows = data.rows("train")
-    d, r, c = res["draft"]["summary"], res["refined"]["summary"], res["control"]["summary"]
-    rel_ppl = (r["mean_ppl"] - d["mean_ppl"]) / d["mean_ppl"] if d["mean_ppl"] else None
-    rel_ent = (r["mean_entropy"] - d["mean_entropy"]) / d["mean_entropy"] if d["mean_entropy"] else None
-    matched = draft_ppl_at_entropy(
-        (d["mean_entropy"], d["mean_ppl"]), (c["mean_entropy"], c["mean_ppl"]), r["mean_entropy"]
-    )
-    ci = comparison_intervals(res["draft"]["samples"], res["refined"]["samples"], res["control"]["samples"])
-    vs_draft = bs.verdict(ci["relative_change_gen_ppl_ci"])
-    vs_control = bs.verdict(ci["gap_vs_entropy_control_ci"])
-    return {
-        "scorer": scorer,
-        "draft": {**d, "copy_rate_8gram": ngram_copy_rate([x["tokens"] for x in drafts], train_rows)},
-        "refined": {**r, "copy_rate_8gram": ngram_copy_rate([x["tokens"] for x in refined], train_rows)},
-        "draft_mean_gen_ppl": d["mean_ppl"],
-        "refined_mean_gen_ppl": r["mean_ppl"],
-        "draft_mean_entropy": d["mean_entropy"],
-        "refined_mean_entropy": r["mean_entropy"],
-        "relative_change_gen_ppl": rel_ppl,
-        "relative_change_entropy": rel_ent,
-        **ci,
-        "control_draft": {**c, "top_p": cfg.control_top_p},
-        "draft_mean_gen_ppl_at_refined_entropy": matched,
-        "refinement_vs_draft": vs_draft,
-        "refinement_vs_entropy_control": vs_control,
-        # better than the draft at (about) the same entropy: the whole interval of the PPL change
-        # below 0, and either the entropy interval within +-3% or the control beaten
-        "refinement_helps": bool(
-            vs_draft == "beats"
-            and (bs.within(ci["relative_change_entropy_ci"], ENTROPY_BAND) or vs_control == "beats")
-        ),
-        # the stricter test: better than drafts sampled more conservatively to the same entropy
-        "refinement_beats_entropy_control": None if matched is None else vs_control == "beats",
-        "per_sample": {"draft": res["draft"]["samples"], "refined": res["refined"]["samples"]},
-    }
-
-
-ENTROPY_BAND = 0.03
-"""A change of mean entropy whose whole interval lies within +-3% counts as the same entropy."""
 
 
 def _save(path: Path, records: Any) -> list[dict]:

@@ -1,124 +1,60 @@
-"""The quickstart's report: the figures that read a draft/refine comparison honestly (copied
-n-grams, the drafts' PPL at a matched entropy) and report.md with its plots."""
+"""The quickstart's report: report.md with its plots, from the figures of findings.py."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any
 
 from did_cli.io.outputs import write_bytes
 from did_cli.pipeline.plots import plot_confidence, plot_ppl_pairs, plot_training
 from did_cli.util import fmt, fmt_ci, fmt_pct
 
 
-def ngram_copy_rate(
-    samples: list[list[int]], train_rows: Any, n: int = 8, max_train_tokens: int = 20_000_000
-) -> float | None:
-    """Share of the samples' n-grams that also occur in the training split (memorisation check:
-    a model that copies its training data gets a flattering gen PPL)."""
-    import numpy as np
-
-    def hashes(arr: np.ndarray) -> np.ndarray:
-        arr = arr.astype(np.uint64)
-        if len(arr) < n:
-            return np.empty(0, np.uint64)
-        h = np.zeros(len(arr) - n + 1, np.uint64)
-        with np.errstate(over="ignore"):
-            for j in range(n):
-                h = h * np.uint64(1_000_003) + arr[j : len(arr) - n + 1 + j]
-        return h
-
-    flat = np.asarray(train_rows[: max(1, max_train_tokens // train_rows.shape[1])]).reshape(-1)
-    table = np.unique(hashes(flat))
-    got = [hashes(np.asarray(s[1:], dtype=np.int64)) for s in samples if len(s) > n]
-    got = [g for g in got if len(g)]
-    if not got:
-        return None
-    allh = np.concatenate(got)
-    return float(np.isin(allh, table).mean())
+def untrained_text(check: dict) -> str:
+    """The report's paragraph for a model that did not train (`training_check`)."""
+    budget = (
+        f"`--minutes {check['suggested_minutes']}`"
+        if check.get("suggested_minutes")
+        else "a larger `--minutes`"
+    )
+    return (
+        f"**No conclusions: the model did not train** ({'; '.join(check['reasons'])}). Its samples are "
+        "close to random text, so the draft and refined figures below say nothing about refinement. "
+        f"Give it {budget} (about {check['target_steps']} training steps at this run's rate; `--minutes 15`, "
+        "the default, gives the `quick` preset about 600 on an unloaded 2-core CPU), or re-run with the same "
+        "`--out` to train the same model for another budget."
+    )
 
 
-def draft_ppl_at_entropy(a: tuple[float, float], b: tuple[float, float], entropy: float) -> float | None:
-    """Mean gen PPL the drafts would have at `entropy`, read off the line through two draft
-    settings (entropy, PPL) in log-PPL (linear inside or near their range; None if the two
-    settings have the same entropy)."""
-    (e1, p1), (e2, p2) = a, b
-    if None in (e1, p1, e2, p2) or abs(e1 - e2) < 1e-6 or p1 <= 0 or p2 <= 0:
-        return None
-    w = (entropy - e1) / (e2 - e1)
-    return math.exp(math.log(p1) + w * (math.log(p2) - math.log(p1)))
-
-
-def comparison_intervals(draft: list[dict], refined: list[dict], control: list[dict] | None) -> dict:
-    """Paired bootstrap intervals of the quickstart's comparisons (per-sample gen_ppl figures,
-    paired by id): the relative change of mean gen PPL and of mean entropy from draft to
-    refined, and the gap of the refined mean PPL to the drafts' PPL read at the refined entropy
-    off the draft and control settings (`draft_ppl_at_entropy`), each resample re-reading it."""
-    import numpy as np
-
-    from did_cli.evaluation import bootstrap as bs
-
-    out: dict[str, Any] = {
-        "relative_change_gen_ppl_ci": None,
-        "relative_change_entropy_ci": None,
-        "gap_vs_entropy_control_ci": None,
-    }
-    pp, pe = bs.paired(draft, refined, "ppl"), bs.paired(draft, refined, "entropy")
-    if pp:
-        out["relative_change_gen_ppl_ci"] = bs.relative_change(*pp)
-    if pe:
-        out["relative_change_entropy_ci"] = bs.relative_change(*pe)
-    if control is None or not (pp and pe):
-        return out
-    cp, ce = bs.paired(draft, control, "ppl"), bs.paired(draft, control, "entropy")
-    if not (cp and ce):
-        return out
-    (dp, rp), (de, re_), cpv, cev = pp, pe, cp[1], ce[1]
-
-    def gap(i: np.ndarray) -> float:
-        m = draft_ppl_at_entropy((de[i].mean(), dp[i].mean()), (cev[i].mean(), cpv[i].mean()), re_[i].mean())
-        return float("nan") if m is None else rp[i].mean() / m - 1.0
-
-    est, lo, hi = bs.bootstrap(gap, len(dp))
-    if math.isfinite(est):
-        out["gap_vs_entropy_control_ci"] = {
-            "estimate": est,
-            "lo": lo,
-            "hi": hi,
-            "level": bs.LEVEL,
-            "n": len(dp),
-        }
-    return out
-
-
-def _verdict(results: dict, r: dict, matched: float | None) -> str:
-    """The report's reading of the comparisons; each claim follows its interval."""
-    vs_draft = results.get("refinement_vs_draft")
-    if not results["refinement_helps"]:
-        verdict = "Refinement did NOT lower the mean gen PPL at about the drafts' entropy in this run" + (
-            " (the interval of the PPL change holds 0: level)." if vs_draft == "level" else "."
-        )
-    elif vs_draft == "beats" and abs(results["relative_change_entropy"] or 0) <= 0.03:
-        verdict = (
-            "Refinement lowered the mean gen PPL (the whole interval is below 0) at an entropy "
-            "within 3% of the drafts'."
-        )
-    else:
-        verdict = "Refinement lowered the mean gen PPL by more than its drop in entropy accounts for."
+def report_verdict(results: dict) -> str:
+    """The report's reading of the comparisons: none from a model that did not train
+    (`untrained_text`); else the verdict of `did_cli.evaluation.verdict` (the rule of `did
+    eval-ppl`), then the entropy control's figures."""
+    check = results.get("training_check") or {"trained": True}
+    if not check["trained"]:
+        return untrained_text(check)
+    matched = results.get("draft_mean_gen_ppl_at_refined_entropy")
+    tol = results.get("entropy_tolerance", 0.03)
+    verdict = {
+        "beats": "Refinement beats the drafts",
+        "level": "Refinement is level with the drafts",
+        "worse": "Refinement is worse than the drafts",
+        "lower-entropy": "Refinement does NOT beat the drafts",
+    }.get(results.get("verdict"), "No verdict")
+    verdict += f": {results.get('verdict_reason', '')} (the rule: docs/eval-ppl.md; tolerance {tol:.0%})."
     if matched is not None:
         vs = results.get("refinement_vs_entropy_control")
         gap = results.get("gap_vs_entropy_control_ci")
         verdict += (
             f" Entropy control: drafts sampled with a lower nucleus down to the refined entropy would score "
-            f"about {matched:.1f} (read off the two draft settings) against the refined {r['mean_ppl']:.1f}"
-            f"{' (gap ' + fmt_pct(gap['estimate']) + fmt_ci(gap) + ')' if gap else ''}, "
+            f"about {matched:.1f} (read off the two draft settings) against the refined "
+            f"{results['refined']['mean_ppl']:.1f}"
+            f"{' (gap ' + fmt_pct(gap['estimate']) + fmt_ci(gap) + ')' if gap else ''}: "
             + (
-                "so refinement also beats simply sampling more conservatively."
+                "refinement also beats simply sampling more conservatively."
                 if vs == "beats"
-                else "so refinement is level with simply sampling more conservatively (the interval holds 0)."
+                else "refinement is level with simply sampling more conservatively (the interval holds 0)."
                 if vs in ("level", None)
-                else "so in this run refinement does worse than simply sampling more conservatively."
+                else "in this run refinement does worse than simply sampling more conservatively."
             )
         )
     return verdict
@@ -155,11 +91,12 @@ def write_report(out: Path, results: dict, run_dir: Path, drafts: list[dict], re
     }
     d, r = results["draft"], results["refined"]
     cfg = results["config"]
-    matched = results.get("draft_mean_gen_ppl_at_refined_entropy")
-    verdict = _verdict(results, r, matched)
+    trained = (results.get("training_check") or {"trained": True})["trained"]
+    verdict = report_verdict(results) if trained else "No verdict: the model did not train."
     lines = [
         "# did quickstart report",
         "",
+        *([] if trained else [report_verdict(results), ""]),
         f"Scorer: **{results['scorer']}**. Device: {results['device']}, torch {results['torch']}. "
         f"Total time {results['total_s']:.0f} s "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in results['timings_s'].items())}).",
