@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from did_cli.core.dit import DiT
+from did_cli.core.backbones import build_backbone
 from did_cli.errors import DidError
 from did_cli.util import save_json
 
@@ -145,12 +145,13 @@ class RowSchedule:
 
 
 class EMA:
-    """Float32 exponential moving average of the weights, held in its own DiT (on the device)."""
+    """Float32 exponential moving average of the weights, held in its own model of the same
+    family (on the device)."""
 
     def __init__(self, model: torch.nn.Module, decay: float, device: torch.device):
         self.decay = decay
         self.num_updates = 0
-        self.model = DiT(model.config).to(device=device, dtype=torch.float32)
+        self.model = build_backbone(model.config).to(device=device, dtype=torch.float32)
         self.model.load_state_dict(model.state_dict())
         self.model.eval().requires_grad_(False)
 
