@@ -1,6 +1,7 @@
 """`--config FILE`: options from a YAML or JSON file, under the command line.
 
-A config file is a mapping of option names (`batch_size` or `batch-size`) to values, the way
+A config file is a mapping of option names (`batch_size` or `batch-size`, or the flag's name
+where it differs: `from` for `did adapt --from`) to values, the way
 they would be typed, but with YAML/JSON types: `steps: 2000`, `block_sizes: [4, L]` (or
 `"4,L"`), `resample: false`. A file may also hold one section per command (`train:`,
 `finetune-mixscale:`, `draft:` ...); a command then reads its own section. Flags given on the
@@ -169,10 +170,15 @@ def _number(value: Any, where: str) -> float:
 def file_values(path: str | Path, command: str, options: list[Opt]) -> dict[str, Any]:
     """The options a file sets for `command`, checked and converted."""
     by_name = {o.name: o for o in options}
+    # an option whose flag is not its name (`did adapt --from` fills `source`) takes either key
+    by_flag = {
+        f.split("/")[0][2:].replace("-", "_"): o.name for o in options for f in o.flags if f.startswith("--")
+    }
     out: dict[str, Any] = {}
     spelled: dict[str, str] = {}
     for key, value in section(read_file(path), command, path).items():
         name = str(key).replace("-", "_")
+        name = name if name in by_name else by_flag.get(name, name)
         if name in spelled:
             raise UsageError(
                 f"--config {path}: keys {spelled[name]!r} and {str(key)!r} name the same option; keep one"

@@ -159,6 +159,33 @@ HELP_TEXTS = (
                                                                       'confident masked positions per '
                                                                       'call.',
                                                    'top_p': 'Nucleus mass (1.0 = no filtering).'},
+ 'did_cli.training.adapt_config.AdaptConfig': {'batch_size': 'Sequences per process per micro-batch '
+                                                             '(global batch = batch_size x grad_accum x '
+                                                             "processes). 8: a 135M-parameter model's 2L "
+                                                             'pass at L = 128 is seconds per row on a CPU; '
+                                                             'raise it (or --grad-accum) on a GPU.',
+                                               'eval_every': 'Validation every N steps (0 = only at the '
+                                                             'end); adaptation runs are short.',
+                                               'lr': 'Peak AdamW learning rate (constant after warm-up). '
+                                                     '1e-4: the source already knows the language, and '
+                                                     '3e-4 (from scratch) erodes what it knows before the '
+                                                     'diffusion task is learned.',
+                                               'save_every': 'Checkpoint every N steps (also at the end, '
+                                                             'on a new best, and on Ctrl-C).',
+                                               'shift': 'Keep the next-token shift: position j is '
+                                                        'predicted from the state at j-1, as the source '
+                                                        'model predicts, so block size 1 is exactly the '
+                                                        'source at step 0 (Fast-dLLM v2, DiffuGPT, Dream); '
+                                                        '--no-shift makes position j predict itself (SDAR, '
+                                                        'dllm).',
+                                               'source': 'The causal LM to adapt: a Hugging Face folder '
+                                                         '(config.json + safetensors; Llama, Qwen2 or '
+                                                         'Qwen3), a .gguf file, or a hub name (fetched '
+                                                         'only when the hub is reachable).',
+                                               'warmup': 'Linear warm-up steps. Short: the weights are '
+                                                         "trained already, the warm-up only lets AdamW's "
+                                                         'moment estimates settle (its first updates are '
+                                                         'lr-sized whatever the gradient).'},
  'did_cli.training.train_config.MixScaleConfig': {'baseline_batch_tokens': 'Tokens per optimiser step of '
                                                                            'the baseline (BD3-LM: a global '
                                                                            'batch of 512 rows of 1024 '

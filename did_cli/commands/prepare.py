@@ -52,7 +52,8 @@ prepare = command(
             "tokenizer",
             run_prepare,
             type=str,
-            help="'gpt2' (bundled, offline), a tokenizer folder, or a hub name.",
+            help="'gpt2' (bundled, offline), a model or tokenizer folder, a .gguf file (its tokenizer is "
+            "converted once and cached), or a hub name; recorded in meta.json (name and fingerprint).",
         ),
         Opt("val_docs", run_prepare, type=int, help="Hold out the last N documents for validation."),
         Opt(

@@ -13,6 +13,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "finetune_mixscale",
         "Mix-scale fine-tune from a checkpoint (draft block + global block).",
     ),
+    "adapt": (
+        "adapt",
+        "adapt",
+        "Adapt a pretrained causal LM (folder, GGUF, hub name) into a block-diffusion model.",
+    ),
     "draft": ("sample", "draft", "Draft samples with block diffusion and record snapshot confidence."),
     "refine": ("sample", "refine", "Re-mask low-confidence tokens and regenerate them (global refine)."),
     "eval-ppl": (

@@ -10,20 +10,26 @@ from did_cli.errors import UsageError
 from did_cli.pipeline.page import render_page
 
 
-def _show(inputs: list[str], output: str, scores: str | None, limit: int, tokenizer: str) -> None:
+def _show(inputs: list[str], output: str, scores: str | None, limit: int, tokenizer: str | None) -> None:
     """Write one self-contained HTML page: each sample's tokens shaded by confidence, re-masked and
     changed tokens marked, draft beside refined, entropy, gen PPL and the settings."""
-    from did_cli.io.records import read_records
+    from did_cli.io.records import read_records, validate
     from did_cli.io.tokenizer import load_tokenizer
-    from did_cli.pipeline.page import check_target, write_page
+    from did_cli.pipeline.page import check_target, tokenizer_of, write_page
 
     if len(inputs) > 2:
         raise UsageError(f"at most two inputs (SAMPLES.jsonl [REFINED.jsonl]), got {len(inputs)}")
     if inputs.count("-") > 1:
         raise UsageError("stdin ('-') can be read only once")
     check_target(output, [*inputs, scores])
-    tok = load_tokenizer(tokenizer)
-    recs = [list(read_records(src, vocab_size=tok.vocab_size, need=("id", "tokens"))) for src in inputs]
+    # ids are checked against each record's own vocabulary here, against the tokenizer's below
+    recs = [list(read_records(src, need=("id", "tokens"))) for src in inputs]
+    tok = load_tokenizer(tokenizer or tokenizer_of([r for rs in recs for r in rs]))
+    for src, rs in zip(inputs, recs):
+        for rec in rs:
+            validate(
+                rec, vocab_size=tok.vocab_size, need=("id", "tokens"), source=f"{src} (id {rec['id']!r})"
+            )
     evals = _load_scores(scores) if scores is not None else None
     names = {"draft": inputs[0], "refined": inputs[1] if len(inputs) > 1 else None}
     page = render_page(
@@ -74,8 +80,9 @@ show = command(
         Opt(
             "tokenizer",
             type=str,
-            default="gpt2",
-            help="Tokenizer that decodes the token ids: 'gpt2' (bundled), a folder or a hub name.",
+            default=None,
+            help="Tokenizer that decodes the token ids: 'gpt2' (bundled), a folder, a .gguf file or a hub "
+            "name. Default: the one the records name (model.tokenizer), else gpt2.",
         ),
     ],
     name="show",

@@ -1,7 +1,8 @@
 """`did train` and `did finetune-mixscale`: options -> TrainConfig -> did_cli.training.train.
 
-Both commands share the options of the training loop (declared once below); their defaults and
---help texts are the TrainConfig field defaults and docstrings.
+Both commands (and `did adapt`, did_cli.commands.adapt) share the options of the training loop
+(declared once below); their defaults and --help texts are the field defaults and docstrings
+of the command's settings class (TrainConfig, or AdaptConfig with its own defaults).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from did_cli.core.model_config import parse_block_sizes, parse_clip, parse_float
 from did_cli.errors import DidError, UsageError
 from did_cli.training.train_config import MixScaleConfig, TrainConfig
 
-LOOP = fields_of(
-    TrainConfig,
+LOOP_FIELDS = (
     "batch_size",
     "grad_accum",
     "lr",
@@ -37,6 +37,14 @@ LOOP = fields_of(
     "seed",
     "resume",
 )
+
+
+def loop_options(cls: type = TrainConfig) -> list:
+    """The training-loop options, with defaults and help from `cls` (a TrainConfig class)."""
+    return fields_of(cls, *LOOP_FIELDS)
+
+
+LOOP = loop_options(TrainConfig)
 CLIP = Opt(
     "clip",
     type=str,
@@ -76,7 +84,7 @@ SIZE = fields_of(
 LOG_WITH = Opt("log_with", TrainConfig, type=str)
 
 
-def _saved_run_options(values: dict[str, Any]) -> Optional[Path]:
+def saved_run_options(values: dict[str, Any]) -> Optional[Path]:
     """--resume: the run's config.json, whose saved options fill those not given (so
     `did train --out RUN --resume` is enough)."""
     if values.get("resume") and values.get("out") is not None:
@@ -102,8 +110,8 @@ def _betas(text: str) -> tuple[float, float]:
     return vals[0], vals[1]
 
 
-def _config(kw: dict[str, Any]) -> TrainConfig:
-    """Option values of either command -> TrainConfig."""
+def config_from_options(kw: dict[str, Any], cls: type = TrainConfig) -> TrainConfig:
+    """Option values of a training command -> its settings (`cls`: TrainConfig or a subclass)."""
     kw["clip"] = _clip(kw["clip"])
     kw["clip_widths"] = parse_float_list(kw["clip_widths"], "--clip-widths")
     kw["betas"] = _betas(kw["betas"])
@@ -115,10 +123,18 @@ def _config(kw: dict[str, Any]) -> TrainConfig:
         from did_cli.training.tracking import parse_log_with
 
         parse_log_with(kw["log_with"])  # an unknown or missing tracker fails before the data is read
-    return TrainConfig(**kw)
+    return cls(**kw)
 
 
-def _run(cfg: TrainConfig) -> None:
+def block_mix(kw: dict[str, Any]) -> dict[str, Any]:
+    """`kw` with --block-sizes and --block-weights parsed from their text."""
+    sizes = parse_block_sizes(kw.pop("block_sizes"))
+    bw = kw.pop("block_weights")
+    weights = None if bw is None else parse_float_list(bw, "--block-weights")
+    return dict(kw, block_sizes=sizes, block_weights=weights)
+
+
+def run_training(cfg: TrainConfig) -> None:
     from did_cli.training import train
 
     try:
@@ -130,10 +146,7 @@ def _run(cfg: TrainConfig) -> None:
 def _train(**kw: Any) -> None:
     """Train a block-diffusion model on prepared data over one or several block sizes."""
     kw["options"] = record("train", kw)
-    sizes = parse_block_sizes(kw.pop("block_sizes"))
-    bw = kw.pop("block_weights")
-    weights = None if bw is None else parse_float_list(bw, "--block-weights")
-    _run(_config(dict(kw, block_sizes=sizes, block_weights=weights)))
+    run_training(config_from_options(block_mix(kw)))
 
 
 train = command(
@@ -159,7 +172,7 @@ train = command(
     ],
     name="train",
     config=True,
-    implicit=_saved_run_options,
+    implicit=saved_run_options,
 )
 
 
@@ -181,10 +194,10 @@ def _finetune(**kw: Any) -> None:
     steps, tokens = kw.pop("steps"), kw.pop("tokens")
     if steps is not None and tokens is not None:
         raise UsageError("--steps and --tokens exclude each other")
-    cfg = _config(dict(kw, preset="tiny", model_length=None))
+    cfg = config_from_options(dict(kw, preset="tiny", model_length=None))
     cfg = mix.apply(cfg, steps if tokens is None else 1)
     try:
-        _run(cfg if tokens is None else dataclasses.replace(cfg, tokens=tokens))
+        run_training(cfg if tokens is None else dataclasses.replace(cfg, tokens=tokens))
     except (
         UsageError
     ) as e:  # the mix's block sizes come from --draft-block, not a --block-sizes the user passed
@@ -219,5 +232,5 @@ finetune_mixscale = command(
     ],
     name="finetune_mixscale",
     config=True,
-    implicit=_saved_run_options,
+    implicit=saved_run_options,
 )

@@ -61,11 +61,17 @@ class PreparedData:
         return np.memmap(f, dtype=dtype, mode="r", shape=(n, self.seq_len))
 
     def check_compatible(self, *, tokenizer: str, vocab_size: int, seq_len: int | None = None) -> None:
-        """Raise DidError naming the mismatch if a model with these settings cannot use this data."""
+        """Raise DidError naming the mismatch if a model with these settings cannot use this data.
+        Two names of one vocabulary (a GGUF file and the model folder holding its tokenizer) are
+        the same tokenizer: when the names differ, the fingerprints decide."""
         from did_cli.io.tokenizer import canonical_name
 
         mine = canonical_name(self.meta["tokenizer"])
-        if canonical_name(tokenizer) != mine and not _same_folder(tokenizer, mine):
+        if (
+            canonical_name(tokenizer) != mine
+            and not _same_folder(tokenizer, mine)
+            and not self.same_vocabulary(tokenizer)
+        ):
             raise DidError(
                 f"data in {self.path} was tokenised with {mine!r} but the model uses {tokenizer!r}; "
                 f"re-run `did prepare --tokenizer {tokenizer}`"
@@ -80,6 +86,20 @@ class PreparedData:
                 f"data in {self.path} has rows of {self.seq_len} tokens but the model length is {seq_len}; "
                 f"re-run `did prepare --seq-len {seq_len}`"
             )
+
+    def same_vocabulary(self, tokenizer: str) -> bool:
+        """Whether tokenizer `tokenizer` has the fingerprint and vocabulary size recorded in
+        meta.json (False when none is recorded or it cannot be loaded)."""
+        from did_cli.io.tokenizer import load_tokenizer
+
+        recorded = self.meta.get("tokenizer_fingerprint")
+        if not recorded:
+            return False
+        try:
+            tok = load_tokenizer(tokenizer)
+        except DidError:
+            return False
+        return tok.fingerprint == recorded and tok.vocab_size == self.vocab_size
 
 
 def check_token_ids(data: PreparedData, vocab_size: int, splits: tuple[str, ...] = SPLITS) -> None:

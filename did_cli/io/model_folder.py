@@ -1,7 +1,11 @@
 """Model folders: a model's config.json and its weights in model.safetensors, ours or a public
 BD3-LM / MDLM one (`backbone.` tensor names). Loading is strict: a missing, unexpected or
 mis-shaped tensor stops it with its name. `load_model` takes every path a command's --model
-does (a checkpoint folder, a run folder, RUN/best, RUN/latest; see did_cli.io.checkpoint)."""
+does (a checkpoint folder, a run folder, RUN/best, RUN/latest; see did_cli.io.checkpoint).
+
+Both backbone families live in such folders: a config.json with `"family": "llama"` is an
+adapted Llama-family model (read and written by did_cli.io.pretrained), one without is the DiT.
+`read_config`, `load_model` and `save_model` dispatch on it, so every command takes either."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from did_cli import util
+from did_cli.core.llama_config import FAMILY, LlamaConfig
 from did_cli.core.model_config import ModelConfig
 from did_cli.errors import DidError
 from did_cli.io.bounded import read_json
@@ -22,6 +27,7 @@ from did_cli.util import atomic_write
 
 if TYPE_CHECKING:
     from did_cli.core.dit import DiT
+    from did_cli.core.llama import LlamaDiffusion
 
 
 PREFIX = "backbone."
@@ -83,27 +89,54 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         )
 
 
-def read_config(folder: str | Path) -> ModelConfig:
+def read_config(folder: str | Path) -> ModelConfig | LlamaConfig:
+    """The model config of a checkpoint folder (either family), checked: a missing key or a
+    value of the wrong type is a DidError naming the file and the key."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise DidError(f"{folder}: no config.json (not a checkpoint folder)")
     raw = read_json(path)  # bounded, checked JSON integers (did_cli.io.bounded)
-    body = check_model_config(raw.get("model", raw) if isinstance(raw, dict) else raw, str(path))
+    body = raw.get("model", raw) if isinstance(raw, dict) else raw
+    if isinstance(body, dict) and "family" in body:
+        return _llama_config(body, path)
+    body = check_model_config(body, str(path))
     try:
         return ModelConfig.from_dict(body)
     except (ValueError, TypeError) as e:  # UsageError from the config's own checks: a fault of the file
         raise DidError(f"{path}: {util.first_line(e)}") from None
 
 
+LLAMA_KEYS = ("vocab_size", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "model_length")
+
+
+def _llama_config(body: dict, path: Path) -> LlamaConfig:
+    if body["family"] != FAMILY:
+        raise DidError(f"{path}: unknown model family {body['family']!r} (known: {FAMILY})")
+    missing = [k for k in LLAMA_KEYS if k not in body]
+    if missing:
+        raise DidError(f"{path}: missing {', '.join(repr(k) for k in missing)} (a damaged or foreign config)")
+    for key in LLAMA_KEYS + ("intermediate_size", "mask_id", "bos_id", "eos_id"):
+        v = body.get(key, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key.endswith("_id") else 1):
+            raise DidError(
+                f"{path}: {key!r} must be {'an id' if key.endswith('_id') else 'a positive integer'}, "
+                f"got {json.dumps(v)[:40]}"
+            )
+    try:
+        return LlamaConfig.from_dict(body)
+    except (ValueError, TypeError) as e:  # UsageError from the config's own checks: a fault of the file
+        raise DidError(f"{path}: {util.first_line(e)}") from None
+
+
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", finite: bool = True
-) -> tuple[DiT, dict[str, Any]]:
+) -> tuple[DiT | LlamaDiffusion, dict[str, Any]]:
     """Load a model for use: `path` is what `resolve_checkpoint` takes (a checkpoint folder,
-    ours or a public BD3-LM/MDLM one, a run folder, RUN/best or RUN/latest). Remote-code Python
-    files in the folder are ignored. Returns the model in eval mode and an info dict (the
-    checkpoint folder, the clip range when stored, the raw config). `finite`: refuse weights
-    holding NaN or inf (DidError naming the tensor); training turns it off, as it has its own
-    non-finite guard."""
+    ours or a public BD3-LM/MDLM one, a run folder, RUN/best or RUN/latest), of either family.
+    Remote-code Python files in the folder are ignored. Returns the model in eval mode and an
+    info dict (the checkpoint folder, the clip range when stored, the raw config). `finite`:
+    refuse weights holding NaN or inf (DidError naming the tensor); training turns it off, as
+    it has its own non-finite guard."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -111,6 +144,12 @@ def load_model(
 
     folder = resolve_checkpoint(path)
     cfg = read_config(folder)
+    if isinstance(cfg, LlamaConfig):
+        from did_cli.io.pretrained import load_llama
+
+        if not (folder / "model.safetensors").is_file():
+            raise DidError(f"{folder}: missing model.safetensors")
+        return load_llama(folder, device=device, finite=finite)
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise DidError(f"{folder}: missing model.safetensors")
@@ -129,15 +168,22 @@ def load_model(
 
 
 def save_model(
-    model: DiT,
+    model: DiT | LlamaDiffusion,
     folder: str | Path,
     extra_config: dict[str, Any] | None = None,
     clip: tuple[float, float] | None = None,
 ) -> None:
     """Write `config.json` + `model.safetensors` into `folder` (created). Each file is written to
-    a temporary name and renamed, so a crash never leaves a half-written file under the real name."""
+    a temporary name and renamed, so a crash never leaves a half-written file under the real name.
+    A Llama-family model is saved by `did_cli.io.pretrained.save_llama` (our tensor names; its
+    clip range lives in config.json's `clip_ranges`, not as BD3-LM's scalar tensors)."""
     from safetensors.torch import save_file
 
+    if isinstance(model.config, LlamaConfig):
+        from did_cli.io.pretrained import save_llama
+
+        save_llama(model, folder, extra_config)
+        return
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.float().cpu() for k, v in export_state_dict(model).items()}

@@ -193,7 +193,7 @@ def check_run_config(obj: Any, where: str) -> dict:
     """A run folder's config.json: its sections are objects, its model settings a model's."""
     spec = {k: object_of(any_json) for k in ("model", "train", "options", "data")}
     check_object(obj, spec, (), where, "run settings")
-    if "model" in obj:
+    if "model" in obj and "family" not in obj["model"]:  # the Llama family: did_cli.io.model_folder
         check_model_config(obj["model"], f"{where} 'model'")
     return obj
 

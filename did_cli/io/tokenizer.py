@@ -2,11 +2,16 @@
 
 Every diffusion model here needs one extra token, [MASK], appended after the base vocabulary
 (BD3-LM / MDLM convention): for GPT-2 the base vocabulary is 50257 tokens, `mask_id` is 50257 and
-the model vocabulary is 50258. BOS and EOS are both `<|endoftext|>` (50256) for GPT-2.
+the model vocabulary is 50258.
+
+BOS and EOS of prepared rows (plain text, one document after another): `<|endoftext|>` when the
+vocabulary has it, else the tokenizer's BOS and EOS. GPT-2 (50256), SmolLM2 (0) and Qwen2 use
+it as the separator of pretraining documents; SmolLM2-Instruct's GGUF names `<|im_start|>` (1)
+and `<|im_end|>` (2) as BOS and EOS, which mark chat turns, not documents.
 
     tok = load_tokenizer("gpt2")          # bundled files, no network
     tok.encode("Hello world")             # [15496, 995]
-    tok = load_tokenizer("path/to/folder")  # or a hub name when the hub is reachable
+    tok = load_tokenizer("path/to/folder")  # or a .gguf file, or a hub name when reachable
 """
 
 from __future__ import annotations
@@ -29,10 +34,18 @@ GPT2_DIR = ASSETS / "gpt2"
 GPT2_ALIASES = ("gpt2", "openai-community/gpt2")
 
 
+DOC_SEPARATOR = "<|endoftext|>"
+"""The token that separates plain-text documents, when a vocabulary has it (see above)."""
+
+
 def canonical_name(name_or_path: str | os.PathLike) -> str:
-    """The name stored in configs and prepared data: aliases of GPT-2 become "gpt2"."""
+    """The name stored in configs and prepared data: aliases of GPT-2 become "gpt2", a local
+    file or folder its absolute path (so it means the same from any working folder)."""
     name = str(name_or_path)
-    return "gpt2" if name in GPT2_ALIASES else name
+    if name in GPT2_ALIASES:
+        return "gpt2"
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
 
 
 class Tokenizer:
@@ -44,8 +57,11 @@ class Tokenizer:
         base = len(hf)
         self.mask_id: int = base
         self.vocab_size: int = base + 1
+        vocab = hf.get_vocab()
         eos = _first_id(hf, "eos_token_id", "sep_token_id", "bos_token_id", "cls_token_id")
         bos = _first_id(hf, "bos_token_id", "cls_token_id", "eos_token_id", "sep_token_id")
+        if isinstance(vocab.get(DOC_SEPARATOR), int):
+            bos = eos = vocab[DOC_SEPARATOR]
         if eos is None or bos is None:
             raise DidError(f"tokenizer {name!r} has no BOS/EOS (or CLS/SEP) token to separate documents")
         self.bos_id: int = bos
@@ -56,7 +72,7 @@ class Tokenizer:
         warnings = getattr(hf, "deprecation_warnings", None)
         if isinstance(warnings, dict):
             warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
-        self.fingerprint: str = _fingerprint(hf)
+        self.fingerprint: str = _fingerprint(vocab)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, mask_id={self.mask_id})"
@@ -113,9 +129,8 @@ def _first_id(hf: Any, *attrs: str) -> int | None:
     return None
 
 
-def _fingerprint(hf: Any) -> str:
+def _fingerprint(vocab: dict[str, int]) -> str:
     """Hash of the token -> id mapping: equal fingerprints mean ids mean the same strings."""
-    vocab = hf.get_vocab()
     blob = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -128,9 +143,10 @@ def _looks_like_path(name: str) -> bool:
 def load_tokenizer(name_or_path: str | os.PathLike = "gpt2") -> Tokenizer:
     """Load a tokenizer by name or folder (cached).
 
-    "gpt2" and "openai-community/gpt2" use the bundled GPT-2 BPE files and need no network.
-    Anything else goes to `transformers.AutoTokenizer.from_pretrained` (a local folder, or a
-    hub name when the hub is reachable). Raises `DidError` when it cannot be loaded.
+    "gpt2" and "openai-community/gpt2" use the bundled GPT-2 BPE files and need no network. A
+    `.gguf` file's tokenizer is converted once and cached (`did_cli.io.gguf_cache`). Anything
+    else goes to `transformers.AutoTokenizer.from_pretrained` (a local folder, or a hub name
+    when the hub is reachable). Raises `DidError` when it cannot be loaded.
     """
     return _load(canonical_name(name_or_path))
 
@@ -170,6 +186,11 @@ def _load(name: str) -> Tokenizer:
     path = Path(name).expanduser()
     if not path.exists() and _looks_like_path(name):
         raise DidError(f"tokenizer folder {name!r} does not exist")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from did_cli.io.gguf_cache import load_gguf_tokenizer
+
+        with _quiet_hub():
+            return Tokenizer(load_gguf_tokenizer(path), name)
     # a hub name with no route to the hub: ask the local cache only (no minute of retries)
     offline = None if path.exists() else hub_unreachable()
     try:

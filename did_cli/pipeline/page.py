@@ -209,7 +209,7 @@ def render_page(
     A single list whose records carry `draft_tokens` is shown as refined records. `scores` is
     the parsed JSON of `did eval-ppl --json`; `names` ({"draft": path, "refined": path}) helps
     match its inputs to the files. `limit` caps the samples shown (None or 0: all); the summary
-    covers them all. `tokenizer` defaults to the bundled GPT-2.
+    covers them all. `tokenizer` defaults to the one the records name (`tokenizer_of`).
     """
     if refined is None and drafts and all("draft_tokens" in r for r in drafts):
         drafts, refined = None, drafts
@@ -217,7 +217,7 @@ def render_page(
     if tokenizer is None:
         from did_cli.io.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer("gpt2")
+        tokenizer = load_tokenizer(tokenizer_of([*(drafts or []), *(refined or [])]))
     _check_tokenizer(tokenizer, [*(drafts or []), *(refined or [])])
     samples = pair(drafts, refined)
     if not samples:
@@ -243,6 +243,16 @@ def render_page(
         + body
         + "</body></html>\n"
     )
+
+
+def tokenizer_of(records: Sequence[dict]) -> str:
+    """The tokenizer the first record that names one was made with (`model.tokenizer`), else
+    "gpt2" (records of older versions name none; the fingerprint check still applies)."""
+    for rec in records:
+        name = (rec.get("model") or {}).get("tokenizer")
+        if isinstance(name, str) and name:
+            return name
+    return "gpt2"
 
 
 def _check_tokenizer(tok: Any, records: list[dict]) -> None:

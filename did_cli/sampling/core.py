@@ -221,6 +221,7 @@ def tokenizer_for(model: Any, tokenizer: Any) -> Any:
 def model_info(model: Any, tokenizer: Any, model_path: str | None) -> dict:
     c = model.config
     info = {
+        "tokenizer": getattr(tokenizer, "name", None),  # what `did show` decodes with
         "fingerprint": getattr(tokenizer, "fingerprint", None),
         "vocab_size": c.vocab_size,
         "mask_id": c.mask_id,

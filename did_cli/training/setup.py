@@ -21,6 +21,8 @@ from did_cli.errors import DidError, UsageError
 from did_cli.io.data import check_token_ids
 from did_cli.io.model_folder import load_model
 from did_cli.training import tracking  # noqa: E402
+from did_cli.training.adapt import adapted_model
+from did_cli.training.adapt_config import AdaptConfig
 from did_cli.training.init_source import fetch_init, init_clip_ranges, init_data_start
 from did_cli.training.state import step_seed
 from did_cli.training.train_config import FULL_RANGE, SIZE_FLAGS, TrainConfig, model_overrides
@@ -70,11 +72,16 @@ def with_dropout(model: DiT, dropout: float | None) -> DiT:
 def build_model(
     cfg: TrainConfig, data: Any, run: Path, resume_ckpt: Path | None, accel: Any
 ) -> tuple[DiT, dict[int, tuple[float, float]], dict[str, Any]]:
-    """The model to train: the resumed run's config, the --init weights, or a fresh preset.
-    Returns (model, clip ranges stored with --init, init info recorded in the run)."""
+    """The model to train: the resumed run's config, the --init weights, the pretrained source
+    of `did adapt`, or a fresh preset. Returns (model, clip ranges stored with --init, init info
+    recorded in the run)."""
     if resume_ckpt is not None:
         model, _ = load_model(resume_ckpt, finite=False)  # config; the trainer loads the raw weights over it
         return with_dropout(model, cfg.dropout), {}, {}
+    if isinstance(cfg, AdaptConfig):
+        with accel.main_process_first():  # a hub source downloads once
+            model = adapted_model(cfg, data)
+        return model, {}, {"adapted_from": cfg.source}
     if cfg.init:
         with accel.main_process_first():
             folder = fetch_init(cfg.init)
@@ -193,12 +200,14 @@ def clip_search_batches(val_rows: np.ndarray, cfg: TrainConfig, device: torch.de
 
 def check_resume(cfg: TrainConfig, saved: dict, sizes: list[int], weights: list[float], world: int) -> None:
     old = saved.get("train", {})
-    for name in RESUME_FIELDS:
+    adapt = ("source", "shift") if isinstance(cfg, AdaptConfig) else ()
+    for name in RESUME_FIELDS + adapt:
         a, b = getattr(cfg, name), old.get(name)
         if isinstance(a, tuple):
             a = list(a)
         if b is not None and a != b:
-            raise UsageError(f"--resume: --{name.replace('_', '-')} {a} differs from the run's {b}")
+            flag = {"source": "from", "shift": "shift/--no-shift"}.get(name, name.replace("_", "-"))
+            raise UsageError(f"--resume: --{flag} {a} differs from the run's {b}")
     model = saved.get("model", {})
     for opt, name in SIZE_FLAGS.items():  # a resumed run keeps its checkpoint's size
         want, key = getattr(cfg, opt), JSON_KEYS.get(name, name)

@@ -298,7 +298,10 @@ class Trainer(RunFolder):
         checkpoint and log on the way. Returns the final metrics."""
         cfg = self.cfg
         self.progress = TrainProgress(
-            cfg.progress and self.main, cfg.steps, self.state.step, "finetune" if cfg.init else "train"
+            cfg.progress and self.main,
+            cfg.steps,
+            self.state.step,
+            "adapt" if getattr(cfg, "source", "") else "finetune" if cfg.init else "train",
         )
         start = self.state.init_info.get("data_start")
         if start and self.state.step == 0:
