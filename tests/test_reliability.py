@@ -427,7 +427,7 @@ def _bad_input_cases(
     prepare([str(root / "slice.jsonl")], b / "data16", seq_len=16, progress=False)
     shutil.copytree(data_dir, b / "data_bert")
     meta = json.loads((b / "data_bert/meta.json").read_text())
-    meta.update(tokenizer="bert-base-uncased", vocab_size=30523, mask_id=30522)
+    meta.update(tokenizer="bert-base-uncased", vocab_size=30523, mask_id=30522, bos_id=101, eos_id=102)
     (b / "data_bert/meta.json").write_text(json.dumps(meta))
     save_model(tiny_model(length=64, seed=1), b / "ckpt64")
     for name in ("no_config", "no_weights", "int_weights", "bad_shape", "garbage_weights"):
@@ -448,7 +448,9 @@ def _bad_input_cases(
     (b / "garbage.jsonl").write_text("this is not json\n")
     (b / "binary.jsonl").write_bytes(b"\xff\xfe\x00garbage\x80\n")
     (b / "cut.jsonl").write_text(good[0] + "\n" + good[1][: len(good[1]) // 2])  # a killed writer's last line
+    # the cases run at once, and a run folder takes one trainer at a time: one folder per resume
     run = clone_run(ref_run, b / "run", [6])
+    run_tok = clone_run(ref_run, b / "run_tok", [6])
     tr = ["--steps", "7", "--warmup", "1", "--batch-size", "4", "-q"]
     draft = ["draft", "--model", ckpt, "-n", "1", *FAST_DRAFT]
     return {
@@ -488,7 +490,7 @@ def _bad_input_cases(
             "was tokenised with 'bert-base-uncased' but the model uses 'gpt2'",
         ),
         "data-tokenizer-vs-resume": (
-            ["train", "--data", b / "data_bert", "--out", run, "--resume", *tr],
+            ["train", "--data", b / "data_bert", "--out", run_tok, "--resume", *tr],
             1,
             "was tokenised with 'bert-base-uncased' but the model uses 'gpt2'",
         ),

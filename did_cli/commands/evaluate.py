@@ -75,10 +75,9 @@ def _test_ppl(cfg: EvalConfig) -> None:
         )
 
 
-def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
-    from did_cli.evaluation import gen_ppl as gp
-    from did_cli.evaluation.scorer import load_scorer
-    from did_cli.evaluation.self_scoring import self_scoring, warning_line
+def _read_inputs(inputs: list[str], cfg: EvalConfig) -> tuple[dict[str, list[dict]], Any]:
+    """Every input and the control read and checked, and the outputs checked, before the (slow)
+    scorer load: ({name: records}, (control name, records) or None)."""
     from did_cli.io.records import read_records
 
     if inputs.count("-") > 1:
@@ -93,9 +92,32 @@ def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
     _check_json_target(cfg.plot, "--plot", read)
     if not 0.0 <= cfg.entropy_tolerance < 1.0:
         raise UsageError(f"--entropy-tolerance {cfg.entropy_tolerance}: a fraction in [0, 1), e.g. 0.03")
-    # read and check every input before the (slow) scorer load
     recs = {name: list(read_records(src, need=("text", "tokens"))) for name, src in zip(names, inputs)}
     control = _read_control(cfg.control, names, recs) if cfg.control is not None else None
+    return recs, control
+
+
+def _print_results(err: Any, rows: list[dict], results: dict[str, dict]) -> None:
+    """The table, a reason line per compared input, and a note per input with unscored samples."""
+    err.print(_table(rows))
+    for r in rows[1:]:
+        if r.get("verdict_reason"):
+            typer.echo(f"{r['input']}: {r['verdict']}: {r['verdict_reason']}", err=True)
+    for name, res in results.items():
+        if res["summary"]["n_empty"]:
+            typer.echo(
+                f"{name}: {res['summary']['n_empty']} sample(s) had no scorable token and are left out of "
+                "the PPL figures",
+                err=True,
+            )
+
+
+def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
+    from did_cli.evaluation import gen_ppl as gp
+    from did_cli.evaluation.scorer import load_scorer
+    from did_cli.evaluation.self_scoring import self_scoring, warning_line
+
+    recs, control = _read_inputs(inputs, cfg)
     sc = load_scorer(cfg.scorer, device=cfg.device)
     sc.cleanup = cfg.cleanup
     err = _console()
@@ -114,17 +136,7 @@ def _gen_ppl(inputs: list[str], cfg: EvalConfig) -> None:
     results = {name: gp.gen_ppl(rs, sc, batch_size=cfg.batch_size) for name, rs in recs.items()}
     scored_control = (control[0], gp.gen_ppl(control[1], sc, batch_size=cfg.batch_size)) if control else None
     rows = gp.compare(results, scored_control, cfg.entropy_tolerance)
-    err.print(_table(rows))
-    for r in rows[1:]:
-        if r.get("verdict_reason"):
-            typer.echo(f"{r['input']}: {r['verdict']}: {r['verdict_reason']}", err=True)
-    for name, res in results.items():
-        if res["summary"]["n_empty"]:
-            typer.echo(
-                f"{name}: {res['summary']['n_empty']} sample(s) had no scorable token and are left out of "
-                "the PPL figures",
-                err=True,
-            )
+    _print_results(err, rows, results)
     multi = len(rows) > 1
     reasons = [
         f"{name}: {why}" if multi else why

@@ -69,6 +69,9 @@ class LlamaConfig:
     """Id of EOS, the document separator."""
     tokenizer: str = ""
     """Tokenizer (hub name, folder or .gguf file) the ids refer to, checked against prepared data."""
+    source: str = ""
+    """The pretrained model this one was read or adapted from (as given to --from): `did eval-ppl`
+    warns when it is asked to score this model's samples with it."""
     shift: bool = True
     """Next-token shift: row j's logits come from the state at j-1, as in the causal source model,
     so block size 1 is exactly the source; off, position j predicts itself (SDAR / dllm style)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from did_cli.errors import DidError
+from did_cli.io.hf_safety import from_pretrained
 from did_cli.util import info, one_line, warn
 
 MARKER = "did-gguf-source.json"
@@ -54,8 +55,6 @@ def tokenizer_cache_folder(path: str | Path) -> Path:
 def load_gguf_tokenizer(path: str | Path) -> Any:
     """The transformers tokenizer of a GGUF file: from the cache, or converted and cached.
     An unwritable cache only costs the conversion next time (a warning says so)."""
-    from transformers import AutoTokenizer
-
     p = Path(path).expanduser().resolve()
     try:
         folder = tokenizer_cache_folder(p)
@@ -63,13 +62,13 @@ def load_gguf_tokenizer(path: str | Path) -> Any:
         raise DidError(f"cannot read {p}: {e.strerror or e}") from None
     if (folder / MARKER).is_file():
         try:
-            return AutoTokenizer.from_pretrained(str(folder))
+            return from_pretrained("AutoTokenizer", folder, f"the cached tokenizer {folder}")
         except Exception as e:  # noqa: BLE001 - a damaged cache entry: convert again
             warn(f"cached tokenizer {folder} unreadable ({one_line(e)}); converting {p.name} again")
             shutil.rmtree(folder, ignore_errors=True)
     info(f"reading the tokenizer of {p.name} (once; cached in {folder})")
     try:
-        hf = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        hf = from_pretrained("AutoTokenizer", p.parent, f"the tokenizer of {p}", gguf_file=p.name)
     except Exception as e:  # noqa: BLE001 - gguf missing, a file that is not GGUF, no tokenizer in it
         raise DidError(f"cannot read a tokenizer from {p}: {one_line(e)}") from None
     _store(hf, p, folder)

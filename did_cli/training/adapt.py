@@ -91,6 +91,7 @@ def adapted_model(cfg: AdaptConfig, data: Any) -> LlamaDiffusion:
         bos_id=int(meta.get("bos_id", mc.bos_id)),
         eos_id=int(meta.get("eos_id", mc.eos_id)),
         tokenizer=tokenizer,
+        source=str(cfg.source),
     )
     model = LlamaDiffusion(mc)
     model.load_state_dict(state, strict=True)

@@ -361,13 +361,15 @@ class Trainer(RunFolder):
         is_best = False
         if "val_nelbo" in ev:
             best = self.state.best
-            if best is None or ev["val_nelbo"] < best["val_nelbo"]:
+            # a NaN validation (weights blown up under --on-nonfinite skip) is never the best
+            if math.isfinite(ev["val_nelbo"]) and (best is None or ev["val_nelbo"] < best["val_nelbo"]):
                 self.state.best = {
                     "step": step,
                     **{k: v for k, v in ev.items() if k.startswith(("val_nelbo", "val_rows"))},
                 }
                 is_best = True
-            ev["best_step"] = self.state.best["step"]
+            if self.state.best is not None:
+                ev["best_step"] = self.state.best["step"]
             per_block = ", ".join(f"b{b} {ev['val_nelbo_b' + str(b)]:.4f}" for b in self.sizes)
             self.progress.note(
                 f"step {step}: val NELBO {ev['val_nelbo']:.4f} ({per_block})" + self.clip_note()
