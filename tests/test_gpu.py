@@ -80,11 +80,6 @@ def test_fast_draft_equals_eager_cached_step(batch):
     assert not (outs[0].tokens == model.config.mask_id).any()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FastFirstHitting still draws a [b, V] uniform tensor per call for the token; the library "
-    "draws race.NOISE_WIDTH uniforms per row (fast.py: torch.rand((b, NOISE_WIDTH)) restores the equality)",
-)
 def test_fast_draft_batch1_equals_library_draft():
     """At batch 1, with the generator of (seed, 0), the draws are those of sampling.draft."""
     model = tiny_model(32)

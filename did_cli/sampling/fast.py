@@ -30,6 +30,7 @@ from did_cli.core.dit import DiT
 from did_cli.sampling.core import DTYPES, autocast
 from did_cli.sampling.graph import EagerStep, GraphedStep
 from did_cli.sampling.nucleus import sample_rows
+from did_cli.sampling.race import draw_noise
 
 
 @dataclass
@@ -180,7 +181,7 @@ class FastFirstHitting:
                     u = torch.rand((b, B), generator=generator, dtype=torch.float64, device=dev)
                     pos = torch.where(masked, u, -1.0).argmax(dim=1)
                     lg = self.step(win)[rows, pos]  # [b, V]
-                    g = torch.rand(lg.shape, generator=generator, dtype=torch.float64, device=dev)
+                    g = draw_noise(generator, b, dev)  # the library's draw: NOISE_WIDTH uniforms per row
                     tok, p = sample_rows(lg, g, mc.mask_id, self.top_p)  # no prefilter: no read-back
                     commit = torch.zeros_like(masked).scatter_(1, pos[:, None], True) & masked
                     x[:, s:e] = torch.where(commit, tok[:, None], win)
