@@ -13,8 +13,8 @@ the device (no `.tolist()`, no counts read back), so the host only queues work, 
 call is a CUDA-graph replay of the compiled `DiT.step_static`
 (`did_cli.sampling.graph.GraphedStep`; the commit pass replays its own graph, without the output
 layer). `reference=True` runs the eager cached step (`DiT.step`) with the same draws: both give
-the same tokens, which the tests check. At batch 1 the draws are those `sampling.drafting.draft` makes for sample 0 when given
-the generator of (seed, 0).
+the same tokens, which the tests check. At batch 1 the draws are those `sampling.drafting.draft`
+makes for sample 0 when given the generator of (seed, 0).
 """
 
 from __future__ import annotations
