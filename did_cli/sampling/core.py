@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import torch
 
 from did_cli.errors import DidError
+
 # the sampling primitives, re-exported for the fast paths and the tests
 from did_cli.sampling.nucleus import gumbel_argmax, nucleus, sample_rows, token_probs  # noqa: F401
 from did_cli.sampling.race import NOISE_WIDTH, draw_noise
