@@ -134,7 +134,8 @@ def load_model(
     """Load a model for use: `path` is what `resolve_checkpoint` takes (a checkpoint folder,
     ours or a public BD3-LM/MDLM one, a run folder, RUN/best or RUN/latest), of either family.
     Remote-code Python files in the folder are ignored. Returns the model in eval mode and an
-    info dict (the checkpoint folder, the clip range when stored, the raw config). `finite`:
+    info dict (the checkpoint folder, the clip range when stored, the raw config). `device`: "auto"
+    (CUDA when available), "cpu", "cuda:N" or a torch.device. `finite`:
     refuse weights holding NaN or inf (DidError naming the tensor); training turns it off, as
     it has its own non-finite guard."""
     from safetensors import SafetensorError
@@ -142,6 +143,7 @@ def load_model(
 
     from did_cli.core.dit import DiT
 
+    device = util.resolve_device(device, "device")  # "auto" as the commands take it
     folder = resolve_checkpoint(path)
     cfg = read_config(folder)
     if isinstance(cfg, LlamaConfig):
