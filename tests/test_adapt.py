@@ -271,5 +271,7 @@ def test_adapted_checkpoint_loads_as_either_path(source, data, tmp_path):
     save_model(model, tmp_path / "m", extra_config={"block_size": 4})
     back, info = load_model(tmp_path / "m")
     assert type(back).__name__ == "LlamaDiffusion" and back.config == model.config
+    # the checkpoint names what it was adapted from (eval-ppl's self-scoring warning reads it)
+    assert back.config.source == str(source) and info["raw_config"]["source"] == str(source)
     x = torch.tensor([[ENDOFTEXT, 5, 6, V, V, 9, 10, V]])
     torch.testing.assert_close(back(x, 4), model(x, 4))
