@@ -24,6 +24,7 @@ from did_cli.io.sources import BUNDLED_CORPUS
 from did_cli.io.tokenizer import load_tokenizer
 from did_cli.sampling.core import make_generator, mix_seed
 from did_cli.sampling.nucleus import sample_rows
+from did_cli.sampling.race import draw_noise
 from did_cli.training.adapt import adapted_model, fit_vocabulary
 from did_cli.training.adapt_config import AdaptConfig
 
@@ -207,7 +208,7 @@ def test_data_of_another_tokenizer_is_refused_naming_both(source, tmp_path, caps
 def test_block_size_1_samples_what_the_source_samples(source, data, tmp_path):
     """The untouched adapted model (the shift on) drafting at block size 1 draws, under each
     sample's generator (seed, i), exactly the tokens that transformers' logits of the source give
-    through the same sampler: position draw, then Gumbel-max over the nucleus."""
+    through the same sampler: position draw, then the race (Gumbel-max) over the nucleus."""
     model = adapted_model(
         AdaptConfig(source=str(source), data=str(data), out=str(tmp_path)), PreparedData(data)
     )
@@ -229,7 +230,7 @@ def test_block_size_1_samples_what_the_source_samples(source, data, tmp_path):
             for _ in range(1, L):
                 torch.rand((1,), generator=g, dtype=torch.float64)  # the position draw of a 1-token block
                 logits = torch.cat([hf(torch.tensor([x])).logits[0, -1], torch.zeros(1)])  # + [MASK]
-                u = torch.rand((1, V + 1), generator=g, dtype=torch.float64)
+                u = draw_noise(g, 1, "cpu")  # the sampler's race noise of one row
                 t, p = sample_rows(logits[None], u, V, top_p)
                 x.append(int(t))
                 conf.append(float(p))
