@@ -479,8 +479,9 @@ def test_every_step_shape_compiles_past_dynamos_recompile_limit(monkeypatch, cap
     assert "capture of the drafting step failed" in capfd.readouterr().err  # no CUDA here
     x = torch.randint(0, model.config.mask_id, (2, 16))
     ref = GraphedStep(model, model.new_cache(2, 16), 2, 4, use_graph=False, compile=False)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    with torch.no_grad():
+    # config.patch, not monkeypatch: a setattr on dynamo's config module outlives its undo and
+    # breaks every later compile in the process
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for s in range(0, 16, 4):
             torch.testing.assert_close(fell_back(x[:, s : s + 4]), ref(x[:, s : s + 4]), atol=1e-5, rtol=1e-5)
             fell_back.commit(x[:, s : s + 4])
@@ -623,7 +624,7 @@ def test_deferred_entropy_check_rejects_like_the_reference(monkeypatch):
         seed=0,
         sampler="parallel",
         tokens_per_step=4,
-        min_entropy=3.85,  # some draws of this model pass, some fail, at various blocks
+        min_entropy=3.8,  # some draws of this model pass, some fail, at various blocks
         max_retries=2,
         entropy_fail="keep",
     )

@@ -318,12 +318,8 @@ def test_compiled_training_no_recompile_after_warmup_cuda():
                     nelbo(model, x0, block, DiffusionConfig(), model.config.mask_id)
 
     rounds([4, 256])  # warm-up: the 2L pass and the 1L pass, with and without grad
-    old = torch._dynamo.config.error_on_recompile
-    torch._dynamo.config.error_on_recompile = True
-    try:
+    with torch._dynamo.config.patch(error_on_recompile=True):
         rounds([16, 4, 256, 16, 64, 4])
-    finally:
-        torch._dynamo.config.error_on_recompile = old
 
 
 @gpu
