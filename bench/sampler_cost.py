@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from did_cli.core.dit import DiT  # noqa: E402
 from did_cli.core.model_config import PRESETS, preset  # noqa: E402
-from did_cli.io.checkpoint import load_model, resolve_checkpoint  # noqa: E402
+from did_cli.io.checkpoint import resolve_checkpoint  # noqa: E402
+from did_cli.io.model_folder import load_model  # noqa: E402
 from did_cli.io.records import make_record  # noqa: E402
 from did_cli.io.tokenizer import load_tokenizer  # noqa: E402
 from did_cli.sampling import DraftConfig, RefineConfig, core, draft, refine  # noqa: E402
