@@ -30,9 +30,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from did_cli.core.attention import MaskSpec, attend, attend_kind, mask_for, mask_spec
+from did_cli.core.attention import MaskSpec, attend_kind, mask_for, mask_spec
 from did_cli.core.diffusion import token_nll
-from did_cli.core.layers import EmbeddingLayer, KVCache, LayerNorm, Rotary, apply_rotary
+from did_cli.core.layers import (
+    Attention,
+    EmbeddingLayer,
+    KVCache,
+    LayerNorm,
+    Rotary,
+    apply_rotary,
+    cached_attention,
+    static_attention,
+)
 from did_cli.core.model_config import ModelConfig
 from did_cli.errors import DidError
 
@@ -58,7 +67,6 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(q, k, v) [B, H, S, Dh], rotated -> attention output [B, H, S, Dh]: what a pass does in a layer."""
 
 
@@ -316,16 +324,7 @@ class DiT(nn.Module):
         cos, sin = self.rotary_emb.cos_sin(start, n, x.device)
         end = start + n
 
-        def cached(i: int) -> Attention:
-            def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                cache.k[i][:, :, start:end] = k.to(cache.k[i].dtype)
-                cache.v[i][:, :, start:end] = v.to(cache.v[i].dtype)
-                kk, vv = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
-                return attend(q, kk.to(q.dtype), vv.to(q.dtype), None)
-
-            return attention
-
-        h = self.layers(self.vocab_embed(x), cos, sin, cached)
+        h = self.layers(self.vocab_embed(x), cos, sin, cached_attention(cache, start, end))
         if commit:
             cache.length = end
             cache.start.fill_(end)
@@ -360,16 +359,7 @@ class DiT(nn.Module):
         cos, sin = c.cos.index_select(0, pos), c.sin.index_select(0, pos)
         visible = (torch.arange(cap, device=x.device) < cache.start + n)[None, None, None, :]
 
-        def static(i: int) -> Attention:
-            def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                cache.k[i].index_copy_(2, pos, k.to(cache.k[i].dtype))
-                cache.v[i].index_copy_(2, pos, v.to(cache.v[i].dtype))
-                kk, vv = cache.k[i].to(q.dtype), cache.v[i].to(q.dtype)
-                return F.scaled_dot_product_attention(q, kk, vv, attn_mask=visible)
-
-            return attention
-
-        h = self.layers(self.vocab_embed(x), cos, sin, static, mods=c.mods)
+        h = self.layers(self.vocab_embed(x), cos, sin, static_attention(cache, pos, visible), mods=c.mods)
         if not need_logits:
             return None
         shift, scale = c.final

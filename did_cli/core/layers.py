@@ -8,11 +8,17 @@ whatever the autocast dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from did_cli.core.attention import attend
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(q, k, v) -> the attention output, [B, H, n, head_dim] each."""
 
 ROPE_CHUNK = 256  # table positions computed per piece (see Rotary.table)
 
@@ -143,3 +149,38 @@ class KVCache:
         """Keep only the given batch rows (e.g. after finished samples leave the batch)."""
         self.k = [t[rows] for t in self.k]
         self.v = [t[rows] for t in self.v]
+
+
+def cached_attention(cache: Any, start: int, end: int) -> Callable[[int], Attention]:
+    """Layer i's attention (for `DiT.layers` / `LlamaDiffusion.layers`, over a cache with
+    per-layer `k` and `v` lists) for a block at positions start..end: its keys and values written
+    into the cache, its queries attending to everything up to `end` (the eager cached step)."""
+
+    def cached(i: int) -> Attention:
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache.k[i][:, :, start:end] = k.to(cache.k[i].dtype)
+            cache.v[i][:, :, start:end] = v.to(cache.v[i].dtype)
+            kk, vv = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
+            return attend(q, kk.to(q.dtype), vv.to(q.dtype), None)
+
+        return attention
+
+    return cached
+
+
+def static_attention(
+    cache: Any, pos: torch.Tensor, visible: torch.Tensor, gqa: bool = False
+) -> Callable[[int], Attention]:
+    """The same at the device positions `pos`, over the whole fixed-size cache with the mask
+    `visible` (the static-shape step: no host value decides a shape)."""
+
+    def static(i: int) -> Attention:
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache.k[i].index_copy_(2, pos, k.to(cache.k[i].dtype))
+            cache.v[i].index_copy_(2, pos, v.to(cache.v[i].dtype))
+            kk, vv = cache.k[i].to(q.dtype), cache.v[i].to(q.dtype)
+            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=visible, enable_gqa=gqa)
+
+        return attention
+
+    return static

@@ -32,9 +32,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from did_cli.core.attention import MaskSpec, attend, attend_kind, mask_for, mask_spec
+from did_cli.core.attention import MaskSpec, attend_kind, mask_for, mask_spec
 from did_cli.core.diffusion import token_nll
-from did_cli.core.layers import EmbeddingLayer, Rotary, apply_rotary
+from did_cli.core.layers import (
+    Attention,
+    EmbeddingLayer,
+    Rotary,
+    apply_rotary,
+    cached_attention,
+    static_attention,
+)
 from did_cli.core.llama_config import LlamaConfig, rope_inv_freq
 from did_cli.errors import DidError
 
@@ -53,7 +60,6 @@ class RMSNorm(nn.Module):
             return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
 
 
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(q, k, v), rotated -> attention output: what a pass does in a layer."""
 
 
@@ -306,16 +312,7 @@ class LlamaDiffusion(nn.Module):
         cos, sin = self.rotary_emb.cos_sin(start, n, x.device)
         end = start + n
 
-        def cached(i: int) -> Attention:
-            def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                cache.k[i][:, :, start:end] = k.to(cache.k[i].dtype)
-                cache.v[i][:, :, start:end] = v.to(cache.v[i].dtype)
-                kk, vv = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
-                return attend(q, kk.to(q.dtype), vv.to(q.dtype), None)
-
-            return attention
-
-        h = self.layers(self.vocab_embed(x), cos, sin, cached)
+        h = self.layers(self.vocab_embed(x), cos, sin, cached_attention(cache, start, end))
         out = h
         if self.config.shift:
             prev = h[:, 0] if start == 0 else cache.prev.to(h.dtype)
@@ -352,16 +349,7 @@ class LlamaDiffusion(nn.Module):
         visible = (torch.arange(cap, device=x.device) < cache.start + n)[None, None, None, :]
         gqa = self.config.n_kv_heads != self.config.n_heads
 
-        def static(i: int) -> Attention:
-            def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                cache.k[i].index_copy_(2, pos, k.to(cache.k[i].dtype))
-                cache.v[i].index_copy_(2, pos, v.to(cache.v[i].dtype))
-                kk, vv = cache.k[i].to(q.dtype), cache.v[i].to(q.dtype)
-                return F.scaled_dot_product_attention(q, kk, vv, attn_mask=visible, enable_gqa=gqa)
-
-            return attention
-
-        h = self.layers(self.vocab_embed(x), cos, sin, static)
+        h = self.layers(self.vocab_embed(x), cos, sin, static_attention(cache, pos, visible, gqa))
         if self.config.shift:
             cache.prev.copy_(torch.where(cache.pending_end == cache.start, cache.pending, cache.prev))
             first = torch.where(cache.start == 0, h[:, 0], cache.prev.to(h.dtype))
