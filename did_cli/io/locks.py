@@ -215,6 +215,14 @@ def _clear(run: Path, keep: str) -> None:
             p.unlink(missing_ok=True)
 
 
+def remove_made(made: list[Path]) -> None:
+    """Remove the (empty) folders a failed start made, deepest first; a folder something else
+    has filled meanwhile stays."""
+    for p in made:
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
 @contextlib.contextmanager
 def hold_run_folder(out: str | Path, what: str, resume: bool = False) -> Iterator[None]:
     """Hold the lock of run folder `out` while a training command runs in it (main process
@@ -239,9 +247,7 @@ def hold_run_folder(out: str | Path, what: str, resume: bool = False) -> Iterato
     try:
         lock = Lock(run / RUN_LOCK, what, busy, f"--out {run}")
     except BaseException:
-        for p in made:
-            with contextlib.suppress(OSError):
-                p.rmdir()
+        remove_made(made)
         raise
     try:
         yield
@@ -249,9 +255,7 @@ def hold_run_folder(out: str | Path, what: str, resume: bool = False) -> Iterato
         if fresh and not _has_checkpoint(run):
             _clear(run, RUN_LOCK)
             lock.release()
-            for p in made:
-                with contextlib.suppress(OSError):
-                    p.rmdir()
+            remove_made(made)
         raise
     finally:
         lock.release()
@@ -266,4 +270,5 @@ __all__ = [
     "check_free",
     "output_lock",
     "hold_run_folder",
+    "remove_made",
 ]

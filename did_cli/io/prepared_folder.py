@@ -29,7 +29,7 @@ import numpy as np
 
 from did_cli.errors import DidError
 from did_cli.io.data import SPLITS, PreparedData
-from did_cli.io.locks import RUN_LOCK, Lock
+from did_cli.io.locks import RUN_LOCK, Lock, remove_made
 from did_cli.io.outputs import describe_folder, is_empty_folder, target
 from did_cli.io.targets import folder_mode, reason, write_bytes
 
@@ -81,9 +81,7 @@ def hold(out: Path) -> Iterator[list[str]]:
         yield cleaned
     except BaseException:
         lock.release()
-        for p in made:
-            with contextlib.suppress(OSError):
-                p.rmdir()
+        remove_made(made)
         raise
     finally:
         lock.release()
